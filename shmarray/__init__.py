@@ -1,0 +1,57 @@
+"""shmarray: share NumPy arrays and Arrow tables between processes, zero-copy.
+
+The core is :class:`Segment`, Qt's ``QSharedMemory`` model on POSIX shared
+memory: a named segment with create/attach/detach, a segment lock that
+survives its holder's death, and Qt's error codes.
+"""
+
+from __future__ import annotations
+
+from ._admin import SegmentInfo, collect_garbage, list_segments, segment_info
+from ._admin import unlink_key as _unlink_key
+from ._errors import (
+    AccessMode,
+    AlreadyExistsError,
+    HeaderError,
+    InvalidKeyError,
+    InvalidSizeError,
+    LockError,
+    NotFoundError,
+    OutOfResourcesError,
+    PermissionDeniedError,
+    SharedMemoryError,
+    ShmError,
+    UnknownShmError,
+)
+from ._segment import Segment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessMode",
+    "AlreadyExistsError",
+    "HeaderError",
+    "InvalidKeyError",
+    "InvalidSizeError",
+    "LockError",
+    "NotFoundError",
+    "OutOfResourcesError",
+    "PermissionDeniedError",
+    "Segment",
+    "SegmentInfo",
+    "SharedMemoryError",
+    "ShmError",
+    "UnknownShmError",
+    "collect_garbage",
+    "list_segments",
+    "segment_info",
+    "unlink",
+]
+
+
+def unlink(key: str) -> None:
+    """Remove the segment *key* now (persistent or not); attached users keep their memory.
+
+    Raises NotFoundError when there is no such segment.
+    """
+    _unlink_key(key)

@@ -1,0 +1,166 @@
+"""Segment-level administration: list, inspect, unlink and garbage-collect segments.
+
+Used by the CLI and by ``shmarray.ls()``; it reads control blocks through
+the OS layer without attaching, so listing never changes a segment's life.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._errors import NotFoundError, PermissionDeniedError
+from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
+from ._segment import CONTROL, MAGIC, PAGE_SIZE, _reap_if_dead, parse_control
+
+__all__ = ["SegmentInfo", "list_segments", "segment_info", "unlink_key", "collect_garbage", "read_head"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInfo:
+    """What ``shmarray ls`` shows about one segment."""
+
+    native_key: str
+    key: str | None
+    size: int
+    persistent: bool
+    attached_pids: tuple[int, ...]
+    attachments: int
+    lock: str | None
+    lock_holder: int | None
+    creator_pid: int
+    created: float
+    shmarray: bool
+
+    @property
+    def orphan(self) -> bool:
+        """True when nobody is attached and the segment is not persistent (gc removes it)."""
+        return self.shmarray and self.attachments == 0 and not self.persistent
+
+
+def _read(name: str) -> SegmentInfo | None:
+    try:
+        fd = backend.open_existing(name, False)
+    except OSError:
+        return None
+    try:
+        size = backend.size_of(fd)
+        try:
+            cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), size)
+        except Exception:
+            cb = None
+        dev, ino = backend.identity(fd)
+        pids, attachments, lock, holder = backend.lock_report(dev, ino)
+    finally:
+        backend.close(fd)
+    if cb is None:
+        return SegmentInfo(name, None, size, False, (), 0, None, None, 0, 0.0, False)
+    return SegmentInfo(
+        native_key=name, key=cb.key, size=cb.size, persistent=cb.persistent,
+        attached_pids=tuple(sorted(pids)), attachments=attachments, lock=lock,
+        lock_holder=holder if lock else None, creator_pid=cb.creator, created=cb.created,
+        shmarray=True,
+    )
+
+
+def list_segments(*, include_foreign: bool = False) -> list[SegmentInfo]:
+    """Every shmarray segment in /dev/shm (and other objects with *include_foreign*)."""
+    out = []
+    for name in sorted(backend.list_names()):
+        if name.startswith(TEMP_PREFIX):
+            continue
+        if not include_foreign and not name.startswith(PREFIX):
+            # Segments created by native key carry our magic under any name.
+            try:
+                fd = backend.open_existing(name, False)
+            except OSError:
+                continue
+            try:
+                if backend.pread(fd, 8, 0) != MAGIC:
+                    continue
+            except OSError:
+                continue
+            finally:
+                backend.close(fd)
+        info = _read(name)
+        if info is not None and (include_foreign or info.shmarray):
+            out.append(info)
+    return out
+
+
+def _name(key: str | None, native_key: str | None) -> tuple[str, str]:
+    if native_key is not None:
+        bare = check_native_key(native_key)
+        return bare, native_key
+    k = check_key(key)
+    return native_key_for(k), k
+
+
+def segment_info(key: str | None = None, *, native_key: str | None = None) -> SegmentInfo:
+    """The listing entry of one segment; NotFoundError if there is none."""
+    name, label = _name(key, native_key)
+    info = _read(name)
+    if info is None:
+        raise NotFoundError(f"no segment {label!r}; `shmarray ls` lists the segments there are", key)
+    return info
+
+
+def read_head(native_key: str, length: int) -> bytes:
+    """The first *length* user bytes of a shmarray segment, without attaching."""
+    name = check_native_key(native_key)
+    try:
+        fd = backend.open_existing(name, False)
+    except FileNotFoundError:
+        raise NotFoundError(f"no segment {native_key!r}", None) from None
+    try:
+        cb = parse_control(backend.pread(fd, CONTROL.size, 0), backend.size_of(fd))
+        offset = 0 if cb is None else cb.data_offset
+        limit = length if cb is None else min(length, cb.size)
+        return backend.pread(fd, limit, offset)
+    finally:
+        backend.close(fd)
+
+
+def unlink_key(key: str | None = None, *, native_key: str | None = None) -> None:
+    """Remove a segment's name now (persistent or not); attached users keep their mappings."""
+    name, label = _name(key, native_key)
+    try:
+        if not backend.unlink(name):
+            raise NotFoundError(f"unlink: no segment {label!r}; nothing to remove", key)
+    except PermissionError as e:
+        raise PermissionDeniedError(f"unlink: permission denied for segment {label!r}", key) from e
+
+
+def collect_garbage() -> list[str]:
+    """Remove segments nobody is attached to that are not persistent, and dead creators' leftovers.
+
+    Returns the native names removed.
+    """
+    removed = []
+    for name in sorted(backend.list_names()):
+        if name.startswith(TEMP_PREFIX):
+            # A creator's private object: gone when its creator is.
+            try:
+                fd = backend.open_existing(name, True)
+            except OSError:
+                continue
+            try:
+                if backend.try_sole(fd) and backend.unlink_if_same(name, fd):
+                    removed.append(name)
+            finally:
+                backend.close(fd)
+            continue
+        try:
+            fd = backend.open_existing(name, False)
+        except OSError:
+            continue
+        try:
+            magic = backend.pread(fd, 8, 0) == MAGIC
+        except OSError:  # a directory or something else unreadable: not ours
+            magic = False
+        finally:
+            backend.close(fd)
+        if magic:
+            info = _read(name)
+            if info is not None and info.orphan and _reap_if_dead(name):
+                removed.append(name)
+    return removed

@@ -1,0 +1,144 @@
+"""Enums and the exception tree shared by every layer.
+
+Each exception is a :class:`ShmError` (with ``.code``, a :class:`SharedMemoryError`,
+and ``.key``) and also the built-in exception a Python user would catch, so
+``except FileNotFoundError`` works as well as ``except shmarray.NotFoundError``.
+Exceptions pickle (they travel back from worker processes).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "AccessMode",
+    "SharedMemoryError",
+    "ShmError",
+    "PermissionDeniedError",
+    "InvalidSizeError",
+    "InvalidKeyError",
+    "AlreadyExistsError",
+    "NotFoundError",
+    "LockError",
+    "OutOfResourcesError",
+    "UnknownShmError",
+    "HeaderError",
+]
+
+
+class AccessMode(enum.IntEnum):
+    """How a segment is mapped: ``ReadOnly`` (0) or ``ReadWrite`` (1), as in Qt."""
+
+    ReadOnly = 0
+    ReadWrite = 1
+
+
+class SharedMemoryError(enum.IntEnum):
+    """Qt's ``QSharedMemory::SharedMemoryError`` codes, with Qt's values."""
+
+    NoError = 0
+    PermissionDenied = 1
+    InvalidSize = 2
+    KeyError = 3
+    AlreadyExists = 4
+    NotFound = 5
+    LockError = 6
+    OutOfResources = 7
+    UnknownError = 8
+
+
+class ShmError(Exception):
+    """Base of every shmarray error; ``.code`` is a :class:`SharedMemoryError`."""
+
+    code: SharedMemoryError = SharedMemoryError.UnknownError
+
+    def __init__(self, message: str = "", key: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # OSError subclasses would otherwise pickle through (errno, strerror).
+        return self.__class__, (self.message, self.key)
+
+
+class PermissionDeniedError(ShmError, PermissionError):
+    """The caller lacks the permissions the operation needs."""
+
+    code = SharedMemoryError.PermissionDenied
+
+
+class InvalidSizeError(ShmError, ValueError):
+    """A size that is not a positive integer, or does not match the segment."""
+
+    code = SharedMemoryError.InvalidSize
+
+
+class InvalidKeyError(ShmError, ValueError):
+    """An empty, over-long or otherwise unusable key."""
+
+    code = SharedMemoryError.KeyError
+
+
+class AlreadyExistsError(ShmError, FileExistsError):
+    """``create()`` found a live segment with the same name."""
+
+    code = SharedMemoryError.AlreadyExists
+
+
+class NotFoundError(ShmError, FileNotFoundError):
+    """No live segment has that name."""
+
+    code = SharedMemoryError.NotFound
+
+
+class LockError(ShmError):
+    """The segment lock could not be taken (timeout, not attached, foreign segment)."""
+
+    code = SharedMemoryError.LockError
+
+
+class OutOfResourcesError(ShmError, MemoryError, OSError):
+    """/dev/shm (or the address space) cannot hold the segment."""
+
+    code = SharedMemoryError.OutOfResources
+
+
+class UnknownShmError(ShmError, OSError):
+    """An OS failure with no better code."""
+
+    code = SharedMemoryError.UnknownError
+
+
+class HeaderError(ShmError, ValueError):
+    """A segment's header is corrupt, truncated, foreign or of another kind."""
+
+    code = SharedMemoryError.UnknownError
+
+
+class _InvalidKeyTypeError(InvalidKeyError, TypeError):
+    """A key that is not a str: both an InvalidKeyError and a TypeError."""
+
+
+class _InvalidSizeTypeError(InvalidSizeError, TypeError):
+    """A size that is not an int: both an InvalidSizeError and a TypeError."""
+
+
+for _cls in (
+    AccessMode,
+    SharedMemoryError,
+    ShmError,
+    PermissionDeniedError,
+    InvalidSizeError,
+    InvalidKeyError,
+    AlreadyExistsError,
+    NotFoundError,
+    LockError,
+    OutOfResourcesError,
+    UnknownShmError,
+    HeaderError,
+):
+    _cls.__module__ = "shmarray"

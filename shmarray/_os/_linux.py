@@ -1,0 +1,301 @@
+"""Linux backend: POSIX shared memory as files in /dev/shm.
+
+glibc's ``shm_open(name)`` is ``open("/dev/shm/" + name)``; we use the paths
+directly because two things shmarray needs have no ``shm_*`` equivalent:
+an atomic publish of a fully initialised segment (``link(2)`` of a private
+temporary object to the public name, which fails if the name exists) and
+identity checks (``fstat`` inode against ``stat`` of the name) before a
+destroyer removes a name. Every fd is opened close-on-exec.
+
+Locks: open-file-description (OFD) byte-range locks mark liveness, and
+``flock`` is the data lock. On Linux the two kinds never interact, both are
+bound to the open file description, and the kernel drops both when the last
+fd of that description closes -- including when its process is killed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+from typing import Iterator
+
+__all__ = [
+    "SHM_DIR",
+    "PAGE_SIZE",
+    "flock",
+    "LOCK_SH",
+    "LOCK_EX",
+    "LOCK_NB",
+    "LOCK_UN",
+]
+
+SHM_DIR = "/dev/shm"
+PAGE_SIZE = mmap.PAGESIZE
+
+# The data lock, re-exported so the lock layer's hot path is one C call.
+flock = fcntl.flock
+LOCK_SH = fcntl.LOCK_SH
+LOCK_EX = fcntl.LOCK_EX
+LOCK_NB = fcntl.LOCK_NB
+LOCK_UN = fcntl.LOCK_UN
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+_FLOCK = struct.Struct("@hhqqi4x")
+
+# Byte offsets of the OFD liveness locks. Every attachment holds a shared lock
+# on LIVENESS_BYTE; whoever can take it exclusively is the only attachment.
+# Each attachment also holds a shared lock on PID_BASE + pid so that the
+# attached processes can be listed from /proc/locks (which shows -1 as the
+# pid of OFD locks).
+LIVENESS_BYTE = 0
+PID_BASE = 1 << 40
+
+
+def path_of(name: str) -> str:
+    """The /dev/shm path of a bare native name."""
+    return f"{SHM_DIR}/{name}"
+
+
+def create_exclusive(name: str, permissions: int) -> int:
+    """Create a new object (O_EXCL) and return a read-write fd."""
+    return os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, permissions)
+
+
+def open_existing(name: str, writable: bool) -> int:
+    """Open an existing object; raises FileNotFoundError, PermissionError."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | _O_CLOEXEC
+    return os.open(path_of(name), flags)
+
+
+def open_for_locks(name: str) -> tuple[int, bool]:
+    """Open an object for its locks: read-write when allowed, else read-only.
+
+    Returns (fd, writable). An exclusive OFD lock needs a writable fd.
+    """
+    try:
+        return open_existing(name, True), True
+    except PermissionError:
+        return open_existing(name, False), False
+
+
+def reopen(fd: int, writable: bool) -> int:
+    """A new open file description of the same object (works after unlink)."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | _O_CLOEXEC
+    return os.open(f"/proc/self/fd/{fd}", flags)
+
+
+def close(fd: int) -> None:
+    """Close an fd, ignoring EBADF (already closed)."""
+    try:
+        os.close(fd)
+    except OSError as e:  # pragma: no cover - defensive
+        if e.errno != errno.EBADF:
+            raise
+
+
+def chmod(fd: int, permissions: int) -> None:
+    """Set the object's permission bits exactly (the umask applied at creation)."""
+    os.fchmod(fd, permissions)
+
+
+def truncate(fd: int, length: int) -> None:
+    """Set the object's length (no pages are allocated)."""
+    os.ftruncate(fd, length)
+
+
+def reserve(fd: int, length: int) -> None:
+    """Allocate *length* bytes of pages now, so a full /dev/shm is ENOSPC here, not SIGBUS later."""
+    os.posix_fallocate(fd, 0, length)
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of *data* at *offset* (loops over short writes)."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    total = view.nbytes
+    while done < total:
+        # Linux caps one write at 2 GiB - 4 KiB.
+        n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
+        if n <= 0:  # pragma: no cover - tmpfs never returns 0
+            raise OSError(errno.EIO, "short write to shared memory")
+        done += n
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    """Read up to *length* bytes at *offset*."""
+    return os.pread(fd, length, offset)
+
+
+def size_of(fd: int) -> int:
+    """The object's length in bytes."""
+    return os.fstat(fd).st_size
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of an open object."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def name_identity(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the object a name refers to now, None if it does not exist."""
+    try:
+        st = os.stat(path_of(name))
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def link(temp_name: str, name: str) -> bool:
+    """Give the object *temp_name* the public *name* too; False if *name* exists.
+
+    link(2) is atomic: of several processes racing for one name, one wins.
+    """
+    try:
+        os.link(path_of(temp_name), path_of(name))
+    except FileExistsError:
+        return False
+    return True
+
+
+def unlink(name: str) -> bool:
+    """Remove a name; False if it did not exist."""
+    try:
+        os.unlink(path_of(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def unlink_if_same(name: str, fd: int) -> bool:
+    """Remove *name* only if it still refers to the object open as *fd*."""
+    if name_identity(name) != identity(fd):
+        return False
+    return unlink(name)
+
+
+def map_region(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
+    """Map *length* bytes at *offset* (a multiple of PAGE_SIZE) of *fd*."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+
+
+def free_bytes() -> int:
+    """Bytes /dev/shm can still hold."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def total_bytes() -> int:
+    """Size of the /dev/shm file system."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_blocks * st.f_frsize
+
+
+def list_names() -> list[str]:
+    """Names of every object in /dev/shm."""
+    try:
+        return os.listdir(SHM_DIR)
+    except FileNotFoundError:  # pragma: no cover - no /dev/shm
+        return []
+
+
+# -- OFD byte-range locks ------------------------------------------------------
+
+_F_OFD_SETLK = fcntl.F_OFD_SETLK
+_F_OFD_SETLKW = fcntl.F_OFD_SETLKW
+
+
+def _flock_struct(kind: int, start: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+
+
+def ofd_lock(fd: int, start: int, *, exclusive: bool, wait: bool) -> bool:
+    """Lock byte *start*; False if it is held elsewhere and *wait* is False."""
+    arg = _flock_struct(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, start)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLKW if wait else _F_OFD_SETLK, arg)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def ofd_unlock(fd: int, start: int) -> None:
+    """Release this description's lock on byte *start*."""
+    fcntl.fcntl(fd, _F_OFD_SETLK, _flock_struct(fcntl.F_UNLCK, start))
+
+
+def hold_liveness(fd: int, pid: int) -> None:
+    """Take the shared liveness lock and the pid marker of one attachment."""
+    ofd_lock(fd, LIVENESS_BYTE, exclusive=False, wait=True)
+    ofd_lock(fd, PID_BASE + pid, exclusive=False, wait=True)
+
+
+def drop_liveness(fd: int, pid: int) -> None:
+    """Release what hold_liveness took (needed: mmap's dup'd fds keep the description alive)."""
+    ofd_unlock(fd, PID_BASE + pid)
+    ofd_unlock(fd, LIVENESS_BYTE)
+
+
+def try_sole(fd: int) -> bool:
+    """Try to take the liveness byte exclusively: True if no other attachment exists."""
+    return ofd_lock(fd, LIVENESS_BYTE, exclusive=True, wait=False)
+
+
+def share_liveness(fd: int) -> None:
+    """Downgrade an exclusive liveness lock to shared (atomic for fcntl locks)."""
+    ofd_lock(fd, LIVENESS_BYTE, exclusive=False, wait=True)
+
+
+# -- /proc/locks: who is attached, who holds the data lock ---------------------
+
+
+def _proc_lock_lines() -> Iterator[list[str]]:
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[1] == "->":  # a waiter, listed under the holder
+                    parts = [parts[0]] + parts[2:]
+                yield parts
+    except OSError:  # pragma: no cover - no /proc
+        return
+
+
+def lock_report(dev: int, ino: int) -> tuple[set[int], int, str | None, int | None]:
+    """(attached pids, attachments, data-lock mode or None, data-lock holder pid) of one object."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    pids: set[int] = set()
+    attachments = 0
+    mode: str | None = None
+    holder: int | None = None
+    for parts in _proc_lock_lines():
+        if len(parts) < 8 or parts[5] != want:
+            continue
+        kind, rw, pid, start = parts[1], parts[3], parts[4], parts[6]
+        if kind == "OFDLCK" and start.isdigit():
+            s = int(start)
+            if s == LIVENESS_BYTE:
+                attachments += 1
+            elif s >= PID_BASE:
+                pids.add(s - PID_BASE)
+        elif kind == "FLOCK":
+            mode = "exclusive" if rw == "WRITE" else "shared"
+            holder = int(pid) if pid.lstrip("-").isdigit() else None
+    return pids, attachments, mode, holder
+
+
+def register_after_fork_in_child(func: "object") -> None:
+    """Run *func* in every child made by os.fork()."""
+    os.register_at_fork(after_in_child=func)  # type: ignore[arg-type]
+
+
+def getpid() -> int:
+    """This process's id."""
+    return os.getpid()

@@ -1,0 +1,77 @@
+"""Key -> native key derivation, and checks done before any system call.
+
+A key is any non-empty str of at most 1024 characters without NUL. Its native
+key (the POSIX shared-memory name, a file in /dev/shm on Linux) is::
+
+    shmarray_<readable part>_<hash>
+
+where the readable part keeps up to 32 of the key's ASCII letters, digits,
+``-`` and ``.`` (so ``ls /dev/shm`` shows what a segment is) and the hash is
+the first 20 hex digits of BLAKE2b over the whole key's UTF-8 bytes (80 bits:
+two distinct keys collide with probability ~2**-80). The result is at most 62
+characters, far under NAME_MAX, and holds no ``/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .._errors import InvalidKeyError, _InvalidKeyTypeError
+
+__all__ = ["PREFIX", "MAX_KEY_LENGTH", "check_key", "native_key_for", "check_native_key"]
+
+PREFIX = "shmarray_"
+TEMP_PREFIX = ".shmarray-tmp-"
+MAX_KEY_LENGTH = 1024
+_NAME_MAX = 255
+_READABLE = re.compile(r"[^A-Za-z0-9.\-]+")
+
+
+def check_key(key: object) -> str:
+    """Return *key* if it is a usable key, else raise InvalidKeyError."""
+    if not isinstance(key, str):
+        raise _InvalidKeyTypeError(
+            f"a segment key must be a str, not {type(key).__name__} ({key!r})", None
+        )
+    if not key:
+        raise InvalidKeyError("a segment key must not be empty; pass a name such as 'frames'", key)
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(
+            f"segment key {key[:40]!r}... is {len(key)} characters long; "
+            f"the limit is {MAX_KEY_LENGTH}",
+            key,
+        )
+    if "\0" in key:
+        raise InvalidKeyError(f"segment key {key!r} contains a NUL character; remove it", key)
+    return key
+
+
+def native_key_for(key: str) -> str:
+    """The POSIX shm name (without leading '/') that *key* maps to."""
+    raw = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(raw, digest_size=10).hexdigest()
+    readable = _READABLE.sub("", key)[:32]
+    return f"{PREFIX}{readable}_{digest}"
+
+
+def check_native_key(name: object) -> str:
+    """Normalise a native key (strip one leading '/') or raise InvalidKeyError."""
+    if not isinstance(name, str):
+        raise _InvalidKeyTypeError(
+            f"a native key must be a str, not {type(name).__name__} ({name!r})", None
+        )
+    bare = name[1:] if name.startswith("/") else name
+    if not bare:
+        raise InvalidKeyError("a native key must not be empty; pass the OS name of the segment", name)
+    if "/" in bare or "\0" in bare or bare in (".", ".."):
+        raise InvalidKeyError(
+            f"native key {name!r} is not a valid POSIX shared-memory name "
+            "(one optional leading '/', no other '/' or NUL)",
+            name,
+        )
+    if len(bare.encode("utf-8", "surrogatepass")) > _NAME_MAX:
+        raise InvalidKeyError(
+            f"native key {name[:40]!r}... is longer than the OS limit of {_NAME_MAX} bytes", name
+        )
+    return bare

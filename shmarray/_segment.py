@@ -1,0 +1,747 @@
+"""Segment: a named shared-memory segment (the QSharedMemory core).
+
+Byte layout of a shmarray segment (one object in /dev/shm)::
+
+    [0, PAGE_SIZE)            control block (below)
+    [PAGE_SIZE, +size)        the user's bytes: Segment.data
+
+Control block, little-endian::
+
+    offset  size  field
+    0       8     magic b"SHMARRAY"
+    8       4     version (1)
+    12      4     flags: bit 0 persistent
+    16      8     size: usable bytes, what every attacher's .size reports
+    24      8     data offset (the page size of the creating machine)
+    32      8     lock mark: pid of the exclusive lock holder, 0 when free
+    40      4     dead: 1 once a destroyer has removed the segment
+    44      4     creator pid
+    48      8     creation time (float64, UNIX seconds)
+    56      4     key length in bytes (UTF-8; 0 when created by native key)
+    60      4     reserved (0)
+    64      ...   the key (cut to fit the page; for listings only)
+
+Lifetime. Every attachment holds a shared OFD lock on byte 0 of its own open
+file description. The kernel drops it when the attachment's process dies. A
+detacher that can convert its lock to exclusive is the last one: it marks the
+segment dead and removes the name. An attacher that can take it exclusively
+found a segment whose attachers all died: it removes it at once (unless
+persistent). A new segment is built under a private temporary name, locked,
+and only then linked to its public name, so nobody sees it half made and of
+several racing creators exactly one wins.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+import struct
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from ._errors import (
+    AccessMode,
+    AlreadyExistsError,
+    InvalidSizeError,
+    LockError,
+    NotFoundError,
+    OutOfResourcesError,
+    PermissionDeniedError,
+    SharedMemoryError,
+    ShmError,
+    UnknownShmError,
+    _InvalidSizeTypeError,
+)
+from ._lock import SegmentLock
+from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
+
+__all__ = ["Segment", "MAGIC", "CONTROL", "parse_control", "ControlBlock"]
+
+MAGIC = b"SHMARRAY"
+VERSION = 1
+FLAG_PERSISTENT = 1
+CONTROL = struct.Struct("<8sIIQQQIIdII")  # fields up to the key; 64 bytes
+_MARK_WORD = 4  # byte 32 as a 'Q' index
+_DEAD_OFFSET = 40
+_KEY_OFFSET = 64
+PAGE_SIZE = backend.PAGE_SIZE
+
+
+class ControlBlock:
+    """The parsed control block of a shmarray segment."""
+
+    __slots__ = ("version", "flags", "size", "data_offset", "mark", "dead", "creator", "created", "key")
+
+    def __init__(self, raw: bytes) -> None:
+        (magic, self.version, self.flags, self.size, self.data_offset, self.mark, self.dead,
+         self.creator, self.created, keylen, _) = CONTROL.unpack_from(raw, 0)
+        keylen = min(keylen, max(0, len(raw) - _KEY_OFFSET))
+        self.key: str | None = (
+            raw[_KEY_OFFSET : _KEY_OFFSET + keylen].decode("utf-8", "replace") if keylen else None
+        )
+
+    @property
+    def persistent(self) -> bool:
+        """True when the segment outlives its last detach."""
+        return bool(self.flags & FLAG_PERSISTENT)
+
+
+def parse_control(raw: bytes, object_size: int) -> ControlBlock | None:
+    """The control block in *raw*, None if *raw* does not start with one.
+
+    Raises UnknownShmError when the magic is there but the fields are not
+    consistent with an object of *object_size* bytes.
+    """
+    if len(raw) < CONTROL.size or raw[:8] != MAGIC:
+        return None
+    cb = ControlBlock(raw)
+    if cb.version != VERSION:
+        raise UnknownShmError(
+            f"segment control block has version {cb.version}; this shmarray reads version {VERSION}"
+        )
+    if cb.data_offset < CONTROL.size or cb.data_offset % 64 or cb.data_offset + cb.size > object_size:
+        raise UnknownShmError(
+            f"segment control block is corrupt: data at {cb.data_offset} + {cb.size} bytes "
+            f"does not fit the {object_size}-byte object"
+        )
+    return cb
+
+
+def _control_bytes(size: int, persistent: bool, key: str | None) -> bytes:
+    raw_key = b"" if key is None else key.encode("utf-8", "surrogatepass")[: PAGE_SIZE - _KEY_OFFSET]
+    head = CONTROL.pack(
+        MAGIC, VERSION, FLAG_PERSISTENT if persistent else 0, size, PAGE_SIZE, 0, 0,
+        backend.getpid() & 0xFFFFFFFF, time.time(), len(raw_key), 0,
+    )
+    return head + raw_key
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _check_size(size: object, what: str) -> int:
+    if isinstance(size, bool) or not hasattr(size, "__index__"):
+        raise _InvalidSizeTypeError(f"{what}: size must be an int, not {type(size).__name__} ({size!r})")
+    value = int(size.__index__())  # type: ignore[attr-defined]
+    if value <= 0:
+        raise InvalidSizeError(f"{what}: size must be > 0 bytes, got {value}")
+    return value
+
+
+def _translate(e: OSError, what: str, key: str | None) -> ShmError:
+    """An OSError from the OS layer as the ShmError a user should see."""
+    code = e.errno
+    if code == errno.ENOENT:
+        return NotFoundError(f"{what}: no segment {key!r}; create() it first", key)
+    if code == errno.EEXIST:
+        return AlreadyExistsError(f"{what}: segment {key!r} already exists", key)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDeniedError(f"{what}: permission denied for segment {key!r} ({e.strerror})", key)
+    if code in (errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.EOVERFLOW):
+        return OutOfResourcesError(
+            f"{what}: out of resources for segment {key!r} ({e.strerror}); "
+            f"/dev/shm has {_human(backend.free_bytes())} free",
+            key,
+        )
+    return UnknownShmError(f"{what}: {e.strerror or e} (segment {key!r})", key)
+
+
+class _Attachment:
+    """The OS resources of one attachment; closing it is the detach.
+
+    It holds no reference to its Segment, so a weakref finalizer can close it
+    when the Segment is collected or the interpreter exits.
+    """
+
+    __slots__ = ("name", "fd", "writable_fd", "ctl", "marks", "data_map", "data_offset",
+                 "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "__weakref__")
+
+    def __init__(self, name: str, fd: int, writable_fd: bool, mode: AccessMode, foreign: bool) -> None:
+        self.name = name
+        self.fd = fd
+        self.writable_fd = writable_fd
+        self.mode = mode
+        self.foreign = foreign
+        self.ctl: Any = None
+        self.marks: memoryview | None = None
+        self.data_map: Any = None
+        self.data_offset = 0
+        self.size = 0
+        self.persistent = False
+        self.pid = backend.getpid()
+        self.lock: SegmentLock | None = None
+        self.closed = False
+
+    def map(self, cb: ControlBlock | None) -> None:
+        """Map the control block and the data (through a second description)."""
+        writable_data = self.mode == AccessMode.ReadWrite
+        if writable_data and not self.writable_fd:
+            raise PermissionError(errno.EACCES, "the segment is not writable by this user")
+        # Mappings duplicate their fd; map through a lock-free description so
+        # that live views never keep this attachment's locks alive.
+        map_fd = backend.reopen(self.fd, self.writable_fd)
+        try:
+            if cb is None:
+                self.size = backend.size_of(map_fd)
+                if self.size <= 0:
+                    raise InvalidSizeError(f"attach: native segment {self.name!r} is empty (0 bytes)")
+                self.data_map = backend.map_region(map_fd, 0, self.size, writable_data)
+            else:
+                self.size = cb.size
+                self.data_offset = cb.data_offset
+                self.persistent = cb.persistent
+                self.ctl = backend.map_region(map_fd, 0, cb.data_offset, self.writable_fd)
+                self.marks = memoryview(self.ctl).cast("B")[:CONTROL.size].cast("Q")
+                self.data_map = backend.map_region(map_fd, cb.data_offset, cb.size, writable_data)
+        finally:
+            backend.close(map_fd)
+        self.lock = SegmentLock(self.fd, self.marks, _MARK_WORD, self.pid) if cb is not None else None
+
+    def close(self) -> None:
+        """Release locks, destroy the segment if this was its last attachment, close the fd."""
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE.discard(self)
+        try:
+            if self.lock is not None:
+                self.lock.release()
+            if not self.foreign and self.pid == backend.getpid():
+                if self.writable_fd and not self.persistent and backend.try_sole(self.fd):
+                    if self.ctl is not None:
+                        self.ctl[_DEAD_OFFSET] = 1
+                    backend.unlink_if_same(self.name, self.fd)
+                backend.drop_liveness(self.fd, self.pid)
+        except OSError:  # pragma: no cover - the fd is ours; nothing sensible to report at exit
+            pass
+        finally:
+            if self.marks is not None:
+                self.marks.release()
+                self.marks = None
+            if self.ctl is not None:
+                self.ctl.close()
+                self.ctl = None
+            # The data mapping is not closed: live views keep it, and it is
+            # unmapped when the last of them is collected.
+            self.data_map = None
+            backend.close(self.fd)
+
+    def after_fork(self) -> None:
+        """In a forked child: become an attachment of our own (new description, new locks)."""
+        if self.closed:
+            return
+        old = self.fd
+        pid = backend.getpid()
+        try:
+            self.fd = backend.reopen(old, self.writable_fd)
+            if not self.foreign:
+                backend.hold_liveness(self.fd, pid)
+        except OSError:  # pragma: no cover - nothing to do in a child that cannot reopen
+            self.fd = old
+            self.closed = True
+            return
+        # Closing the inherited fd leaves the parent's locks alone: the parent
+        # still holds the description.
+        backend.close(old)
+        self.pid = pid
+        if self.lock is not None:
+            self.lock.forget(self.fd, pid)
+
+
+_LIVE: "weakref.WeakSet[_Attachment]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for att in list(_LIVE):
+        att.after_fork()
+
+
+backend.register_after_fork_in_child(_after_fork_in_child)
+
+
+def _reap_if_dead(name: str) -> bool:
+    """Remove *name* if it is a shmarray segment nobody is attached to.
+
+    True when the name is gone (removed here, or already), False when it is
+    alive, persistent, or not a shmarray segment.
+    """
+    try:
+        fd = backend.open_existing(name, True)
+    except FileNotFoundError:
+        return True
+    try:
+        if not backend.try_sole(fd):
+            return False
+        cb = parse_control(backend.pread(fd, CONTROL.size, 0), backend.size_of(fd))
+        if cb is None or (cb.persistent and not cb.dead):
+            return False
+        _mark_dead(fd)
+        backend.unlink_if_same(name, fd)
+        return True
+    except ShmError:
+        return False
+    finally:
+        backend.close(fd)  # the only fd of this description: its lock goes with it
+
+
+def _mark_dead(fd: int) -> None:
+    backend.pwrite_all(fd, memoryview(b"\x01"), _DEAD_OFFSET)
+
+
+class Segment:
+    """A named shared-memory segment, modelled on Qt's QSharedMemory.
+
+    ``Segment(key)`` derives a native (OS) name from *key*; ``Segment(native_key=...)``
+    uses an OS name as is (e.g. a ``multiprocessing.shared_memory`` segment).
+    Failures raise :class:`ShmError` subclasses; ``error``/``error_string``
+    keep the last error as Qt does.
+    """
+
+    # Defaults at class level, so detach() and __del__ work on a half-built object.
+    _key: str | None = None
+    _native: str | None = None
+    _att: _Attachment | None = None
+    _finalizer: Any = None
+    _error: SharedMemoryError = SharedMemoryError.NoError
+    _error_string: str = ""
+
+    def __init__(self, key: str | None = None, *, native_key: str | None = None) -> None:
+        if key is not None and native_key is not None:
+            raise ValueError("pass key or native_key, not both")
+        if key is not None:
+            self._key = check_key(key)
+            self._native = native_key_for(key)
+        elif native_key is not None:
+            self._native = check_native_key(native_key)
+        self._mutex = threading.RLock()
+
+    # -- keys ----------------------------------------------------------------
+
+    @property
+    def key(self) -> str | None:
+        """The key, or None when none is set or a native key was set directly."""
+        return self._key
+
+    @property
+    def native_key(self) -> str | None:
+        """The OS name of the segment (without the leading '/')."""
+        return self._native
+
+    def set_key(self, key: str | None) -> None:
+        """Set the key; the same key is a no-op, otherwise an attached segment is detached first."""
+        if key is not None:
+            check_key(key)
+        if key == self._key and (key is not None or self._native is None):
+            return
+        self.detach()
+        self._key = key
+        self._native = None if key is None else native_key_for(key)
+
+    def set_native_key(self, native_key: str | None) -> None:
+        """Set the OS name directly; the key becomes None. Same value: no-op."""
+        bare = None if native_key is None else check_native_key(native_key)
+        if bare == self._native and self._key is None:
+            return
+        self.detach()
+        self._key = None
+        self._native = bare
+
+    def _label(self) -> str | None:
+        return self._key if self._key is not None else self._native
+
+    # -- errors as Qt keeps them -------------------------------------------------
+
+    @property
+    def error(self) -> SharedMemoryError:
+        """The last error of this object (NoError after a success)."""
+        return self._error
+
+    @property
+    def error_string(self) -> str:
+        """A text for the last error ('' after a success)."""
+        return self._error_string
+
+    def _ok(self) -> None:
+        self._error = SharedMemoryError.NoError
+        self._error_string = ""
+
+    def _fail(self, exc: ShmError) -> ShmError:
+        self._error = exc.code
+        self._error_string = str(exc)
+        return exc
+
+    def _need_name(self, what: str) -> str:
+        if self._native is None:
+            from ._errors import InvalidKeyError
+
+            raise self._fail(InvalidKeyError(f"{what}: no key set; pass a key to Segment() or set_key()"))
+        return self._native
+
+    # -- create / attach / detach --------------------------------------------------
+
+    def create(
+        self,
+        size: int,
+        mode: AccessMode = AccessMode.ReadWrite,
+        *,
+        persistent: bool = False,
+        permissions: int = 0o600,
+    ) -> Segment:
+        """Create a new segment of *size* usable bytes (zero-filled) and attach to it."""
+        return self._create(size, mode, persistent=persistent, permissions=permissions)
+
+    def _create(
+        self,
+        size: int,
+        mode: AccessMode = AccessMode.ReadWrite,
+        *,
+        persistent: bool = False,
+        permissions: int = 0o600,
+        fill: Callable[[Callable[[memoryview, int], None]], None] | None = None,
+        reserve: bool = True,
+    ) -> Segment:
+        """create(), with *fill* called before the segment is published.
+
+        *fill* receives ``write(data, offset)``, which writes into the user
+        bytes through the fd (faster than faulting fresh pages through a
+        mapping). With ``reserve=False`` pages are not pre-allocated; *fill*
+        must then write every page it wants reserved (ENOSPC surfaces there).
+        """
+        with self._mutex:
+            what = "create"
+            try:
+                size = _check_size(size, f"create segment {self._label()!r}")
+                mode = AccessMode(mode)
+            except ShmError as e:
+                raise self._fail(e) from None
+            name = self._need_name(what)
+            if self._att is not None:
+                raise self._fail(AlreadyExistsError(
+                    f"create: this object is already attached to segment {self._label()!r}; "
+                    "detach() it first", self._key))
+            total = PAGE_SIZE + size
+            free = backend.free_bytes()
+            if total > free:
+                raise self._fail(OutOfResourcesError(
+                    f"create: segment {self._label()!r} needs {_human(total)} but /dev/shm has "
+                    f"{_human(free)} free (of {_human(backend.total_bytes())}); remove segments "
+                    "(`shmarray gc`, `shmarray rm KEY`) or enlarge /dev/shm", self._key))
+            try:
+                self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
+            except ShmError as e:
+                raise self._fail(e) from None
+            except OSError as e:
+                raise self._fail(_translate(e, what, self._label())) from e
+            self._arm()
+            self._ok()
+            return self
+
+    def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
+               fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
+        pid = backend.getpid()
+        temp = f"{TEMP_PREFIX}{pid}-{secrets.token_hex(6)}"
+        fd = backend.create_exclusive(temp, permissions)
+        published = False
+        try:
+            backend.chmod(fd, permissions)  # exactly what was asked, whatever the umask
+            # Locked before anything else, so gc never mistakes it for an orphan.
+            backend.hold_liveness(fd, pid)
+            total = PAGE_SIZE + size
+            if reserve:
+                backend.reserve(fd, total)
+            else:
+                backend.truncate(fd, total)
+            backend.pwrite_all(fd, memoryview(_control_bytes(size, persistent, self._key)), 0)
+            if fill is not None:
+                def write(data: memoryview, offset: int) -> None:
+                    if offset < 0 or offset + data.nbytes > size:
+                        raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
+                    backend.pwrite_all(fd, data, PAGE_SIZE + offset)
+                fill(write)
+            while not backend.link(temp, name):
+                if not _reap_if_dead(name):
+                    raise AlreadyExistsError(
+                        f"create: segment {self._label()!r} already exists; attach() to it, "
+                        f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
+            published = True
+            att = _Attachment(name, fd, True, mode, foreign=False)
+            cb = ControlBlock(_control_bytes(size, persistent, self._key))
+            att.map(cb)
+            return att
+        except BaseException:
+            if published:
+                backend.unlink_if_same(name, fd)
+            backend.close(fd)
+            raise
+        finally:
+            backend.unlink(temp)
+
+    def attach(self, mode: AccessMode = AccessMode.ReadWrite) -> Segment:
+        """Attach to an existing segment; raises NotFoundError if there is none."""
+        with self._mutex:
+            what = "attach"
+            try:
+                mode = AccessMode(mode)
+            except ValueError as e:
+                raise self._fail(UnknownShmError(f"attach: invalid access mode {mode!r}")) from e
+            name = self._need_name(what)
+            if self._att is not None:
+                raise self._fail(AlreadyExistsError(
+                    f"attach: this object is already attached to segment {self._label()!r}; "
+                    "detach() it first", self._key))
+            try:
+                self._att = self._open(name, mode)
+            except ShmError as e:
+                raise self._fail(e) from None
+            except OSError as e:
+                raise self._fail(_translate(e, what, self._label())) from e
+            self._arm()
+            self._ok()
+            return self
+
+    def _open(self, name: str, mode: AccessMode) -> _Attachment:
+        label = self._label()
+        pid = backend.getpid()
+        for _ in range(16):
+            fd, writable = backend.open_for_locks(name)
+            try:
+                cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), backend.size_of(fd))
+                if cb is None:
+                    if self._key is not None:
+                        raise UnknownShmError(
+                            f"attach: {name!r} (for key {label!r}) is not a shmarray segment; "
+                            "remove it or use another key", self._key)
+                    att = _Attachment(name, fd, writable, mode, foreign=True)
+                    att.map(None)
+                    return att
+                if writable and backend.try_sole(fd):
+                    if cb.dead:
+                        backend.unlink_if_same(name, fd)
+                        continue
+                    if not cb.persistent:
+                        _mark_dead(fd)
+                        backend.unlink_if_same(name, fd)
+                        raise NotFoundError(
+                            f"attach: segment {label!r} was left by processes that all died; "
+                            "it has been removed. create() it again", self._key)
+                    backend.share_liveness(fd)
+                else:
+                    # Waits out a destroyer that holds the byte exclusively.
+                    backend.ofd_lock(fd, backend.LIVENESS_BYTE, exclusive=False, wait=True)
+                    cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), backend.size_of(fd))
+                    if cb is None or cb.dead:
+                        continue
+                backend.ofd_lock(fd, backend.PID_BASE + pid, exclusive=False, wait=True)
+                att = _Attachment(name, fd, writable, mode, foreign=False)
+                att.map(cb)
+                return att
+            except BaseException:
+                backend.close(fd)
+                raise
+        raise NotFoundError(f"attach: segment {label!r} kept disappearing; try again", self._key)
+
+    def _arm(self) -> None:
+        att = self._att
+        assert att is not None
+        _LIVE.add(att)
+        self._finalizer = weakref.finalize(self, _Attachment.close, att)
+
+    def detach(self) -> bool:
+        """Detach; destroys the segment if this was its last attachment (unless persistent).
+
+        Returns False when this object was not attached. Live memoryviews and
+        arrays keep working: memory is unmapped when the last of them goes.
+        """
+        with self._mutex:
+            att = self._att
+            if att is None:
+                return False
+            self._att = None
+            if self._finalizer is not None:
+                self._finalizer()  # runs att.close() once
+                self._finalizer = None
+            self._ok()
+            return True
+
+    def unlink(self) -> bool:
+        """Remove the name now; existing mappings stay valid. False if it was already gone."""
+        with self._mutex:
+            name = self._need_name("unlink")
+            att = self._att
+            try:
+                if att is not None:
+                    return backend.unlink_if_same(name, att.fd)
+                return backend.unlink(name)
+            except OSError as e:
+                raise self._fail(_translate(e, "unlink", self._label())) from e
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def is_attached(self) -> bool:
+        """True while this object is attached."""
+        return self._att is not None
+
+    @property
+    def size(self) -> int:
+        """Usable bytes; 0 when not attached."""
+        att = self._att
+        return att.size if att is not None else 0
+
+    @property
+    def mode(self) -> AccessMode | None:
+        """The access mode of the attachment, None when not attached."""
+        att = self._att
+        return att.mode if att is not None else None
+
+    @property
+    def persistent(self) -> bool:
+        """True when the attached segment outlives its last detach."""
+        att = self._att
+        return att.persistent if att is not None else False
+
+    @property
+    def is_foreign(self) -> bool:
+        """True when attached to a segment without shmarray's control block."""
+        att = self._att
+        return att.foreign if att is not None else False
+
+    @property
+    def data(self) -> memoryview | None:
+        """The user bytes (read-only when attached ReadOnly); None when not attached."""
+        att = self._att
+        return memoryview(att.data_map) if att is not None else None
+
+    @property
+    def const_data(self) -> memoryview | None:
+        """The user bytes, always read-only; None when not attached."""
+        att = self._att
+        return memoryview(att.data_map).toreadonly() if att is not None else None
+
+    def _mapping(self) -> Any:
+        """The data mmap (for layers above that build views on it)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.data_map
+
+    # -- the lock ---------------------------------------------------------------------
+
+    def _the_lock(self, what: str) -> SegmentLock:
+        att = self._att
+        if att is None:
+            raise self._fail(LockError(
+                f"{what}: segment {self._label()!r} is not attached; create() or attach() first", self._key))
+        if att.lock is None:
+            raise self._fail(LockError(
+                f"{what}: segment {self._label()!r} is a foreign segment (no shmarray control "
+                "block), so it has no lock; coordinate by other means", self._key))
+        return att.lock
+
+    def lock(self, timeout: float | None = None, *, shared: bool = False) -> bool:
+        """Take the segment lock; True when held, False when *timeout* seconds ran out.
+
+        None waits forever (Ctrl-C interrupts), 0 tries once. Locking again
+        through the object that holds the lock returns True at once.
+        """
+        lk = self._the_lock("lock")
+        try:
+            got = lk.acquire(timeout, shared)
+        except ShmError as e:
+            raise self._fail(e) from None
+        if got:
+            self._ok()
+        else:
+            self._fail(LockError(f"lock: timed out after {timeout} s waiting for segment {self._label()!r}", self._key))
+        return got
+
+    def unlock(self) -> bool:
+        """Release the segment lock; False when this object did not hold it."""
+        att = self._att
+        if att is None or att.lock is None:
+            return False
+        return att.lock.release()
+
+    def locked(self, timeout: float | None = None, *, shared: bool = False) -> "_Locked":
+        """Context manager holding the lock; raises LockError on timeout."""
+        return _Locked(self, timeout, shared)
+
+    @property
+    def lock_recovered(self) -> bool:
+        """True when the last acquisition found that the previous exclusive holder had died holding it."""
+        att = self._att
+        return bool(att is not None and att.lock is not None and att.lock.recovered)
+
+    @property
+    def lock_held(self) -> str | None:
+        """'exclusive' or 'shared' while this object holds the lock, else None."""
+        att = self._att
+        return att.lock.held if att is not None and att.lock is not None else None
+
+    # -- misc ----------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        name = f"key={self._key!r}" if self._key is not None else f"native_key={self._native!r}"
+        if self._att is None:
+            return f"<shmarray.Segment {name} detached>"
+        mode = "ReadOnly" if self._att.mode == AccessMode.ReadOnly else "ReadWrite"
+        extra = " persistent" if self._att.persistent else ""
+        extra += " foreign" if self._att.foreign else ""
+        return f"<shmarray.Segment {name} size={self._att.size} {mode}{extra}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles as a reference: the receiver attaches by name.
+        mode = self._att.mode if self._att is not None else None
+        return _rebuild_segment, (self._key, self._native, mode)
+
+
+def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | None) -> Segment:
+    seg = Segment(key) if key is not None else Segment(native_key=native)
+    if mode is not None:
+        seg.attach(mode)
+    return seg
+
+
+Segment.__module__ = "shmarray"
+
+
+class _Locked:
+    """``with seg.locked():`` -- enters once, raises LockError on timeout."""
+
+    __slots__ = ("_seg", "_timeout", "_shared", "_took")
+
+    def __init__(self, seg: Segment, timeout: float | None, shared: bool) -> None:
+        self._seg = seg
+        self._timeout = timeout
+        self._shared = shared
+        self._took = False
+
+    def __enter__(self) -> Segment:
+        seg = self._seg
+        already = seg.lock_held
+        if not seg.lock(self._timeout, shared=self._shared):
+            raise LockError(
+                f"timed out after {self._timeout} s waiting for the lock of segment {seg._label()!r}",
+                seg.key,
+            )
+        # A re-entrant use must not release the outer holder's lock.
+        self._took = already is None
+        return seg
+
+    def __exit__(self, *exc: object) -> None:
+        if self._took:
+            self._seg.unlock()
