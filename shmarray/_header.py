@@ -1,0 +1,202 @@
+"""The payload header: what a segment holds, and where.
+
+Every typed payload (an ndarray, an Arrow table, a batch ring) starts its
+segment's user bytes (``Segment.data``) with this fixed 64-byte block,
+followed by a kind-specific descriptor in a standard format, followed by
+the payload itself, 64-byte aligned::
+
+    offset  size  field (little-endian)
+    0       8     magic b"SHMAHDR\\0"
+    8       2     version (1)
+    10      2     kind: 1 ndarray, 2 arrow, 3 ring
+    12      4     ready: 0 while being written, 1 once complete (written last)
+    16      8     descriptor offset, from the start of the user bytes (64)
+    24      8     descriptor length (at most MAX_DESCRIPTOR)
+    32      8     payload offset, from the start of the user bytes (multiple of 64)
+    40      8     payload length
+    48      16    reserved (0)
+    64      ...   descriptor (ndarray: the .npy header of numpy.lib.format;
+                  arrow: a JSON summary; ring: a JSON layout)
+    ...           padding to 64
+    p       n     payload
+
+The user bytes themselves start on a page boundary, so a payload offset that
+is a multiple of 64 is 64-byte aligned in memory.
+
+A reader validates every field against the segment's size before it looks
+at the descriptor: a corrupt, truncated or foreign block is a HeaderError
+naming what is wrong, never a wrong view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import time
+from typing import Any
+
+from ._errors import HeaderError, NotFoundError
+
+__all__ = [
+    "Kind",
+    "HEADER",
+    "ALIGN",
+    "MAGIC",
+    "MAX_DESCRIPTOR",
+    "PayloadHeader",
+    "align",
+    "layout",
+    "pack_header",
+    "parse_header",
+    "read_header",
+    "kind_of",
+]
+
+MAGIC = b"SHMAHDR\0"
+VERSION = 1
+ALIGN = 64
+# Descriptors are parsed (npy header text, JSON); cap what a reader accepts so
+# a corrupt length cannot make it read or parse gigabytes.
+MAX_DESCRIPTOR = 1 << 20
+HEADER = struct.Struct("<8sHHIQQQQ16x")
+_READY_OFFSET = 12
+
+
+class Kind(enum.IntEnum):
+    """Payload kinds."""
+
+    NDARRAY = 1
+    ARROW = 2
+    RING = 3
+
+    @property
+    def label(self) -> str:
+        """The word users see: 'ndarray', 'arrow table', 'batch ring'."""
+        return {1: "ndarray", 2: "arrow table", 3: "batch ring"}[self.value]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PayloadHeader:
+    """A parsed, validated payload header."""
+
+    kind: Kind
+    ready: bool
+    descriptor_offset: int
+    descriptor_length: int
+    payload_offset: int
+    payload_length: int
+
+
+def align(n: int, to: int = ALIGN) -> int:
+    """*n* rounded up to a multiple of *to*."""
+    return (n + to - 1) // to * to
+
+
+def layout(descriptor_length: int, payload_length: int) -> tuple[int, int]:
+    """(payload offset, total user bytes) for a descriptor and payload of these lengths."""
+    payload_offset = align(HEADER.size + descriptor_length)
+    return payload_offset, payload_offset + payload_length
+
+
+def pack_header(kind: Kind, descriptor: bytes, payload_offset: int, payload_length: int,
+                *, ready: bool = True) -> bytes:
+    """The header block followed by the descriptor, ready to write at user offset 0."""
+    if len(descriptor) > MAX_DESCRIPTOR:
+        raise HeaderError(f"descriptor of {len(descriptor)} bytes exceeds the {MAX_DESCRIPTOR}-byte cap")
+    if payload_offset % ALIGN or payload_offset < HEADER.size + len(descriptor):
+        raise HeaderError(f"payload offset {payload_offset} overlaps the descriptor or is unaligned")
+    head = HEADER.pack(MAGIC, VERSION, int(kind), 1 if ready else 0, HEADER.size, len(descriptor),
+                       payload_offset, payload_length)
+    return head + descriptor
+
+
+def kind_of(head: bytes | memoryview) -> Kind | None:
+    """The kind named by a header, None when *head* holds no shmarray payload header."""
+    if len(head) < HEADER.size or bytes(head[:8]) != MAGIC:
+        return None
+    kind = struct.unpack_from("<H", head, 10)[0]
+    try:
+        return Kind(kind)
+    except ValueError:
+        return None
+
+
+def parse_header(head: bytes | memoryview, size: int, *, key: str | None = None) -> PayloadHeader:
+    """Validate the header in *head* (the first bytes of a segment of *size* user bytes)."""
+    label = f"segment {key!r}" if key is not None else "segment"
+    if size < HEADER.size or len(head) < HEADER.size:
+        raise HeaderError(f"{label} holds raw bytes ({size} bytes, too small for a payload header)", key)
+    magic, version, kind, ready, d_off, d_len, p_off, p_len = HEADER.unpack_from(head, 0)
+    if magic != MAGIC:
+        raise HeaderError(f"{label} holds raw bytes (no shmarray payload header)", key)
+    if version != VERSION:
+        raise HeaderError(f"{label} has payload header version {version}; this shmarray reads {VERSION}", key)
+    try:
+        k = Kind(kind)
+    except ValueError:
+        raise HeaderError(f"{label} has an unknown payload kind {kind}", key) from None
+    if ready not in (0, 1):
+        raise HeaderError(f"{label} has a corrupt ready flag {ready}", key)
+    if d_off != HEADER.size:
+        raise HeaderError(f"{label}: descriptor offset {d_off} is not {HEADER.size}", key)
+    if d_len > MAX_DESCRIPTOR:
+        raise HeaderError(f"{label}: descriptor length {d_len} exceeds the {MAX_DESCRIPTOR}-byte cap", key)
+    if d_off + d_len > size:
+        raise HeaderError(f"{label}: descriptor ({d_len} bytes at {d_off}) overruns the {size}-byte segment", key)
+    if p_off % ALIGN or p_off < d_off + d_len:
+        raise HeaderError(f"{label}: payload offset {p_off} is unaligned or overlaps the descriptor", key)
+    if p_off > size or p_len > size - p_off:
+        raise HeaderError(
+            f"{label}: payload ({p_len} bytes at {p_off}) overruns the {size}-byte segment", key)
+    return PayloadHeader(kind=k, ready=bool(ready), descriptor_offset=d_off, descriptor_length=d_len,
+                         payload_offset=p_off, payload_length=p_len)
+
+
+def read_header(data: memoryview, *, expect: Kind, key: str | None = None,
+                wait: float = 2.0) -> tuple[PayloadHeader, bytes]:
+    """Parse and check the header of an attached segment's user bytes.
+
+    Raises HeaderError naming what the segment holds when it is not *expect*.
+    A payload still being written is waited for up to *wait* seconds, then
+    NotFoundError.
+    """
+    deadline = time.monotonic() + wait
+    delay = 1e-4
+    while True:
+        hdr = parse_header(data[: HEADER.size], data.nbytes, key=key)
+        if hdr.kind != expect:
+            raise HeaderError(
+                f"segment {key!r} holds {_a(hdr.kind.label)}, not {_a(expect.label)}; "
+                f"{_hint(hdr.kind)}", key)
+        if hdr.ready:
+            break
+        if time.monotonic() >= deadline:
+            raise NotFoundError(f"segment {key!r} is still being written by its creator; try again", key)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    d = bytes(data[hdr.descriptor_offset : hdr.descriptor_offset + hdr.descriptor_length])
+    return hdr, d
+
+
+def _a(label: str) -> str:
+    return ("an " if label[0] in "aeiou" else "a ") + label
+
+
+def _hint(kind: Kind) -> str:
+    return {
+        Kind.NDARRAY: "use shmarray.attach()",
+        Kind.ARROW: "use shmarray.attach_table()",
+        Kind.RING: "open it as a batch ring",
+    }[kind]
+
+
+def describe_head(head: bytes | memoryview, size: int) -> dict[str, Any]:
+    """A summary of a payload header for listings: {'kind': ..., 'descriptor': bytes}."""
+    try:
+        hdr = parse_header(head, size)
+    except HeaderError:
+        return {"kind": "raw"}
+    d = bytes(head[hdr.descriptor_offset : hdr.descriptor_offset + hdr.descriptor_length])
+    return {"kind": hdr.kind.label, "kind_id": hdr.kind, "ready": hdr.ready, "descriptor": d,
+            "payload_length": hdr.payload_length}
