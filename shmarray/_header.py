@@ -180,7 +180,7 @@ def read_header(data: memoryview, *, expect: Kind, key: str | None = None,
 
 
 def _a(label: str) -> str:
-    return ("an " if label[0] in "aeiou" else "a ") + label
+    return ("an " if label[0] in "aeioun" else "a ") + label
 
 
 def _hint(kind: Kind) -> str:
