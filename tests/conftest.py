@@ -1,0 +1,92 @@
+"""Shared fixtures: unique keys, and a check that nothing is left in /dev/shm."""
+
+from __future__ import annotations
+
+import gc
+import os
+import secrets
+from typing import Iterator
+
+import pytest
+
+import shmarray
+
+SHM = "/dev/shm"
+_OURS = ("shmarray_", ".shmarray-tmp-")
+
+
+def _ours() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM) if n.startswith(_OURS)}
+    except FileNotFoundError:  # pragma: no cover
+        return set()
+
+
+def new_key(prefix: str = "t") -> str:
+    """A key no other test or run uses."""
+    return f"{prefix}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    """A unique key; whatever segment it names is removed after the test."""
+    k = new_key()
+    yield k
+    gc.collect()
+    try:
+        shmarray.unlink(k)
+    except shmarray.NotFoundError:
+        pass
+
+
+@pytest.fixture
+def make_key() -> Iterator["object"]:
+    """A factory of unique keys, all cleaned up after the test."""
+    made: list[str] = []
+
+    def make(prefix: str = "t") -> str:
+        k = new_key(prefix)
+        made.append(k)
+        return k
+
+    yield make
+    gc.collect()
+    for k in made:
+        try:
+            shmarray.unlink(k)
+        except shmarray.NotFoundError:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _no_leak_per_test() -> Iterator[None]:
+    """Each test leaves no shmarray object behind in /dev/shm."""
+    before = _ours()
+    yield
+    gc.collect()
+    leaked = _ours() - before
+    for name in leaked:
+        try:
+            os.unlink(os.path.join(SHM, name))
+        except FileNotFoundError:
+            pass
+    assert not leaked, f"test leaked /dev/shm entries: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """No child process outlives its test."""
+    yield
+    from _procs import reap_all
+
+    reap_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dev_shm_unchanged() -> Iterator[None]:
+    """The whole run leaves the /dev/shm listing as it found it."""
+    before = set(os.listdir(SHM))
+    yield
+    gc.collect()
+    left = set(os.listdir(SHM)) - before
+    assert not left, f"the test run left entries in /dev/shm: {sorted(left)}"
