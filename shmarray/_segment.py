@@ -428,21 +428,25 @@ class Segment:
                     f"create: this object is already attached to segment {self._label()!r}; "
                     "detach() it first", self._key))
             total = PAGE_SIZE + size
-            free = backend.free_bytes()
-            if total > free:
-                raise self._fail(OutOfResourcesError(
-                    f"create: segment {self._label()!r} needs {_human(total)} but /dev/shm has "
-                    f"{_human(free)} free (of {_human(backend.total_bytes())}); remove segments "
-                    "(`shmarray gc`, `shmarray rm KEY`) or enlarge /dev/shm", self._key))
+            if total > backend.free_bytes():
+                raise self._fail(self._no_space(total))
             try:
                 self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
             except ShmError as e:
                 raise self._fail(e) from None
             except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG):
+                    raise self._fail(self._no_space(total)) from e
                 raise self._fail(_translate(e, what, self._label())) from e
             self._arm()
             self._ok()
             return self
+
+    def _no_space(self, total: int) -> OutOfResourcesError:
+        return OutOfResourcesError(
+            f"create: segment {self._label()!r} needs {_human(total)} but /dev/shm has "
+            f"{_human(backend.free_bytes())} free (of {_human(backend.total_bytes())}); remove segments "
+            "(`shmarray gc`, `shmarray rm KEY`) or enlarge /dev/shm", self._key)
 
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:

@@ -1,0 +1,121 @@
+"""The command line: ls, info, rm, gc; no noise at interpreter exit; a full /dev/shm."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import shmarray
+from shmarray import Segment
+from shmarray._cli import main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shmarray", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_ls_and_info(key, capsys):
+    with Segment(key).create(1000, persistent=True) as seg:
+        out = _cli("ls")
+        assert out.returncode == 0, out.stderr
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith(key))
+        assert f"/{seg.native_key}" in line and "1000 B" in line and "yes" in line
+        assert main(["ls", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        row = next(r for r in rows if r["key"] == key)
+        assert row["size"] == 1000 and row["persistent"] is True and row["processes"] == 1
+        assert row["pids"] == [os.getpid()]
+        assert main(["info", key]) == 0
+        assert "persistent" in capsys.readouterr().out
+        seg.lock()
+        assert main(["info", key, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["lock"] == "exclusive" and info["lock_holder"] == os.getpid()
+        seg.unlock()
+    shmarray.unlink(key)
+
+
+def test_info_missing_is_an_error(key):
+    out = _cli("info", key)
+    assert out.returncode == 1 and key in out.stderr and "Traceback" not in out.stderr
+
+
+def test_rm(key):
+    Segment(key).create(10, persistent=True).detach()
+    out = _cli("rm", key)
+    assert out.returncode == 0 and key in out.stdout
+    with pytest.raises(shmarray.NotFoundError):
+        Segment(key).attach()
+    assert _cli("rm", key).returncode == 1
+
+
+def test_gc_keeps_live_and_persistent(make_key):
+    live, keep = make_key(), make_key()
+    with Segment(live).create(10):
+        Segment(keep).create(10, persistent=True).detach()
+        assert main(["gc"]) == 0
+        Segment(live).attach().detach()
+        Segment(keep).attach().detach()
+    shmarray.unlink(keep)
+
+
+def test_console_script_and_module_agree():
+    script = shutil.which("shmarray", path=os.path.dirname(sys.executable))
+    assert script is not None
+    a = subprocess.run([script, "ls", "--json"], capture_output=True, text=True, timeout=60)
+    b = _cli("ls", "--json")
+    assert a.returncode == b.returncode == 0
+
+
+def test_no_noise_at_exit(key):
+    code = textwrap.dedent(f"""
+        import shmarray
+        a = shmarray.Segment({key!r}).create(1 << 20)
+        b = shmarray.Segment({key!r}).attach()
+        view = a.data
+        b.lock()
+    """)
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout == ""
+    assert not os.path.exists(f"/dev/shm/{shmarray._os.native_key_for(key)}")
+
+
+FULL_SHM = textwrap.dedent("""
+    import os, sys
+    import shmarray
+    from shmarray._os import backend
+    seg = shmarray.Segment("full-a").create(40 << 20)   # 40 of 64 MiB
+    try:
+        shmarray.Segment("full-b").create(40 << 20)
+    except shmarray.OutOfResourcesError as e:
+        print("precheck:", e)
+    # Pretend the space check passed (another process raced us): posix_fallocate must still refuse.
+    backend.free_bytes = lambda: 1 << 40
+    try:
+        shmarray.Segment("full-c").create(40 << 20)
+    except shmarray.OutOfResourcesError as e:
+        print("fallocate:", e)
+    print("left:", sorted(n for n in os.listdir("/dev/shm") if n.startswith(("shmarray_", ".shmarray"))))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
+def test_full_dev_shm_is_out_of_resources_not_sigbus(tmp_path):
+    """A 64 MiB /dev/shm (Docker's default), in a private mount namespace."""
+    script = tmp_path / "full.py"
+    script.write_text(FULL_SHM)
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {script}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "mount" in out.stderr and "precheck" not in out.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert "precheck:" in out.stdout and "full-b" in out.stdout and "MiB free" in out.stdout
+    assert "fallocate:" in out.stdout and "full-c" in out.stdout and "needs 40.0 MiB" in out.stdout
+    assert "left: ['shmarray_full-a_" in out.stdout and "full-c" not in out.stdout.split("left:")[1]

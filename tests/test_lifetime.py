@@ -1,0 +1,197 @@
+"""Lifetime across processes: crashes, races, gc, fork."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import shmarray
+from _procs import run, start
+from shmarray import Segment
+
+
+def _exists(seg_or_name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{seg_or_name}")
+
+
+def _attach_and_wait(key: str, ready_path: str) -> None:
+    seg = Segment(key).attach()
+    seg.data[1] = 1
+    with open(ready_path, "w") as f:
+        f.write("attached")
+    time.sleep(600)
+
+
+def _wait_for(path: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+
+
+def _start_attached(key: str, tmp_path, n: int):
+    kids = []
+    for i in range(n):
+        ready = str(tmp_path / f"ready{i}")
+        kids.append(start(_attach_and_wait, key, ready))
+        _wait_for(ready)
+    return kids
+
+
+def test_killed_attachers_do_not_keep_a_segment_alive(key, tmp_path):
+    seg = Segment(key).create(16)
+    name = seg.native_key
+    kids = _start_attached(key, tmp_path, 3)
+    assert shmarray.segment_info(key).attachments == 4
+    assert len(shmarray.segment_info(key).attached_pids) == 4
+    for k in kids:
+        k.kill()
+    assert shmarray.segment_info(key).attachments == 1
+    seg.detach()
+    assert not _exists(name)
+
+
+def test_only_attacher_killed_makes_the_segment_dead_at_once(key, tmp_path):
+    seg = Segment(key).create(16)
+    name = seg.native_key
+    kids = _start_attached(key, tmp_path, 1)
+    seg.detach()
+    assert _exists(name)  # the child still holds it
+    kids[0].kill()
+    assert _exists(name)  # nobody has looked yet...
+    with pytest.raises(shmarray.NotFoundError, match="died"):
+        Segment(key).attach()  # ...and the first look removes it
+    assert not _exists(name)
+
+
+def test_create_succeeds_over_a_dead_segment(key, tmp_path):
+    seg = Segment(key).create(16)
+    kids = _start_attached(key, tmp_path, 1)
+    seg.detach()
+    kids[0].kill()
+    with Segment(key).create(32) as fresh:  # no gc needed
+        assert fresh.size == 32 and fresh.data[1] == 0
+
+
+def test_gc_removes_orphans_and_keeps_persistent(make_key, tmp_path):
+    orphan, keep, live = make_key(), make_key(), make_key()
+    Segment(keep).create(16, persistent=True).detach()
+    a = Segment(orphan).create(16)
+    kids = _start_attached(orphan, tmp_path, 1)
+    a.detach()
+    kids[0].kill()
+    held = Segment(live).create(16)
+    names = {k: shmarray._os.native_key_for(k) for k in (orphan, keep, live)}
+    listed = {i.key: i for i in shmarray.list_segments()}
+    assert listed[orphan].orphan and not listed[keep].orphan and not listed[live].orphan
+    removed = shmarray.collect_garbage()
+    assert names[orphan] in removed
+    assert names[keep] not in removed and names[live] not in removed
+    assert not _exists(names[orphan]) and _exists(names[keep]) and _exists(names[live])
+    held.detach()
+    shmarray.unlink(keep)
+
+
+def _create_race(key: str, start_at: float) -> str:
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    try:
+        seg = Segment(key).create(4096)
+    except shmarray.AlreadyExistsError:
+        return "exists"
+    seg.data[0] = 1
+    time.sleep(1.5)  # stay attached while the others try
+    seg.detach()
+    return "created"
+
+
+@pytest.mark.timeout(120)
+def test_eight_racing_creators_one_wins(key):
+    start_at = time.time() + 3.0
+    kids = [start(_create_race, key, start_at) for _ in range(8)]
+    results = sorted(k.result(60) for k in kids)
+    assert results == ["created"] + ["exists"] * 7
+    assert not _exists(shmarray._os.native_key_for(key))
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(".shmarray-tmp")]
+
+
+def _in_forked_child(key: str) -> tuple[int, int]:
+    seg = Segment(key).attach()
+    attachments_before = shmarray.segment_info(key).attachments
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: attached in its own right
+        os.close(r)
+        try:
+            n = shmarray.segment_info(key).attachments
+            seg.data[0] = 42
+            seg.detach()  # must not drop the parent's liveness lock
+            os.write(w, n.to_bytes(4, "little"))
+        finally:
+            os._exit(0)
+    os.close(w)
+    n_child = int.from_bytes(os.read(r, 4), "little")
+    os.waitpid(pid, 0)
+    after = shmarray.segment_info(key).attachments
+    ok = seg.data[0] == 42 and after == attachments_before
+    seg.detach()
+    return n_child - attachments_before, int(ok)
+
+
+def test_fork_child_is_attached_in_its_own_right(key):
+    with Segment(key).create(16):
+        # Fork from a clean spawned process, not from pytest itself.
+        assert run(_in_forked_child, key) == (1, 1)
+
+
+def _fork_while_locked(key: str) -> tuple[bool, bool]:
+    seg = Segment(key).attach()
+    seg.lock()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if seg.lock_held is not None or seg.unlock():
+                code = 3  # the child must not think it holds the parent's lock
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    other = Segment(key).attach()
+    still_held = other.lock(timeout=0) is False  # the parent still holds it
+    seg.unlock()
+    other.detach()
+    seg.detach()
+    return os.waitstatus_to_exitcode(status) == 0, still_held
+
+
+def test_fork_child_does_not_hold_the_parents_lock(key):
+    with Segment(key).create(16):
+        assert run(_fork_while_locked, key) == (True, True)
+
+
+_KEEP: list[Segment] = []
+
+
+def _exit_without_detach(key: str) -> None:
+    seg = Segment(key).attach()
+    seg.data[2] = 2
+    _KEEP.append(seg)  # still attached when the interpreter exits: exit detaches it
+
+
+def test_exit_detaches(key):
+    with Segment(key).create(16) as seg:
+        run(_exit_without_detach, key)
+        assert shmarray.segment_info(key).attachments == 1
+        assert seg.data[2] == 2
+
+
+def _create_and_exit(key: str) -> None:
+    Segment(key).create(16)
+
+
+def test_exit_of_the_last_user_destroys(key):
+    run(_create_and_exit, key)
+    assert not _exists(shmarray._os.native_key_for(key))

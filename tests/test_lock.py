@@ -1,0 +1,245 @@
+"""The segment lock: modes, per-object semantics, timeouts, Ctrl-C, crash recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import threading
+import time
+
+import pytest
+
+import shmarray
+from _procs import run, start
+from shmarray import Segment
+
+COUNTER = struct.Struct("<Q")
+
+
+def test_lock_unlock(key):
+    with Segment(key).create(8) as seg:
+        assert seg.lock() is True
+        assert seg.lock_held == "exclusive"
+        assert seg.lock() is True  # again through the holder: at once
+        assert seg.unlock() is True
+        assert seg.unlock() is False
+        assert seg.lock_held is None
+
+
+def test_two_objects_exclude_each_other(key):
+    with Segment(key).create(8) as a, Segment(key).attach() as b:
+        assert a.lock()
+        assert b.lock(timeout=0) is False
+        assert b.error is shmarray.SharedMemoryError.LockError
+        a.unlock()
+        assert b.lock(timeout=0) is True
+        assert b.error is shmarray.SharedMemoryError.NoError
+        b.unlock()
+
+
+def test_shared_readers_and_exclusive_writer(key):
+    with Segment(key).create(8) as a, Segment(key).attach() as b, Segment(key).attach() as c:
+        assert a.lock(shared=True) and b.lock(shared=True)
+        assert c.lock(timeout=0) is False
+        assert c.lock(timeout=0, shared=True) is True
+        for s in (a, b, c):
+            s.unlock()
+        assert c.lock(timeout=0)
+        assert a.lock(timeout=0, shared=True) is False
+        c.unlock()
+
+
+def test_exclusive_holder_asking_shared_keeps_exclusive(key):
+    with Segment(key).create(8) as a:
+        a.lock()
+        assert a.lock(shared=True) is True and a.lock_held == "exclusive"
+        a.unlock()
+
+
+def test_upgrade_is_refused(key):
+    with Segment(key).create(8) as a:
+        a.lock(shared=True)
+        with pytest.raises(shmarray.LockError, match="unlock"):
+            a.lock()
+        a.unlock()
+
+
+def test_lock_timeout_takes_about_that_long(key):
+    with Segment(key).create(8) as a, Segment(key).attach() as b:
+        a.lock()
+        t = time.monotonic()
+        assert b.lock(timeout=0.3) is False
+        elapsed = time.monotonic() - t
+        assert 0.25 <= elapsed < 2.0
+        a.unlock()
+
+
+def test_locked_context_manager(key):
+    with Segment(key).create(8) as a, Segment(key).attach() as b:
+        with a.locked():
+            assert a.lock_held == "exclusive"
+            with a.locked():  # re-entrant use does not release the outer hold
+                pass
+            assert a.lock_held == "exclusive"
+            with pytest.raises(shmarray.LockError, match="timed out"):
+                with b.locked(timeout=0.05):
+                    pass
+        assert a.lock_held is None
+        with b.locked(shared=True):
+            assert b.lock_held == "shared"
+
+
+def test_lock_needs_attachment(key):
+    seg = Segment(key)
+    with pytest.raises(shmarray.LockError):
+        seg.lock()
+    assert seg.error is shmarray.SharedMemoryError.LockError
+    assert seg.unlock() is False
+
+
+def test_threads_through_two_objects(key):
+    with Segment(key).create(8) as seg:
+        objs = [Segment(key).attach() for _ in range(4)]
+        n = 500
+
+        def work(s: Segment) -> None:
+            data = s.data
+            for _ in range(n):
+                with s.locked():
+                    (v,) = COUNTER.unpack_from(data, 0)
+                    COUNTER.pack_into(data, 0, v + 1)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in objs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert COUNTER.unpack_from(seg.data, 0)[0] == 4 * n
+        for s in objs:
+            s.detach()
+
+
+def _count(key: str, n: int) -> int:
+    with Segment(key).attach() as seg:
+        data = seg.data
+        for _ in range(n):
+            with seg.locked():
+                (v,) = COUNTER.unpack_from(data, 0)
+                COUNTER.pack_into(data, 0, v + 1)
+    return n
+
+
+@pytest.mark.timeout(120)
+def test_contended_counter_across_processes_is_exact(key):
+    n = 3000
+    with Segment(key).create(8) as seg:
+        kids = [start(_count, key, n) for _ in range(3)]
+        assert [k.result(90) for k in kids] == [n] * 3
+        assert COUNTER.unpack_from(seg.data, 0)[0] == 3 * n
+
+
+def _hold_until_killed(key: str, ready_path: str, shared: bool) -> None:
+    seg = Segment(key).attach()
+    seg.lock(shared=shared)
+    seg.data[0] = 0xAB  # half-done work
+    with open(ready_path, "w") as f:
+        f.write("locked")
+    time.sleep(600)
+
+
+def _wait_for(path: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_killed_holder_releases_and_is_reported(key, tmp_path, blocking):
+    ready = str(tmp_path / "ready")
+    with Segment(key).create(8) as seg:
+        child = start(_hold_until_killed, key, ready, False)
+        _wait_for(ready)
+        assert seg.lock(timeout=0) is False
+        result: dict[str, float] = {}
+
+        def waiter() -> None:
+            got = seg.lock() if blocking else seg.lock(timeout=10)
+            result["t"] = time.monotonic()
+            result["got"] = got
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.1)
+        killed = time.monotonic()
+        os.kill(child.pid, signal.SIGKILL)
+        t.join(10)
+        assert result["got"] is True
+        assert result["t"] - killed < 0.1
+        assert seg.lock_recovered is True
+        assert seg.data[0] == 0xAB
+        seg.unlock()
+        assert seg.lock(timeout=0) and seg.lock_recovered is False
+        seg.unlock()
+        child.close()
+
+
+def test_killed_shared_holder_is_not_a_recovery(key, tmp_path):
+    ready = str(tmp_path / "ready")
+    with Segment(key).create(8) as seg:
+        child = start(_hold_until_killed, key, ready, True)
+        _wait_for(ready)
+        assert seg.lock(timeout=0) is False
+        child.kill()
+        assert seg.lock(timeout=5) is True
+        assert seg.lock_recovered is False
+        seg.unlock()
+
+
+def _recovered_after_death(key: str) -> tuple[bool, bool]:
+    with Segment(key).attach() as seg:
+        got = seg.lock(timeout=5)
+        rec = seg.lock_recovered
+        seg.unlock()
+        return got, rec
+
+
+def test_recovery_seen_by_another_process(key, tmp_path):
+    ready = str(tmp_path / "ready")
+    with Segment(key).create(8):
+        child = start(_hold_until_killed, key, ready, False)
+        _wait_for(ready)
+        child.kill()
+        assert run(_recovered_after_death, key) == (True, True)
+
+
+def _block_then_report_interrupt(key: str) -> str:
+    with Segment(key).attach() as seg:
+        try:
+            seg.lock()  # blocks: the parent holds it
+        except KeyboardInterrupt:
+            return "interrupted"
+        return "acquired"
+
+
+def _wait_blocked_in_lock(pid: int, timeout: float = 30) -> None:
+    """Wait until /proc/locks lists *pid* as waiting for a lock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            if any("->" in line and f" {pid} " in line for line in f):
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} never blocked in lock()")
+
+
+def test_ctrl_c_interrupts_a_blocked_lock(key):
+    with Segment(key).create(8) as seg:
+        seg.lock()
+        child = start(_block_then_report_interrupt, key)
+        _wait_blocked_in_lock(child.pid)
+        os.kill(child.pid, signal.SIGINT)
+        assert child.result(20) == "interrupted"
+        seg.unlock()
