@@ -53,6 +53,12 @@ _FLOCK = struct.Struct("@hhqqi4x")
 # pid of OFD locks).
 LIVENESS_BYTE = 0
 PID_BASE = 1 << 40
+# Batch rings (shmarray._ring) mark who holds each slot with an exclusive OFD
+# lock on SLOT_BASE + slot, and each consumer with a shared lock on
+# CONSUMER_BYTE; the kernel drops both when the holder dies. They sit far
+# above the pid markers (pids are < 2**22) so listings never mistake them.
+SLOT_BASE = 1 << 42
+CONSUMER_BYTE = SLOT_BASE - 1
 
 
 def path_of(name: str) -> str:
@@ -231,6 +237,16 @@ def ofd_unlock(fd: int, start: int) -> None:
     fcntl.fcntl(fd, _F_OFD_SETLK, _flock_struct(fcntl.F_UNLCK, start))
 
 
+def ofd_held_elsewhere(fd: int, start: int) -> bool:
+    """True when another open file description holds a lock on byte *start*.
+
+    F_OFD_GETLK takes nothing and ignores this description's own locks, so a
+    ring can ask "is the holder of slot i still alive?" without racing it.
+    """
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_struct(fcntl.F_WRLCK, start))
+    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+
+
 def hold_liveness(fd: int, pid: int) -> None:
     """Take the shared liveness lock and the pid marker of one attachment."""
     ofd_lock(fd, LIVENESS_BYTE, exclusive=False, wait=True)
@@ -283,7 +299,7 @@ def lock_report(dev: int, ino: int) -> tuple[set[int], int, str | None, int | No
             s = int(start)
             if s == LIVENESS_BYTE:
                 attachments += 1
-            elif s >= PID_BASE:
+            elif PID_BASE <= s < CONSUMER_BYTE:
                 pids.add(s - PID_BASE)
         elif kind == "FLOCK":
             mode = "exclusive" if rw == "WRITE" else "shared"
@@ -299,3 +315,8 @@ def register_after_fork_in_child(func: "object") -> None:
 def getpid() -> int:
     """This process's id."""
     return os.getpid()
+
+
+def getppid() -> int:
+    """The parent's pid (1 or a subreaper's once the parent has died)."""
+    return os.getppid()
