@@ -15,8 +15,10 @@ import time
 from ._errors import LockError
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["SegmentLock", "poll_until"]
+__all__ = ["SegmentLock", "poll_until", "MARK_WORD"]
 
+MARK_WORD = 4  # byte 32 of the control block, as a 'Q' index
+_MARK = MARK_WORD
 _EX_NB = LOCK_EX | LOCK_NB
 _SH_NB = LOCK_SH | LOCK_NB
 
@@ -52,17 +54,16 @@ class SegmentLock:
 
     *fd* is the attachment's lock descriptor; *marks* is a ``'Q'`` view of
     the control block (None for a foreign segment, read-only when this
-    attachment may not write it) and *mark_index* the word holding the
-    exclusive holder's pid.
+    attachment may not write it) whose word MARK_WORD holds the exclusive
+    holder's pid.
     """
 
-    __slots__ = ("_fd", "_marks", "_peek", "_index", "_pid", "_held", "recovered")
+    __slots__ = ("_fd", "_marks", "_peek", "_pid", "_held", "recovered")
 
-    def __init__(self, fd: int, marks: memoryview | None, mark_index: int, pid: int) -> None:
+    def __init__(self, fd: int, marks: memoryview | None, pid: int) -> None:
         self._fd = fd
         self._marks = marks if marks is not None and not marks.readonly else None
         self._peek = marks
-        self._index = mark_index
         self._pid = pid
         self._held = 0  # 0 free, 1 shared, 2 exclusive
         self.recovered = False
@@ -80,44 +81,53 @@ class SegmentLock:
             raise LockError(
                 "this object holds the shared lock; unlock() it before asking for the exclusive lock"
             )
-        fd = self._fd
         if timeout is None:
             # Blocking flock: EINTR runs signal handlers, so Ctrl-C interrupts it.
-            flock(fd, LOCK_SH if shared else LOCK_EX)
-        else:
-            op = _SH_NB if shared else _EX_NB
-
-            def attempt() -> bool:
-                try:
-                    flock(fd, op)
-                except BlockingIOError:
-                    return False
-                return True
-
-            if not poll_until(attempt, timeout):
-                return False
+            flock(self._fd, LOCK_SH if shared else LOCK_EX)
+        elif not self._try(timeout, shared):
+            return False
         marks = self._marks
-        if marks is not None:
-            index = self._index
-            self.recovered = marks[index] != 0
-            if shared:
-                if self.recovered:
-                    # No live exclusive holder can coexist with our shared lock:
-                    # the mark is a dead holder's. Report it once.
-                    marks[index] = 0
-            else:
-                marks[index] = self._pid
-        elif self._peek is not None:
-            self.recovered = self._peek[self._index] != 0
-        self._held = 1 if shared else 2
+        if shared:
+            self._held = 1
+            if marks is not None:
+                if marks[_MARK]:
+                    # No live exclusive holder can coexist with our shared
+                    # lock: the mark is a dead holder's. Report it once.
+                    marks[_MARK] = 0
+                    self.recovered = True
+                else:
+                    self.recovered = False
+            elif self._peek is not None:
+                self.recovered = self._peek[_MARK] != 0
+        else:
+            self._held = 2
+            if marks is not None:
+                self.recovered = marks[_MARK] != 0
+                marks[_MARK] = self._pid
+            elif self._peek is not None:
+                self.recovered = self._peek[_MARK] != 0
         return True
+
+    def _try(self, timeout: float, shared: bool) -> bool:
+        fd = self._fd
+        op = _SH_NB if shared else _EX_NB
+
+        def attempt() -> bool:
+            try:
+                flock(fd, op)
+            except BlockingIOError:
+                return False
+            return True
+
+        return poll_until(attempt, timeout)
 
     def release(self) -> bool:
         """Release the lock; False when this attachment did not hold it."""
-        if not self._held:
+        held = self._held
+        if not held:
             return False
-        if self._held == 2 and self._marks is not None:
-            self._marks[self._index] = 0
+        if held == 2 and self._marks is not None:
+            self._marks[_MARK] = 0
         self._held = 0
         flock(self._fd, LOCK_UN)
         return True
