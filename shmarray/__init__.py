@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._admin import SegmentInfo, collect_garbage, list_segments, segment_info
 from ._admin import unlink_key as _unlink_key
+from ._arrow import attach_frame, attach_table, share_frame, share_table
 from ._errors import (
     AccessMode,
     AlreadyExistsError,
@@ -42,9 +43,13 @@ __all__ = [
     "SharedMemoryError",
     "ShmError",
     "UnknownShmError",
+    "attach_frame",
+    "attach_table",
     "collect_garbage",
     "list_segments",
     "segment_info",
+    "share_frame",
+    "share_table",
     "unlink",
 ]
 

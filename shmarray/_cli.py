@@ -6,10 +6,11 @@ import argparse
 import datetime
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from ._admin import SegmentInfo, collect_garbage, list_segments, segment_info, unlink_key
+from ._admin import SegmentInfo, collect_garbage, list_segments, read_head, segment_info, unlink_key
 from ._errors import ShmError
+from ._header import HEADER, Kind, describe_head, parse_header
 
 __all__ = ["main", "describe_payload"]
 
@@ -18,7 +19,28 @@ def describe_payload(info: SegmentInfo) -> str:
     """What the segment holds, in a few words (the payload layers refine this)."""
     if not info.shmarray:
         return "foreign"
+    head = _payload_head(info)
+    if head.get("kind_id") == Kind.ARROW:
+        return _describe_arrow(head)
     return "raw"
+
+
+def _payload_head(info: SegmentInfo) -> dict[str, Any]:
+    """The payload header of a segment, read without attaching: describe_head()'s dict."""
+    try:
+        hdr = parse_header(read_head(info.native_key, HEADER.size), info.size)
+        head = read_head(info.native_key, hdr.descriptor_offset + hdr.descriptor_length)
+    except (OSError, ShmError):  # no payload header, removed meanwhile, unreadable
+        return {"kind": "raw"}
+    return describe_head(head, info.size)
+
+
+def _describe_arrow(head: dict[str, Any]) -> str:
+    from ._arrow import describe_descriptor
+
+    if not head.get("ready", True):
+        return "arrow table (being written)"
+    return describe_descriptor(head.get("descriptor", b""))
 
 
 def _size(n: int) -> str:
