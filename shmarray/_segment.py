@@ -34,12 +34,13 @@ several racing creators exactly one wins.
 from __future__ import annotations
 
 import errno
+import operator
 import secrets
 import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, SupportsIndex
 
 from ._errors import (
     AccessMode,
@@ -128,9 +129,9 @@ def _human(n: int) -> str:
 
 
 def _check_size(size: object, what: str) -> int:
-    if isinstance(size, bool) or not hasattr(size, "__index__"):
+    if isinstance(size, bool) or not isinstance(size, SupportsIndex):
         raise _InvalidSizeTypeError(f"{what}: size must be an int, not {type(size).__name__} ({size!r})")
-    value = int(size.__index__())  # type: ignore[attr-defined]
+    value = operator.index(size)
     if value <= 0:
         raise InvalidSizeError(f"{what}: size must be > 0 bytes, got {value}")
     return value
