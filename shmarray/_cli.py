@@ -62,6 +62,7 @@ def _row(info: SegmentInfo) -> dict[str, object]:
         "attachments": info.attachments,
         "pids": list(info.attached_pids),
         "persistent": info.persistent,
+        "orphan": info.orphan,
         "lock": info.lock,
         "lock_holder": info.lock_holder,
         "creator_pid": info.creator_pid,
@@ -78,7 +79,7 @@ def _table(rows: list[SegmentInfo]) -> str:
             "/" + info.native_key,
             _size(info.size),
             describe_payload(info),
-            str(len(info.attached_pids)),
+            f"{len(info.attached_pids)}" + (" (orphan: gc removes it)" if info.orphan else ""),
             "yes" if info.persistent else "no",
             info.lock or "-",
         ))
