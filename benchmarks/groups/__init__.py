@@ -1,0 +1,1 @@
+"""One module per benchmark group; each has NAME, TITLE and ``run(ctx) -> GroupResult``."""
