@@ -163,7 +163,7 @@ class _Attachment:
     """
 
     __slots__ = ("name", "fd", "writable_fd", "ctl", "marks", "data_map", "data_offset",
-                 "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "__weakref__")
+                 "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "pinned", "__weakref__")
 
     def __init__(self, name: str, fd: int, writable_fd: bool, mode: AccessMode, foreign: bool) -> None:
         self.name = name
@@ -180,6 +180,7 @@ class _Attachment:
         self.pid = backend.getpid()
         self.lock: SegmentLock | None = None
         self.closed = False
+        self.pinned: Any = None  # a _cuda.PinnedRegion while pin()ned
 
     def map(self, cb: ControlBlock | None) -> None:
         """Map the control block and the data (through a second description)."""
@@ -213,6 +214,14 @@ class _Attachment:
         self.closed = True
         _LIVE.discard(self)
         try:
+            if self.pinned is not None and self.pid == backend.getpid():
+                # Unregister while the region still holds the mapping: it must
+                # never be unmapped (by the last view going) while CUDA has it.
+                pinned, self.pinned = self.pinned, None
+                try:
+                    pinned.release()
+                except Exception:  # noqa: BLE001 - at exit the CUDA runtime may be gone already
+                    pass
             if self.lock is not None:
                 self.lock.release()
             if not self.foreign and self.pid == backend.getpid():
@@ -253,6 +262,9 @@ class _Attachment:
         # still holds the description.
         backend.close(old)
         self.pid = pid
+        if self.pinned is not None:
+            self.pinned.forget()  # the CUDA registration is the parent's
+            self.pinned = None
         if self.lock is not None:
             self.lock.forget(self.fd, pid)
 
@@ -639,6 +651,53 @@ class Segment:
         """The user bytes, always read-only; None when not attached."""
         att = self._att
         return memoryview(att.data_map).toreadonly() if att is not None else None
+
+    # -- CUDA pinning ----------------------------------------------------------------
+
+    def pin(self) -> None:
+        """Page-lock the data for CUDA (``cudaHostRegister``), so host-to-device copies run at pinned speed.
+
+        Through torch, cupy or libcudart, whichever sees a GPU. Idempotent;
+        undone by unpin() or at detach (before the mapping could go). Raises
+        CudaUnavailableError (a ShmError and RuntimeError) without CUDA,
+        PinError when CUDA refuses.
+        """
+        from ._cuda import pin_mapping
+
+        with self._mutex:
+            att = self._att
+            if att is None:
+                raise self._fail(NotFoundError(f"pin: segment {self._label()!r} is not attached", self._key))
+            if att.pinned is None:
+                try:
+                    att.pinned = pin_mapping(att.data_map, readonly=att.mode == AccessMode.ReadOnly,
+                                             key=self._label())
+                except ShmError as e:
+                    raise self._fail(e)
+                self._ok()
+
+    def unpin(self) -> bool:
+        """Unregister what pin() registered; False when it was not pinned."""
+        with self._mutex:
+            att = self._att
+            if att is None or att.pinned is None:
+                return False
+            pinned, att.pinned = att.pinned, None
+            pinned.release()
+            return True
+
+    @property
+    def is_pinned(self) -> bool:
+        """True while pin()ned."""
+        att = self._att
+        return att is not None and att.pinned is not None
+
+    def _lock_fd(self) -> int:
+        """The attachment's lock descriptor (for byte-range locks of the payload layers)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.fd
 
     def _mapping(self) -> Any:
         """The data mmap (for layers above that build views on it)."""
