@@ -98,6 +98,7 @@ class GroupResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     headlines: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    throughput: bool = False  # sized groups: plot and tabulate GB/s rather than time
 
     def row(self, method: str, size: int | None = None, variant: str = "") -> Row | None:
         """The row of *method* at *size* / *variant*, None if absent or failed."""

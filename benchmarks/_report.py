@@ -67,7 +67,7 @@ def _sized_tables(res: GroupResult, ref: str) -> list[str]:
             mine, base = res.median(m, s), res.median(ref, s)
             cells.append(_ratio_txt(None if mine is None or base is None or base == 0 else mine / base))
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    if any(r.size for r in res.rows):
+    if res.throughput:
         out += ["", "Throughput (size / median):", "", head, sep]
         for m in methods:
             cells = []
@@ -109,7 +109,10 @@ def _variant_table(res: GroupResult, ref: str) -> list[str]:
 def reference(res: GroupResult) -> str:
     """The row every ratio of a group is computed against: the first shmarray row."""
     for r in res.rows:
-        if r.role == "shmarray":
+        if r.role == "shmarray" and r.samples:
+            return r.method
+    for r in res.rows:
+        if r.samples:
             return r.method
     return res.rows[0].method if res.rows else ""
 
@@ -183,7 +186,7 @@ def plot(g: GroupResult, path: str) -> bool:
     sized = any(r.size is not None for r in rows)
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
     if sized:
-        throughput = g.name != "attach"
+        throughput = g.throughput
         for m in _methods(g):
             pts = sorted((r.size, r.stats) for r in rows if r.method == m and r.size is not None)
             if not pts:

@@ -1,0 +1,203 @@
+"""arrow: a 5 M-row table (int64, float64, string, bool) -> a warm process.
+
+Each sample is timed here, end to end: from the table in this process to the
+consumer's answer (row count and the sum of the int64 column) back here.
+The floor is the producer's part alone of the cheapest honest path: one
+write of the IPC stream to a /dev/shm file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from .._harness import Context, GroupResult, Row, Worker, interleave
+from . import _peers as P
+
+NAME = "arrow"
+TITLE = "Arrow: share a table with a warm process"
+
+SHMARRAY = "shmarray.share_table + attach_table"
+SHMARRAY_META = "shmarray.share_table + attach_table(validate='metadata')"
+PIPE = "multiprocessing.Pipe (pickle)"
+FEATHER = "Feather (IPC file) on /dev/shm + pa.memory_map"
+FLOOR = "floor: IPC stream write to /dev/shm"
+ROLES = {SHMARRAY: "shmarray", SHMARRAY_META: "shmarray", FLOOR: "floor"}
+
+
+def make_table(rows: int) -> Any:
+    """The benchmark table: int64, float64, string (8-9 characters) and bool columns."""
+    import numpy as np
+    import pyarrow as pa
+
+    idx = np.arange(rows, dtype=np.int64)
+    words = pa.array([f"sym-{i:05d}" for i in range(4096)])
+    return pa.table({
+        "i": pa.array(idx),
+        "f": pa.array(idx * 0.5),
+        "s": words.take(pa.array(idx % 4096)),
+        "b": pa.array(idx % 3 == 0),
+    })
+
+
+def _answer(t: Any) -> tuple[int, int]:
+    import pyarrow.compute as pc
+
+    return t.num_rows, pc.sum(t.column("i")).as_py()
+
+
+def attach_in_worker(key: str, validate: str) -> tuple[int, int]:
+    """attach_table, then the answer; the table is dropped before returning."""
+    import shmarray
+
+    t = shmarray.attach_table(key, validate=validate)  # type: ignore[arg-type]
+    out = _answer(t)
+    del t
+    return out
+
+
+def pickled_in_worker(t: Any) -> tuple[int, int]:
+    """The answer for a table that arrived pickled."""
+    return _answer(t)
+
+
+def feather_in_worker(path: str) -> tuple[int, int]:
+    """Map a Feather file and answer (zero-copy read)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path, "r") as src:
+        t = pa.ipc.open_file(src).read_all()
+        out = _answer(t)
+        del t
+    return out
+
+
+class _Arrow:
+    def __init__(self, ctx: Context, w: Worker, table: Any) -> None:
+        self.ctx, self.w, self.table = ctx, w, table
+        self.want = _answer(table)
+        self.phases: dict[str, list[tuple[float, float]]] = {}
+
+    def _check(self, got: Any, label: str) -> None:
+        if tuple(got) != self.want:
+            raise RuntimeError(f"{label}: the consumer answered {got!r}, expected {self.want!r}")
+
+    def _shmarray(self, validate: str, label: str) -> float:
+        import shmarray
+
+        name = self.ctx.cleanup.name("tab")
+        h = self.ctx.cleanup.add(f"shmarray {name}", lambda: _unlink(name))
+        try:
+            t0 = time.perf_counter()
+            t = shmarray.share_table(name, self.table)
+            t1 = time.perf_counter()
+            got = self.w.call(attach_in_worker, name, validate)
+            t2 = time.perf_counter()
+            del t
+        finally:
+            self.ctx.cleanup.done(h)
+        self._check(got, label)
+        self.phases.setdefault(label, []).append((t1 - t0, t2 - t1))
+        return t2 - t0
+
+    def m_shmarray(self) -> float:
+        return self._shmarray("bounds", SHMARRAY)
+
+    def m_shmarray_meta(self) -> float:
+        return self._shmarray("metadata", SHMARRAY_META)
+
+    def m_pipe(self) -> float:
+        t0 = time.perf_counter()
+        got = self.w.call(pickled_in_worker, self.table)
+        t1 = time.perf_counter()
+        self._check(got, PIPE)
+        return t1 - t0
+
+    def m_feather(self) -> float:
+        import pyarrow.feather as feather
+
+        path = P.shm_tag_name(self.ctx.cleanup, "feather")
+        h = self.ctx.cleanup.add(path, lambda: os.unlink(path))
+        try:
+            t0 = time.perf_counter()
+            feather.write_feather(self.table, path, compression="uncompressed")
+            t1 = time.perf_counter()
+            got = self.w.call(feather_in_worker, path)
+            t2 = time.perf_counter()
+        finally:
+            self.ctx.cleanup.done(h)
+        self._check(got, FEATHER)
+        self.phases.setdefault(FEATHER, []).append((t1 - t0, t2 - t1))
+        return t2 - t0
+
+    def f_stream(self) -> float:
+        import pyarrow as pa
+
+        path = P.shm_tag_name(self.ctx.cleanup, "stream")
+        h = self.ctx.cleanup.add(path, lambda: os.unlink(path))
+        try:
+            t0 = time.perf_counter()
+            with pa.OSFile(path, "wb") as f, pa.ipc.new_stream(f, self.table.schema) as w:
+                w.write_table(self.table)
+            t1 = time.perf_counter()
+        finally:
+            self.ctx.cleanup.done(h)
+        return t1 - t0
+
+
+def _unlink(name: str) -> None:
+    import shmarray
+
+    try:
+        shmarray.unlink(name)
+    except shmarray.NotFoundError:
+        pass
+
+
+def run(ctx: Context) -> GroupResult:
+    """Measure every way to hand the table over."""
+    res = GroupResult(NAME, TITLE)
+    import shmarray
+
+    rows = 200_000 if ctx.quick else 5_000_000
+    table = make_table(rows)
+    variant = f"{rows / 1e6:g} M rows, {table.nbytes / 2**20:.0f} MiB"
+    methods: dict[str, Callable[[], float]] = {}
+    with Worker() as w:
+        w.call(P.import_in_worker, "pyarrow", "pyarrow.compute", "pyarrow.feather", "shmarray")
+        a = _Arrow(ctx, w, table)
+        if hasattr(shmarray, "share_table") and hasattr(shmarray, "attach_table"):
+            methods[SHMARRAY] = a.m_shmarray
+            methods[SHMARRAY_META] = a.m_shmarray_meta
+        else:
+            res.rows.append(Row(SHMARRAY, [], variant=variant, role="shmarray",
+                                error="shmarray.share_table/attach_table not available in this checkout"))
+        methods[PIPE] = a.m_pipe
+        methods[FEATHER] = a.m_feather
+        methods[FLOOR] = a.f_stream
+        reps = ctx.reps(11, 3)
+        ctx.log(f"  {variant}: {len(methods)} methods x {reps}")
+        samples, errors = interleave(ctx, methods, reps=reps, warmup=1)
+    for label in methods:
+        extra: dict[str, Any] = {"rows": rows, "table_bytes": table.nbytes}
+        ph = a.phases.get(label, [])[-len(samples[label]):] if samples[label] else []
+        if ph:
+            extra["producer_s"] = [round(p, 6) for p, _ in ph]
+            extra["handoff_and_consumer_s"] = [round(c, 6) for _, c in ph]
+        res.rows.append(Row(label, samples[label], variant=variant, role=ROLES.get(label, "peer"),
+                            error=errors.get(label, ""), extra=extra))
+    res.notes.append(
+        "The consumer answers the row count and the sum of the int64 column (so it reads one column). "
+        "attach_table validates 'bounds' by default (every string offset: O(rows) of the string "
+        "column); 'metadata' checks only the structure. Per-phase split (producer / handoff+consumer) "
+        "in results.json."
+    )
+    ours, feather = res.median(SHMARRAY, variant=variant), res.median(FEATHER, variant=variant)
+    if ours is not None and feather is not None:
+        r = feather / ours
+        res.headline("arrow: Feather-on-/dev/shm time / shmarray share_table+attach_table time", r, "> 1",
+                     r > 1, f"{variant}: shmarray {ours * 1e3:.1f} ms vs Feather {feather * 1e3:.1f} ms")
+    else:
+        res.headline("arrow: Feather-on-/dev/shm time / shmarray time", None, "> 1", None, "not measured")
+    return res

@@ -1,0 +1,120 @@
+"""attach: name -> ndarray in a warm process, 1 MiB to 1 GiB.
+
+The segments are made here once per size (untimed). A worker process that is
+already running, with every module imported, waits on a pipe; each sample
+is one attach there, timed in the worker from the call to the ready ndarray
+(so the pipe's wake-up is not in it). The array is dropped and closed after
+the clock stops. Mapping is lazy, so a good attach is flat in size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .._harness import Context, GroupResult, Row, Worker, human_size, interleave, mem_available
+from . import _peers as P
+
+NAME = "attach"
+TITLE = "Attach: name -> ndarray in a warm process"
+
+LABELS = {
+    P.SHMARRAY: "shmarray.attach",
+    P.SEGMENT: "shmarray Segment.attach + np.frombuffer (no header)",
+    P.STDLIB: "stdlib SharedMemory(name) + np.ndarray",
+    P.POSIX: "posix_ipc + mmap + np.frombuffer",
+    P.SHAREDARRAY: "SharedArray.attach (C)",
+}
+ROLES = {P.SHMARRAY: "shmarray", P.SEGMENT: "shmarray"}
+
+
+def sizes(ctx: Context) -> list[int]:
+    """1 MiB .. 1 GiB (quick: 1 MiB and 64 MiB), leaving out what memory cannot hold."""
+    full = [1 << 20, 8 << 20, 64 << 20, 256 << 20, 1 << 30]
+    chosen = [1 << 20, 64 << 20] if ctx.quick else full
+    # Segments are created zero-filled, one method at a time: keep 2x headroom.
+    return [s for s in chosen if 2 * s < mem_available()]
+
+
+def run(ctx: Context) -> GroupResult:
+    """Measure every attach method at every size."""
+    res = GroupResult(NAME, TITLE)
+    methods = [P.SHMARRAY, P.SEGMENT, P.STDLIB, P.POSIX, P.SHAREDARRAY]
+    live = []
+    for m in methods:
+        why = P.peer_missing(m)
+        if why is None:
+            live.append(m)
+        elif m == P.SHMARRAY:
+            res.rows.append(Row(LABELS[m], [], size=None, role="shmarray", error=why))
+        else:
+            res.skipped.append(f"{LABELS[m]}: {why}")
+    reps = ctx.reps(31, 9)
+    dtype = np.dtype(np.float64)
+    with Worker() as w:
+        w.call(P.import_in_worker, "numpy", "shmarray", "posix_ipc", "SharedArray", "multiprocessing.shared_memory")
+        for size in sizes(ctx):
+            shape = (size // dtype.itemsize,)
+            meta: P.Meta = (shape, dtype.str)
+            made: dict[str, P.Made] = {}
+            errors: dict[str, str] = {}
+            try:
+                for m in live:
+                    try:
+                        made[m] = P.make(m, ctx.cleanup.name(f"att{m[:3]}"), ctx.cleanup, None, shape, dtype)
+                    except Exception as e:  # noqa: BLE001 - reported as the method's failure
+                        errors[m] = f"creating the segment failed: {type(e).__name__}: {e}"
+                ctx.log(f"  {human_size(size)}: {len(made)} methods x {reps} attaches")
+
+                def one(m: str, name: str) -> Callable[[], float]:
+                    return lambda: float(w.call(P.attach_in_worker, m, name, meta))
+
+                names = {m: made[m].name for m in made}
+                samples, errs = interleave(ctx, {m: one(m, names[m]) for m in made}, reps=reps, warmup=2)
+                errors.update(errs)
+            finally:
+                for mk in made.values():
+                    mk.release()
+            for m in live:
+                res.rows.append(Row(LABELS[m], samples.get(m, []) if m in made else [], size=size,
+                                    role=ROLES.get(m, "peer"), error=errors.get(m, "")))
+    _headline(res)
+    return res
+
+
+def _headline(res: GroupResult) -> None:
+    szs = sorted({r.size for r in res.rows if r.size is not None})
+    ours = LABELS[P.SHMARRAY]
+
+    def ratios(peer: str) -> list[tuple[int, float]]:
+        out = []
+        for s in szs:
+            a, b = res.median(ours, s), res.median(peer, s)
+            if a is not None and b is not None and a > 0:
+                out.append((s, b / a))
+        return out
+
+    std = ratios(LABELS[P.STDLIB])
+    if std:
+        worst = min(std, key=lambda x: x[1])
+        res.headline("attach: stdlib time / shmarray time", worst[1], ">= 2", worst[1] >= 2,
+                     f"worst size {human_size(worst[0])}; all: " + ", ".join(f"{human_size(s)} {r:.2f}x" for s, r in std))
+    else:
+        res.headline("attach: stdlib time / shmarray time", None, ">= 2", None, "not measured")
+    sa = ratios(LABELS[P.SHAREDARRAY])
+    if sa:
+        inv = [(s, 1 / r) for s, r in sa]  # shmarray / SharedArray
+        worst = max(inv, key=lambda x: x[1])
+        res.headline("attach: shmarray time / SharedArray time", worst[1], "<= 1.5", worst[1] <= 1.5,
+                     f"worst size {human_size(worst[0])}; all: " + ", ".join(f"{human_size(s)} {r:.2f}x" for s, r in inv))
+    else:
+        res.headline("attach: shmarray time / SharedArray time", None, "<= 1.5", None,
+                     "SharedArray not installed" if not any(r.method == LABELS[P.SHAREDARRAY] for r in res.rows)
+                     else "not measured")
+    meds = [(s, res.median(ours, s)) for s in szs]
+    meds = [(s, m) for s, m in meds if m is not None]
+    if len(meds) >= 2:
+        flat = max(m for _, m in meds) / min(m for _, m in meds)
+        res.headline("attach: flat in size (slowest size / fastest size, shmarray)", flat, "<= 1.5", flat <= 1.5,
+                     ", ".join(f"{human_size(s)} {m * 1e6:.0f} us" for s, m in meds))
