@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._admin import SegmentInfo, collect_garbage, list_segments, segment_info
 from ._admin import unlink_key as _unlink_key
+from ._array import SharedArray, attach, create, share
 from ._arrow import attach_frame, attach_table, share_frame, share_table
 from ._errors import (
     AccessMode,
@@ -40,14 +41,18 @@ __all__ = [
     "PermissionDeniedError",
     "Segment",
     "SegmentInfo",
+    "SharedArray",
     "SharedMemoryError",
     "ShmError",
     "UnknownShmError",
+    "attach",
     "attach_frame",
     "attach_table",
     "collect_garbage",
+    "create",
     "list_segments",
     "segment_info",
+    "share",
     "share_frame",
     "share_table",
     "unlink",

@@ -1,0 +1,456 @@
+"""Typed arrays in a segment: SharedArray, create / share / attach.
+
+Byte layout of an array segment's user bytes (``Segment.data``; the segment
+layer's control page comes before them, see ``_segment``)::
+
+    offset  size  field
+    0       64    payload header (see ``_header``): magic b"SHMAHDR\\0", version,
+                  kind 1 (ndarray), ready 1, descriptor offset 64, descriptor
+                  length n, payload offset p, payload length
+    64      n     descriptor: a .npy header exactly as ``numpy.lib.format`` writes it
+                    6    magic b"\\x93NUMPY"
+                    2    .npy version: 1.0; 2.0 for headers over 64 KiB; 3.0 for
+                         field names outside latin-1
+                    2|4  length of the dict text (little-endian; 4 bytes from 2.0)
+                    ...  {'descr': <dtype descr>, 'fortran_order': <bool>,
+                          'shape': <tuple>, }, padded with spaces and a final
+                         '\\n' so that 6 + 2 + (2|4) + len = n is a multiple of 64
+                  n is at most MAX_NPY_HEADER (64 KiB; see ``_array_format``)
+    p = 64+n  N     the data: N = prod(shape) * itemsize bytes in C or Fortran
+                  order. p is a multiple of 64 and the user bytes start on a page
+                  boundary, so the data is 64-byte aligned in memory. A zero-size
+                  array has N = 0: its segment is the header alone.
+
+The segment is written completely (header, descriptor, data, ready = 1)
+through its fd before its name becomes visible (``Segment._create``), so an
+attacher never sees a half-written array. ``attach`` checks the payload
+header, then every field of the descriptor, then that shape x itemsize equals
+the payload length, before it builds the view.
+
+A pickled SharedArray is a reference: ``(key, offset of its first element
+from user byte 0, shape, strides, dtype, readonly)``. Unpickling attaches the
+segment and checks that the view lies inside the segment's data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ._array_format import (
+    ArraySpec,
+    check_dtype,
+    check_shape,
+    encode_descriptor,
+    parse_descriptor,
+)
+from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
+from ._header import Kind, layout, pack_header, read_header
+from ._os import backend
+from ._segment import PAGE_SIZE, Segment, _human
+
+__all__ = ["SharedArray", "create", "share", "attach"]
+
+# Writes go through the fd in pieces of this size: a non-contiguous source is
+# gathered into a bounce buffer this big, and a fill value is repeated in one.
+# Small enough to stay in cache, large enough that syscalls are amortised.
+_CHUNK = 4 << 20
+_INTP_MAX = np.iinfo(np.intp).max
+
+Write = Callable[[memoryview, int], None]
+
+
+class _Locked:
+    """``with a.lock():`` -- the segment lock; the array is what ``as`` gives."""
+
+    __slots__ = ("_arr", "_inner")
+
+    def __init__(self, arr: SharedArray, seg: Segment, timeout: float | None, shared: bool) -> None:
+        self._arr = arr
+        self._inner = seg.locked(timeout, shared=shared)
+
+    def __enter__(self) -> SharedArray:
+        self._inner.__enter__()
+        return self._arr
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.__exit__(*exc)
+
+
+def _plain(result: Any) -> Any:
+    """A result that does not live in a segment, as a plain ndarray (tuples and lists too)."""
+    if type(result) is SharedArray:
+        return result if result._shm_seg is not None else result.view(np.ndarray)
+    if type(result) in (tuple, list):
+        return type(result)(_plain(r) for r in result)
+    return result
+
+
+class SharedArray(np.ndarray):  # type: ignore[type-arg]
+    """An ndarray whose memory lives in a shared-memory segment (the ``numpy.memmap`` model).
+
+    Made by :func:`create`, :func:`share` and :func:`attach`. Views (slices,
+    reshapes, transposes, ``.view(dtype)``) are SharedArrays too and keep the
+    segment attached and mapped; results that do not live in the segment
+    (ufunc outputs, fancy-index copies, ``.copy()``) are plain ndarrays, and
+    reductions give scalars. Pickling sends a reference (key and view
+    geometry); the receiver attaches. ``np.asarray(a)`` is a plain ndarray
+    view and pickles by value.
+    """
+
+    # Class-level defaults: a SharedArray outside any segment (e.g. a copy
+    # that escaped the downgrades below) behaves as a plain array.
+    _shm_seg: Segment | None = None
+    _shm_origin: int = 0
+    # As numpy.memmap: mixed with plain arrays, the plain type wins.
+    __array_priority__ = -100.0
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SharedArray:
+        raise TypeError(
+            "SharedArray is not built directly; use shmarray.create(key, shape, dtype), "
+            "shmarray.share(key, array) or shmarray.attach(key)"
+        )
+
+    # -- the memmap model -------------------------------------------------------------
+
+    def __array_finalize__(self, obj: Any) -> None:
+        seg = getattr(obj, "_shm_seg", None)
+        if seg is not None and (np.may_share_memory(self, obj) or (self.size == 0 and self.base is not None)):
+            self._shm_seg = seg
+            self._shm_origin = obj._shm_origin
+
+    def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        arr = super().__array_wrap__(arr, context)
+        if isinstance(arr, SharedArray) and arr._shm_seg is not None:
+            return arr  # written in place into the segment (out=)
+        if return_scalar:
+            return arr[()]
+        return arr.view(np.ndarray)
+
+    def __getitem__(self, index: Any) -> Any:
+        res = super().__getitem__(index)
+        if type(res) is SharedArray and res._shm_seg is None:
+            return res.view(np.ndarray)
+        return res
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return _plain(super().__array_function__(func, types, args, kwargs))
+
+    # -- the segment ------------------------------------------------------------------
+
+    @property
+    def key(self) -> str | None:
+        """The key of the segment the array lives in (None for an array outside any segment)."""
+        seg = self._shm_seg
+        return seg.key if seg is not None else None
+
+    @property
+    def segment(self) -> Segment | None:
+        """The :class:`Segment` the array lives in (detached after :meth:`close`)."""
+        return self._shm_seg
+
+    def lock(self, timeout: float | None = None, *, shared: bool = False) -> _Locked:
+        """The segment lock as a context manager: ``with a.lock(): a[0] = 1``.
+
+        Exclusive by default, ``shared=True`` for readers. *timeout* None
+        waits forever, 0 tries once; raises LockError when it runs out.
+        """
+        seg = self._shm_seg
+        if seg is None:
+            raise LockError("this array does not live in a segment (it is a copy); it has no segment lock")
+        return _Locked(self, seg, timeout, shared)
+
+    def close(self) -> None:
+        """Detach the segment now; views already taken keep working until they are collected.
+
+        Idempotent. Without close(), the segment stays attached while any
+        view of it is alive.
+        """
+        seg = self._shm_seg
+        if seg is not None:
+            seg.detach()
+
+    def __enter__(self) -> SharedArray:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        seg = self._shm_seg
+        if seg is None or not text.endswith(")"):
+            return text
+        return f"{text[:-1]}, key={seg.key!r})"
+
+    # -- pickling by reference ------------------------------------------------------------
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        seg = self._shm_seg
+        if seg is None or seg.key is None:
+            return np.asarray(self).__reduce_ex__(protocol)
+        offset = self.__array_interface__["data"][0] - self._shm_origin
+        return _rebuild, (seg.key, offset, self.shape, self.strides, self.dtype, not self.flags.writeable)
+
+    def __reduce__(self) -> Any:
+        return self.__reduce_ex__(2)
+
+
+def _copy_returns_plain(name: str) -> None:
+    """Make ``SharedArray.<name>`` give a plain ndarray when its result is a copy."""
+    method = getattr(np.ndarray, name)
+
+    def wrapper(self: SharedArray, *args: Any, **kwargs: Any) -> Any:
+        return _plain(method(self, *args, **kwargs))
+
+    wrapper.__name__ = name
+    wrapper.__qualname__ = f"SharedArray.{name}"
+    wrapper.__doc__ = method.__doc__
+    setattr(SharedArray, name, wrapper)
+
+
+# The ndarray methods that can return a new array of the caller's type
+# without going through a ufunc (ufunc results pass __array_wrap__).
+for _name in ("copy", "__copy__", "__deepcopy__", "astype", "flatten", "ravel", "reshape",
+              "repeat", "take", "compress", "choose", "dot", "argsort", "argpartition", "byteswap"):
+    _copy_returns_plain(_name)
+del _name
+
+SharedArray.__module__ = "shmarray"
+
+
+def _address(arr: np.ndarray) -> int:  # type: ignore[type-arg]
+    return int(arr.__array_interface__["data"][0])
+
+
+def _view(seg: Segment, shape: tuple[int, ...], dtype: np.dtype[Any], offset: int,
+          strides: tuple[int, ...] | None = None, order: str = "C") -> SharedArray:
+    """A SharedArray over the segment's mapping; it holds the Segment (so the segment stays attached)."""
+    arr: SharedArray = np.ndarray.__new__(  # type: ignore[assignment]
+        SharedArray, shape, dtype, buffer=seg._mapping(), offset=offset, strides=strides, order=order)
+    arr._shm_seg = seg
+    arr._shm_origin = _address(arr) - offset
+    return arr
+
+
+# -- attach --------------------------------------------------------------------------------
+
+
+def _attach_segment(key: str, readonly: bool) -> Segment:
+    return Segment(key).attach(AccessMode.ReadOnly if readonly else AccessMode.ReadWrite)
+
+
+def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
+    """The validated (spec, payload offset) of an attached array segment."""
+    data = seg.const_data
+    if data is None:  # pragma: no cover - attached just before
+        raise HeaderError(f"segment {key!r} is not attached", key)
+    # Arrays are published complete, never written in place: no wait for 'ready'.
+    hdr, descriptor = read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
+    spec = parse_descriptor(descriptor, key=key)
+    if spec.nbytes != hdr.payload_length:
+        raise HeaderError(
+            f"segment {key!r}: shape {spec.shape} x {spec.dtype.itemsize} bytes = {spec.nbytes} "
+            f"does not match the payload length {hdr.payload_length}; the segment is corrupt", key)
+    return spec, hdr.payload_offset
+
+
+def attach(key: str, *, readonly: bool = False) -> SharedArray:
+    """Attach the array that segment *key* holds: same dtype, shape and order, zero-copy.
+
+    ``readonly=True`` maps the memory read-only, so nothing can write it
+    through this array, its views or its buffer. Raises NotFoundError when
+    there is no such segment, and HeaderError when the segment holds
+    something else or its header is corrupt.
+    """
+    seg = _attach_segment(key, readonly)
+    try:
+        spec, offset = _read_spec(seg, key)
+        return _view(seg, spec.shape, spec.dtype, offset, order=spec.order)
+    except BaseException:
+        seg.detach()
+        raise
+
+
+def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
+             dtype: np.dtype[Any], readonly: bool) -> SharedArray:
+    """Unpickle a SharedArray: attach *key* and rebuild the view, checked against the segment."""
+    seg = _attach_segment(key, readonly)
+    try:
+        data = seg.const_data
+        if data is None:  # pragma: no cover
+            raise HeaderError(f"segment {key!r} is not attached", key)
+        hdr, _ = read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
+        lo, hi = _extent(offset, shape, strides, dtype.itemsize)
+        if lo < hdr.payload_offset or hi > hdr.payload_offset + hdr.payload_length:
+            raise HeaderError(
+                f"segment {key!r}: the pickled view (bytes {lo}..{hi}) does not lie inside the array "
+                f"(bytes {hdr.payload_offset}..{hdr.payload_offset + hdr.payload_length}); the segment "
+                "was replaced since the array was pickled", key)
+        return _view(seg, shape, dtype, offset, strides=strides)
+    except BaseException:
+        seg.detach()
+        raise
+
+
+def _extent(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """The byte range [lo, hi) a view touches (empty views: [offset, offset))."""
+    if len(shape) != len(strides):
+        raise HeaderError(f"a pickled view has shape {shape} but strides {strides}")
+    if any(d == 0 for d in shape):
+        return offset, offset
+    lo = hi = offset
+    for d, s in zip(shape, strides):
+        if s < 0:
+            lo += (d - 1) * s
+        else:
+            hi += (d - 1) * s
+    return lo, hi + itemsize
+
+
+# -- create / share -----------------------------------------------------------------------------
+
+
+def _check_room(key: str, total: int, what: str) -> None:
+    """OutOfResourcesError before anything is made, when /dev/shm cannot hold *total* user bytes."""
+    free = backend.free_bytes()
+    if PAGE_SIZE + total > free:
+        raise OutOfResourcesError(
+            f"{what}: array {key!r} needs {_human(PAGE_SIZE + total)} but /dev/shm has {_human(free)} free "
+            f"(of {_human(backend.total_bytes())}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
+            "use a smaller array, or enlarge /dev/shm", key)
+
+
+def _prepare(key: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran: bool,
+             what: str) -> tuple[bytes, int, int]:
+    """(header + descriptor, payload offset, total user bytes), after every check that needs no OS."""
+    Segment(key)  # the key is checked here, before anything else is done
+    descriptor = encode_descriptor(shape, dtype, fortran, what)
+    nbytes = math.prod(shape) * dtype.itemsize
+    p_off, total = layout(len(descriptor), nbytes)
+    _check_room(key, total, what)
+    if math.prod(d for d in shape if d) > _INTP_MAX:
+        raise InvalidSizeError(f"{what}: shape {shape} has more elements than numpy can index", key)
+    return pack_header(Kind.NDARRAY, descriptor, p_off, nbytes), p_off, total
+
+
+def _fill_value(fill: object, dtype: np.dtype[Any], what: str) -> np.ndarray | None:  # type: ignore[type-arg]
+    """The fill value as one item of *dtype*, None when the item's bytes are all zero."""
+    if fill is None:
+        return None
+    item = np.zeros((), dtype)
+    try:
+        item[()] = fill
+    except Exception as e:  # numpy: ValueError, TypeError, OverflowError
+        cls = TypeError if isinstance(e, TypeError) else ValueError
+        raise cls(f"{what}: fill value {fill!r} does not fit dtype {dtype} ({e})") from e
+    return item if item.tobytes().strip(b"\0") else None
+
+
+def _write_repeated(write: Write, item: np.ndarray, count: int, offset: int) -> None:  # type: ignore[type-arg]
+    """*count* copies of *item* at *offset*, through a cache-sized chunk."""
+    per = max(1, _CHUNK // max(item.itemsize, 1))
+    chunk = np.empty(min(per, count), item.dtype)
+    chunk[...] = item
+    raw = memoryview(chunk.view(np.uint8))
+    step = chunk.nbytes
+    done = 0
+    total = count * item.itemsize
+    while done < total:
+        n = min(step, total - done)
+        write(raw[:n], offset + done)
+        done += n
+
+
+def _blocks(a: np.ndarray, limit: int) -> Iterator[np.ndarray]:  # type: ignore[type-arg]
+    """Consecutive pieces of *a* in C order, each at most *limit* bytes (or one item)."""
+    if a.ndim == 0 or a.nbytes <= limit:
+        yield a
+        return
+    n = a.shape[0]
+    row = a.nbytes // n
+    if row > limit:
+        for i in range(n):
+            yield from _blocks(a[i], limit)
+    else:
+        step = max(1, limit // row)
+        for i in range(0, n, step):
+            yield a[i : i + step]
+
+
+def _write_array(write: Write, src: np.ndarray, offset: int, fortran: bool) -> None:  # type: ignore[type-arg]
+    """The array's bytes at *offset*: straight from its memory when contiguous, else gathered in C order."""
+    if src.nbytes == 0:
+        return
+    if src.flags.c_contiguous or src.flags.f_contiguous:
+        flat = src.reshape(-1, order="F" if fortran else "C")
+        write(memoryview(flat.view(np.uint8)), offset)
+        return
+    bounce = np.empty(max(1, _CHUNK // src.itemsize), src.dtype)
+    for blk in _blocks(src, _CHUNK):
+        k = blk.size
+        np.copyto(bounce[:k].reshape(blk.shape), blk)
+        write(memoryview(bounce[:k].view(np.uint8)), offset)
+        offset += blk.nbytes
+
+
+def create(key: str, shape: object, dtype: object = float, *, order: str = "C", fill: object = None,
+           persistent: bool = False) -> SharedArray:
+    """A new array in segment *key*: zero-filled, or every item set to *fill*.
+
+    *order* is "C" or "F". The segment's pages are reserved now, so a full
+    /dev/shm is an OutOfResourcesError here, never a crash later. The
+    segment goes when the last array (or view) using it anywhere is gone,
+    unless *persistent*; then it stays until ``shmarray.unlink(key)``.
+    """
+    what = f"create array {key!r}"
+    dims = check_shape(shape, what)
+    dt = check_dtype(dtype, what)
+    if order not in ("C", "F"):
+        raise ValueError(f"{what}: order must be 'C' or 'F', not {order!r}")
+    item = _fill_value(fill, dt, what)
+    fortran = order == "F"
+    head, p_off, total = _prepare(key, dims, dt, fortran, what)
+    count = math.prod(dims)
+
+    def fill_segment(write: Write) -> None:
+        write(memoryview(head), 0)
+        if item is not None and count:
+            _write_repeated(write, item, count, p_off)
+
+    seg = Segment(key)
+    # Zeros: posix_fallocate reserves zeroed pages. A fill value: pwrite
+    # writes (and so reserves) every page; ENOSPC surfaces there.
+    seg._create(total, persistent=persistent, fill=fill_segment, reserve=item is None)
+    return _view(seg, dims, dt, p_off, order=order)
+
+
+def share(key: str, array: np.ndarray, *, persistent: bool = False) -> SharedArray:  # type: ignore[type-arg]
+    """Copy *array* into a new segment *key* and return it as a SharedArray.
+
+    Keeps the dtype and shape, and Fortran order when the array is
+    Fortran-contiguous; a non-contiguous array is stored C-contiguous.
+    """
+    what = f"share array {key!r}"
+    if not isinstance(array, np.ndarray):
+        raise TypeError(
+            f"{what}: expected a numpy.ndarray, not {type(array).__name__}; "
+            "convert it first, e.g. share(key, np.asarray(data))")
+    src = np.asarray(array)
+    dt = check_dtype(src.dtype, what)
+    if dt is not src.dtype:
+        src = src.view(dt)  # the same bytes without dtype metadata
+    fortran = bool(src.flags.f_contiguous and not src.flags.c_contiguous)
+    head, p_off, total = _prepare(key, src.shape, dt, fortran, what)
+
+    def fill_segment(write: Write) -> None:
+        write(memoryview(head), 0)
+        _write_array(write, src, p_off, fortran)
+
+    seg = Segment(key)
+    # pwrite from the source writes every page, so no separate reservation.
+    seg._create(total, persistent=persistent, fill=fill_segment, reserve=False)
+    return _view(seg, src.shape, dt, p_off, order="F" if fortran else "C")
+

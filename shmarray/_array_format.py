@@ -1,0 +1,284 @@
+"""The ndarray descriptor: a ``.npy`` header, written and checked with ``numpy.lib.format``.
+
+The byte layout of an array segment is in ``_array``'s docstring. This module
+turns a (shape, dtype, order) into the descriptor bytes and back, and is the
+one place that decides whether a descriptor read from shared memory may be
+turned into a view: :func:`parse_descriptor` checks every field before
+anything is built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import operator
+import re
+import struct
+from typing import Any
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from ._errors import HeaderError, InvalidSizeError
+
+try:  # numpy >= 2.0 keeps the implementation here
+    from numpy.lib import _format_impl as _npyimpl
+except ImportError:  # pragma: no cover - numpy 1.x
+    _npyimpl = npformat  # type: ignore[assignment]
+
+__all__ = [
+    "MAX_NPY_HEADER",
+    "MAX_DIMS",
+    "ArraySpec",
+    "check_dtype",
+    "check_shape",
+    "encode_descriptor",
+    "parse_descriptor",
+    "describe_descriptor",
+]
+
+# The descriptor's dict text is parsed with ast.literal_eval (inside
+# numpy.lib.format), which is not safe on large inputs: its time and memory
+# grow with the text, and deep nesting exhausts the parser. 64 KiB bounds
+# that work to well under a millisecond and still fits a structured dtype
+# of about a thousand fields; share()/create() refuse a dtype whose header
+# would be larger, so every segment they make can be attached.
+MAX_NPY_HEADER = 1 << 16
+# numpy's limit on the number of dimensions (NPY_MAXDIMS).
+MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+_INTP_MAX = np.iinfo(np.intp).max
+_VERSIONS = ((1, 0), (2, 0), (3, 0))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArraySpec:
+    """What an array segment holds: shape, dtype and memory order (validated)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran_order: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the data (exact Python arithmetic, no overflow)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def order(self) -> str:
+        """'F' or 'C'."""
+        return "F" if self.fortran_order else "C"
+
+
+def _object_fields(dtype: np.dtype[Any]) -> str:
+    if dtype.names is None:
+        return ""
+    bad = [n for n in dtype.names if dtype.fields[n][0].hasobject]  # type: ignore[index]
+    return f" (field{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))})" if bad else ""
+
+
+def check_dtype(dtype: object, what: str) -> np.dtype[Any]:
+    """*dtype* as a numpy dtype that can live in shared memory, else TypeError.
+
+    Refused: object dtypes and dtypes with a field holding objects (their
+    items are pointers into one process's heap), and variable-width or
+    user-defined dtypes (no fixed byte layout the .npy header can describe).
+    Metadata attached to a dtype is dropped (the .npy format cannot hold it).
+    """
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except Exception as e:  # numpy raises TypeError, ValueError, SyntaxError ...
+        raise TypeError(f"{what}: {dtype!r} is not a numpy dtype ({e})") from e
+    if dt.hasobject:
+        raise TypeError(
+            f"{what}: dtype {dt} holds Python objects{_object_fields(dt)}, which are pointers "
+            "into one process's memory and cannot be shared; use a fixed-size dtype "
+            "(numbers, 'S'/'U' strings, structured dtypes of those)"
+        )
+    if not getattr(type(dt), "_legacy", True):
+        raise TypeError(
+            f"{what}: dtype {dt} has no fixed-size memory layout that another process can read; "
+            "use a fixed-size dtype (e.g. 'U<n>' instead of StringDType)"
+        )
+    drop = getattr(npformat, "drop_metadata", None)
+    if drop is not None:
+        dt = drop(dt)
+    return dt
+
+
+def check_shape(shape: object, what: str) -> tuple[int, ...]:
+    """*shape* (an int or a sequence of ints, each >= 0) as a tuple, else TypeError/ValueError."""
+    if isinstance(shape, (bool, np.bool_)):
+        raise TypeError(f"{what}: shape must be an int or a tuple of ints, not {shape!r}")
+    try:
+        dims = (operator.index(shape),)  # type: ignore[arg-type]
+    except TypeError:
+        try:
+            items = tuple(shape)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{what}: shape must be an int or a tuple of ints, not {type(shape).__name__} ({shape!r})"
+            ) from None
+        dims_list = []
+        for d in items:
+            if isinstance(d, (bool, np.bool_)):
+                raise TypeError(f"{what}: shape {items!r} holds a bool; dimensions are ints")
+            try:
+                dims_list.append(operator.index(d))
+            except TypeError:
+                raise TypeError(
+                    f"{what}: shape {items!r} holds {type(d).__name__} {d!r}; dimensions are ints"
+                ) from None
+        dims = tuple(dims_list)
+    if len(dims) > MAX_DIMS:
+        raise InvalidSizeError(f"{what}: shape has {len(dims)} dimensions; numpy allows at most {MAX_DIMS}")
+    for d in dims:
+        if d < 0:
+            raise InvalidSizeError(f"{what}: shape {dims} has a negative dimension ({d})")
+    return dims
+
+
+def encode_descriptor(shape: tuple[int, ...], dtype: np.dtype[Any], fortran_order: bool, what: str) -> bytes:
+    """The .npy header (magic, version, length, dict text, padding) for an array of this kind.
+
+    The oldest .npy version that can hold it is used: 1.0, then 2.0 (header
+    over 64 KiB), then 3.0 (field names outside latin-1).
+    """
+    header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": bool(fortran_order), "shape": shape}
+    out = b""
+    for version in _VERSIONS:
+        buf = io.BytesIO()
+        try:
+            _npyimpl._write_array_header(buf, header, version)  # type: ignore[attr-defined]
+        except (ValueError, UnicodeEncodeError):
+            continue
+        out = buf.getvalue()
+        break
+    if not out or len(out) > MAX_NPY_HEADER:
+        raise TypeError(
+            f"{what}: the header describing dtype {dtype} would exceed the {MAX_NPY_HEADER}-byte cap "
+            "(a structured dtype with too many fields); split it into several arrays"
+        )
+    return out
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read(descriptor: bytes) -> tuple[Any, Any, Any, int]:
+    """(shape, fortran_order, dtype, bytes used) as numpy.lib.format reads them."""
+    fp = io.BytesIO(descriptor)
+    version = npformat.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = npformat.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)
+    elif version == (2, 0):
+        shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
+    elif version == (3, 0):
+        # No public reader for 3.0 (UTF-8 field names); the same private
+        # function backs the public ones.
+        shape, fortran, dtype = _npyimpl._read_array_header(  # type: ignore[attr-defined]
+            fp, version, max_header_size=MAX_NPY_HEADER)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return shape, fortran, dtype, fp.tell()
+
+
+# The fast path. numpy's reader runs ast.literal_eval on the dict text, which
+# costs ~25 us (over 100 us on a process's first call) -- most of attach().
+# A descriptor numpy wrote for a plain dtype has one exact form, e.g.
+#   {'descr': '<f8', 'fortran_order': False, 'shape': (1000, 480), }   ...\n
+# This pattern accepts only that form (ASCII, canonical ints, Python's tuple
+# syntax), for which it gives exactly what numpy's reader gives (the tests
+# check this on generated and mutated headers); everything else, structured
+# dtypes included, goes through numpy's reader.
+_NUM = rb"(?:0|[1-9][0-9]{0,17})"
+_CANONICAL = re.compile(
+    rb"\{'descr': '([<>|=]?[A-Za-z][0-9]{0,5}(?:\[[0-9]{0,6}[A-Za-z]{1,2}\])?)', "
+    rb"'fortran_order': (True|False), "
+    rb"'shape': \((|" + _NUM + rb",|" + _NUM + rb"(?:, " + _NUM + rb")+,?)\), \} *\n"
+)
+_LENGTH = {1: struct.Struct("<H"), 2: struct.Struct("<I"), 3: struct.Struct("<I")}
+
+
+def _read_fast(descriptor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
+    """What _read gives, for a canonical plain-dtype descriptor; None for anything else."""
+    if descriptor[:6] != npformat.MAGIC_PREFIX or descriptor[7:8] != b"\0":
+        return None
+    length = _LENGTH.get(descriptor[6])
+    if length is None or len(descriptor) < 8 + length.size:
+        return None
+    start = 8 + length.size
+    (hlen,) = length.unpack_from(descriptor, 8)
+    if start + hlen != len(descriptor):
+        return None
+    m = _CANONICAL.fullmatch(descriptor, start)
+    if m is None:
+        return None
+    try:
+        dtype = np.dtype(m.group(1).decode("ascii"))
+    except Exception:  # let numpy's reader word the error
+        return None
+    shape = tuple(int(d) for d in m.group(3).split(b",") if d)
+    return shape, m.group(2) == b"True", dtype, len(descriptor)
+
+
+def parse_descriptor(descriptor: bytes, *, key: str | None = None) -> ArraySpec:
+    """Validate an ndarray descriptor read from a segment; HeaderError says what is wrong."""
+    label = f"segment {key!r}" if key is not None else "segment"
+    if len(descriptor) > MAX_NPY_HEADER:
+        raise HeaderError(
+            f"{label}: ndarray descriptor of {len(descriptor)} bytes exceeds the {MAX_NPY_HEADER}-byte cap; "
+            "the segment is corrupt", key)
+    try:
+        fast = _read_fast(descriptor)
+        shape, fortran, dtype, used = fast if fast is not None else _read(descriptor)
+    except Exception as e:  # whatever the parser makes of corrupt bytes
+        raise HeaderError(
+            f"{label}: corrupt ndarray descriptor ({type(e).__name__}: {_short(str(e))}); "
+            "the segment was damaged or written by something else", key) from None
+    if used != len(descriptor):
+        raise HeaderError(
+            f"{label}: ndarray descriptor is {len(descriptor)} bytes but its .npy header "
+            f"says {used}; the segment is corrupt", key)
+    if type(fortran) is not bool:
+        raise HeaderError(f"{label}: fortran_order is {fortran!r}, not a bool", key)
+    if type(shape) is not tuple or any(type(d) is not int for d in shape):
+        raise HeaderError(f"{label}: shape {_short(repr(shape))} is not a tuple of ints", key)
+    if len(shape) > MAX_DIMS:
+        raise HeaderError(f"{label}: shape has {len(shape)} dimensions; numpy allows at most {MAX_DIMS}", key)
+    if any(d < 0 for d in shape):
+        raise HeaderError(f"{label}: shape {shape} has a negative dimension", key)
+    if not isinstance(dtype, np.dtype) or not getattr(type(dtype), "_legacy", True):
+        raise HeaderError(f"{label}: descriptor names dtype {dtype!r}, which has no fixed layout", key)
+    if dtype.hasobject:
+        raise HeaderError(
+            f"{label}: descriptor names dtype {dtype}, which holds Python objects; "
+            "refusing to map pointers from another process", key)
+    # numpy needs the element count (and the byte count of a non-empty array)
+    # to fit in an intp; checked here with exact arithmetic.
+    count = math.prod(d for d in shape if d)
+    if count > _INTP_MAX or count * dtype.itemsize > _INTP_MAX:
+        raise HeaderError(f"{label}: shape {shape} x {dtype.itemsize} bytes overflows", key)
+    return ArraySpec(shape=shape, dtype=dtype, fortran_order=fortran)
+
+
+def _dtype_label(dtype: np.dtype[Any], limit: int = 48) -> str:
+    text = str(dtype)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_spec(spec: ArraySpec) -> str:
+    """'ndarray float64 (1000, 480) C'."""
+    return f"ndarray {_dtype_label(spec.dtype)} {spec.shape} {spec.order}"
+
+
+def describe_descriptor(descriptor: bytes) -> str:
+    """A listing's summary of an ndarray descriptor; never raises on corrupt bytes."""
+    try:
+        return describe_spec(parse_descriptor(descriptor))
+    except HeaderError:
+        return "ndarray (corrupt header)"
+    except Exception:  # pragma: no cover - belt and braces for `shmarray ls`
+        return "ndarray (unreadable header)"
