@@ -17,6 +17,9 @@ _OURS = ("shmarray_", ".shmarray-tmp-")
 
 
 _OTHER_RUN = re.compile(r"^shmarray_[a-z]+-(\d+)-[0-9a-f]{12}")
+# Entries of a `python -m benchmarks` run (its own cleanup removes them): plain
+# files, shmarray segments and POSIX semaphores named shmbench-<pid>-...
+_BENCH_RUN = re.compile(r"^(?:shmarray_|sem\.)?shmbench-(\d+)-")
 
 
 def _ours() -> set[str]:
@@ -30,7 +33,7 @@ def _ours() -> set[str]:
 
 def _another_runs(name: str) -> bool:
     """True for a test key of another pytest process (several may run at once on a dev machine)."""
-    m = _OTHER_RUN.match(name)
+    m = _OTHER_RUN.match(name) or _BENCH_RUN.match(name)
     return bool(m) and int(m.group(1)) != os.getpid()
 
 
