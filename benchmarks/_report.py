@@ -183,69 +183,103 @@ def plot(g: GroupResult, path: str) -> bool:
     rows = [r for r in g.rows if r.stats is not None]
     if not rows:
         return False
-    sized = any(r.size is not None for r in rows)
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
-    if sized:
-        throughput = g.throughput
-        for m in _methods(g):
-            pts = sorted((r.size, r.stats) for r in rows if r.method == m and r.size is not None)
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            if throughput:
-                ys = [s / st.median / 1e9 for s, st in pts]
-                lo = [y - s / st.q3 / 1e9 for y, (s, st) in zip(ys, pts)]
-                hi = [s / st.q1 / 1e9 - y for y, (s, st) in zip(ys, pts)]
-            else:
-                ys = [st.median * 1e6 for _, st in pts]
-                lo = [y - st.q1 * 1e6 for y, (_, st) in zip(ys, pts)]
-                hi = [st.q3 * 1e6 - y for y, (_, st) in zip(ys, pts)]
-            role = next(r.role for r in rows if r.method == m)
-            style = {"shmarray": dict(linewidth=2.6, marker="o"), "floor": dict(linestyle="--", marker=".")}
-            ax.errorbar(xs, ys, yerr=[lo, hi], label=m, capsize=2, **style.get(role, dict(marker="s")))
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        sizes = sorted({r.size for r in rows if r.size is not None})
-        ax.set_xticks(sizes)
-        ax.set_xticklabels([human_size(s) for s in sizes], rotation=30)
-        ax.set_xlabel("array size")
-        ax.set_ylabel("GB/s (size / median time), higher is better" if throughput
-                      else "median time (us), lower is better")
+    if any(r.size is not None for r in rows):
+        fig = _plot_sized(plt, g, rows)
     else:
-        labels, vals, errs, colors = [], [], [[], []], []
-        for r in rows:
+        fig = _plot_bars(plt, g, rows)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+_STYLE = {"shmarray": {"linewidth": 2.6, "marker": "o"}, "floor": {"linestyle": "--", "marker": "."},
+          "peer": {"marker": "s"}}
+
+
+def _plot_sized(plt: Any, g: GroupResult, rows: list[Row]) -> Any:
+    """One line per method against size, log axes, IQR as error bars."""
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=100)
+    for m in _methods(g):
+        pts = sorted((r.size, r.stats) for r in rows if r.method == m and r.size is not None)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        if g.throughput:
+            ys = [s / st.median / 1e9 for s, st in pts]
+            lo = [y - s / st.q3 / 1e9 for y, (s, st) in zip(ys, pts)]
+            hi = [s / st.q1 / 1e9 - y for y, (s, st) in zip(ys, pts)]
+        else:
+            ys = [st.median * 1e6 for _, st in pts]
+            lo = [y - st.q1 * 1e6 for y, (_, st) in zip(ys, pts)]
+            hi = [st.q3 * 1e6 - y for y, (_, st) in zip(ys, pts)]
+        role = next(r.role for r in rows if r.method == m)
+        ax.errorbar(xs, ys, yerr=[lo, hi], label=m, capsize=2, **_STYLE.get(role, _STYLE["peer"]))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    sizes = sorted({r.size for r in rows if r.size is not None})
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([human_size(s) for s in sizes], rotation=30)
+    ax.set_xlabel("array size")
+    ax.set_ylabel("GB/s (size / median time), higher is better" if g.throughput
+                  else "median time (us), lower is better")
+    ax.set_title(f"{g.name}: {g.title}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_bars(plt: Any, g: GroupResult, rows: list[Row]) -> Any:
+    """One panel per variant: a horizontal bar per method (median, IQR whiskers, value printed)."""
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    methods = _methods(g)
+    height = max(3.0, 0.42 * len(methods) + 1.6)
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.0 * len(variants) + 3.5, height), dpi=100,
+                             sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        vals, errs, colors, labels = [], [[], []], [], []
+        for m in methods:
+            r = next((x for x in rows if x.method == m and x.variant == v), None)
+            labels.append(m)
+            if r is None or r.stats is None:
+                vals.append(0.0)
+                errs[0].append(0.0)
+                errs[1].append(0.0)
+                colors.append("white")
+                continue
             st = r.stats
-            assert st is not None
             scale = 1.0 if r.unit == "ns" else 1e3
-            labels.append(f"{r.method} ({r.variant})" if r.variant else r.method)
             vals.append(st.median * scale)
             errs[0].append((st.median - st.q1) * scale)
             errs[1].append((st.q3 - st.median) * scale)
             kr = r.extra.get("kernel_released")
             colors.append("tab:red" if r.role == "shmarray" else "tab:gray" if r.role == "floor"
-                          else "tab:blue" if kr else "tab:orange" if kr is False else "tab:blue")
+                          else "tab:orange" if kr is False else "tab:blue")
         ypos = list(range(len(labels)))[::-1]
         ax.barh(ypos, vals, xerr=errs, color=colors, capsize=2)
+        shown = [x for x in vals if x > 0]
+        if shown and max(shown) / min(shown) > 20:
+            ax.set_xscale("log")
+        unit = rows[0].unit
+        for y, x, up in zip(ypos, vals, errs[1]):
+            if x > 0:  # the value, printed past the whisker
+                ax.text(x + up, y, f"  {x:,.0f}" if x >= 100 else f"  {x:.3g}", va="center", fontsize=7)
         ax.set_yticks(ypos)
         ax.set_yticklabels(labels, fontsize=8)
-        ax.set_xscale("log")
-        unit = rows[0].unit
         ax.set_xlabel(("ns per operation" if unit == "ns" else "median time (ms)") + ", lower is better")
-        if g.name == "lock":
-            from matplotlib.patches import Patch
+        ax.set_title(v, fontsize=9)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.margins(x=0.15)
+    if g.name == "lock":
+        from matplotlib.patches import Patch
 
-            ax.legend(handles=[Patch(color="tab:red", label="shmarray (kernel-released)"),
-                               Patch(color="tab:blue", label="kernel-released"),
-                               Patch(color="tab:orange", label="stays taken if holder dies"),
-                               Patch(color="tab:gray", label="floor")], fontsize=8, loc="lower right")
-    ax.set_title(f"{g.name}: {g.title}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    if sized:
-        ax.legend(fontsize=7, loc="best")
+        axes[0][-1].legend(handles=[Patch(color="tab:red", label="shmarray (kernel-released)"),
+                                    Patch(color="tab:blue", label="kernel-released"),
+                                    Patch(color="tab:orange", label="stays taken if its holder dies"),
+                                    Patch(color="tab:gray", label="floor")], fontsize=7, loc="lower right")
+    fig.suptitle(f"{g.name}: {g.title}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def write_all(out_dir: str, env: dict[str, Any], groups: list[GroupResult]) -> list[str]:
