@@ -270,6 +270,9 @@ class _Attachment:
 
 
 _LIVE: "weakref.WeakSet[_Attachment]" = weakref.WeakSet()
+# A process's first weakref.finalize registers the atexit hook (~45 us here):
+# pay that at import rather than in the first attach().
+weakref.finalize(_LIVE, int).detach()
 
 
 def _after_fork_in_child() -> None:
@@ -554,8 +557,9 @@ class Segment:
                 else:
                     # Waits out a destroyer that holds the byte exclusively.
                     backend.ofd_lock(fd, backend.LIVENESS_BYTE, exclusive=False, wait=True)
-                    cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), backend.size_of(fd))
-                    if cb is None or cb.dead:
+                    # Only the dead flag can have changed since the read above (the
+                    # rest is fixed at publication): one small pread, no re-parse.
+                    if backend.pread(fd, 4, _DEAD_OFFSET) != b"\0\0\0\0":
                         continue
                 backend.ofd_lock(fd, backend.PID_BASE + pid, exclusive=False, wait=True)
                 att = _Attachment(name, fd, writable, mode, foreign=False)
