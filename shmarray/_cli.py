@@ -22,6 +22,8 @@ def describe_payload(info: SegmentInfo) -> str:
     head = _payload_head(info)
     if head.get("kind_id") == Kind.ARROW:
         return _describe_arrow(head)
+    if head.get("kind_id") == Kind.NDARRAY:
+        return _describe_array(head)
     return "raw"
 
 
@@ -41,6 +43,12 @@ def _describe_arrow(head: dict[str, Any]) -> str:
     if not head.get("ready", True):
         return "arrow table (being written)"
     return describe_descriptor(head.get("descriptor", b""))
+
+
+def _describe_array(head: dict[str, Any]) -> str:
+    from ._array_format import describe_descriptor
+
+    return describe_descriptor(head.get("descriptor", b""))  # 'ndarray float64 (1000, 480) C'
 
 
 def _size(n: int) -> str:
