@@ -97,12 +97,13 @@ def _variant_table(res: GroupResult, ref: str) -> list[str]:
                 cells += ["", ""]
                 continue
             cells.append(_cell(r))
-            mine, base = res.median(m, variant=v), res.median(ref, variant=v)
+            vref = next((x.method for x in res.rows if x.variant == v and x.role == "shmarray" and x.samples), ref)
+            mine, base = res.median(m, variant=v), res.median(vref, variant=v)
             cells.append(_ratio_txt(None if mine is None or base is None or base == 0 else mine / base))
             ns.append(str(len(r.samples)))
         cells.append("/".join(ns))
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    out += ["", f"Ratio: method's median / {ref}'s median, same run."]
+    out += ["", "Ratio: method's median / the median of the first shmarray row of that column, same run."]
     return out
 
 

@@ -1,9 +1,13 @@
 """arrow: a 5 M-row table (int64, float64, string, bool) -> a warm process.
 
-Each sample is timed here, end to end: from the table in this process to the
-consumer's answer (row count and the sum of the int64 column) back here.
-The floor is the producer's part alone of the cheapest honest path: one
-write of the IPC stream to a /dev/shm file.
+Handoff: each sample is timed here, end to end, from the table in this
+process to the consumer's answer (row count and the sum of the int64
+column) back here. The floor is the producer's part alone of the cheapest
+honest path: one write of the IPC stream to a /dev/shm file.
+
+In one process: share_table alone (against the same floor), and
+attach_table alone at each validation level (the segment held by its
+creator meanwhile), which shows what validation costs.
 """
 
 from __future__ import annotations
@@ -22,8 +26,14 @@ SHMARRAY = "shmarray.share_table + attach_table"
 SHMARRAY_META = "shmarray.share_table + attach_table(validate='metadata')"
 PIPE = "multiprocessing.Pipe (pickle)"
 FEATHER = "Feather (IPC file) on /dev/shm + pa.memory_map"
+STDLIB = "stdlib SharedMemory + IPC stream by hand (zero-copy read)"
 FLOOR = "floor: IPC stream write to /dev/shm"
-ROLES = {SHMARRAY: "shmarray", SHMARRAY_META: "shmarray", FLOOR: "floor"}
+SHARE_ALONE = "shmarray.share_table alone"
+ATTACH_BOUNDS = "shmarray.attach_table alone (validate='bounds', default)"
+ATTACH_META = "shmarray.attach_table alone (validate='metadata')"
+ATTACH_FULL = "shmarray.attach_table alone (validate='full')"
+ROLES = {SHMARRAY: "shmarray", SHMARRAY_META: "shmarray", FLOOR: "floor", SHARE_ALONE: "shmarray",
+         ATTACH_BOUNDS: "shmarray", ATTACH_META: "shmarray", ATTACH_FULL: "shmarray"}
 
 
 def make_table(rows: int) -> Any:
@@ -71,6 +81,34 @@ def feather_in_worker(path: str) -> tuple[int, int]:
         out = _answer(t)
         del t
     return out
+
+
+def stdlib_in_worker(name: str) -> tuple[int, int]:
+    """Attach a stdlib SharedMemory holding an IPC stream and read it zero-copy."""
+    import gc
+    from multiprocessing import shared_memory
+
+    import pyarrow as pa
+
+    shm = shared_memory.SharedMemory(name)
+    t = pa.ipc.open_stream(pa.py_buffer(shm.buf)).read_all()
+    out = _answer(t)
+    del t
+    try:
+        shm.close()
+    except BufferError:  # an Arrow buffer still exports the mapping: collect it, then close
+        gc.collect()
+        shm.close()
+    return out
+
+
+def _stream_size(table: Any) -> int:
+    import pyarrow as pa
+
+    mock = pa.MockOutputStream()
+    with pa.ipc.new_stream(mock, table.schema) as w:
+        w.write_table(table)
+    return int(mock.size())
 
 
 class _Arrow:
@@ -131,6 +169,47 @@ class _Arrow:
         self.phases.setdefault(FEATHER, []).append((t1 - t0, t2 - t1))
         return t2 - t0
 
+    def m_stdlib(self) -> float:
+        import pyarrow as pa
+        from multiprocessing import shared_memory
+
+        name = self.ctx.cleanup.name("std")
+        t0 = time.perf_counter()
+        shm = shared_memory.SharedMemory(name, create=True, size=_stream_size(self.table))
+
+        def undo() -> None:
+            import gc
+
+            gc.collect()
+            shm.close()
+            shm.unlink()
+
+        h = self.ctx.cleanup.add(f"stdlib {name}", undo)
+        try:
+            _write_into(pa.py_buffer(shm.buf), self.table)
+            t1 = time.perf_counter()
+            got = self.w.call(stdlib_in_worker, name)
+            t2 = time.perf_counter()
+        finally:
+            self.ctx.cleanup.done(h)
+        self._check(got, STDLIB)
+        self.phases.setdefault(STDLIB, []).append((t1 - t0, t2 - t1))
+        return t2 - t0
+
+    def share_alone(self) -> float:
+        import shmarray
+
+        name = self.ctx.cleanup.name("tab")
+        h = self.ctx.cleanup.add(f"shmarray {name}", lambda: _unlink(name))
+        try:
+            t0 = time.perf_counter()
+            t = shmarray.share_table(name, self.table)
+            t1 = time.perf_counter()
+            del t
+        finally:
+            self.ctx.cleanup.done(h)
+        return t1 - t0
+
     def f_stream(self) -> float:
         import pyarrow as pa
 
@@ -144,6 +223,27 @@ class _Arrow:
         finally:
             self.ctx.cleanup.done(h)
         return t1 - t0
+
+
+def _write_into(buf: Any, table: Any) -> None:
+    """The IPC stream of *table* into a mutable Arrow buffer (the writer goes with this frame)."""
+    import pyarrow as pa
+
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buf), table.schema) as w:
+        w.write_table(table)
+
+
+def _attach_alone(key: str, validate: str) -> Callable[[], float]:
+    def sample() -> float:
+        import shmarray
+
+        t0 = time.perf_counter()
+        t = shmarray.attach_table(key, validate=validate)  # type: ignore[arg-type]
+        t1 = time.perf_counter()
+        del t
+        return t1 - t0
+
+    return sample
 
 
 def _unlink(name: str) -> None:
@@ -174,10 +274,11 @@ def run(ctx: Context) -> GroupResult:
             res.rows.append(Row(SHMARRAY, [], variant=variant, role="shmarray",
                                 error="shmarray.share_table/attach_table not available in this checkout"))
         methods[PIPE] = a.m_pipe
+        methods[STDLIB] = a.m_stdlib
         methods[FEATHER] = a.m_feather
         methods[FLOOR] = a.f_stream
         reps = ctx.reps(11, 3)
-        ctx.log(f"  {variant}: {len(methods)} methods x {reps}")
+        ctx.log(f"  handoff, {variant}: {len(methods)} methods x {reps}")
         samples, errors = interleave(ctx, methods, reps=reps, warmup=1)
     for label in methods:
         extra: dict[str, Any] = {"rows": rows, "table_bytes": table.nbytes}
@@ -193,6 +294,13 @@ def run(ctx: Context) -> GroupResult:
         "column); 'metadata' checks only the structure. Per-phase split (producer / handoff+consumer) "
         "in results.json."
     )
+    if SHMARRAY in methods:
+        _in_one_process(ctx, res, a, table, f"in one process, {rows / 1e6:g} M rows")
+        res.notes.append(
+            "In one process: share_table alone against the floor (the same IPC stream written to a "
+            "/dev/shm file), and attach_table alone at each validation level while the creator holds "
+            "the segment."
+        )
     ours, feather = res.median(SHMARRAY, variant=variant), res.median(FEATHER, variant=variant)
     if ours is not None and feather is not None:
         r = feather / ours
@@ -201,3 +309,29 @@ def run(ctx: Context) -> GroupResult:
     else:
         res.headline("arrow: Feather-on-/dev/shm time / shmarray time", None, "> 1", None, "not measured")
     return res
+
+
+def _in_one_process(ctx: Context, res: GroupResult, a: _Arrow, table: Any, variant: str) -> None:
+    """share_table alone vs the write floor; attach_table alone per validation level."""
+    import shmarray
+
+    key = ctx.cleanup.name("tab")
+    h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
+    try:
+        held = shmarray.share_table(key, table)
+        methods: dict[str, Callable[[], float]] = {
+            SHARE_ALONE: a.share_alone,
+            FLOOR: a.f_stream,
+            ATTACH_BOUNDS: _attach_alone(key, "bounds"),
+            ATTACH_META: _attach_alone(key, "metadata"),
+            ATTACH_FULL: _attach_alone(key, "full"),
+        }
+        reps = ctx.reps(11, 3)
+        ctx.log(f"  {variant}: {len(methods)} methods x {reps}")
+        samples, errors = interleave(ctx, methods, reps=reps, warmup=1)
+        del held
+    finally:
+        ctx.cleanup.done(h)
+    for label in methods:
+        res.rows.append(Row(label, samples[label], variant=variant, role=ROLES.get(label, "peer"),
+                            error=errors.get(label, "")))
