@@ -162,9 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=_cmd_rm)
     gc = sub.add_parser("gc", help="remove segments nobody is attached to (not persistent ones)")
     gc.set_defaults(func=_cmd_gc)
-    demo = sub.add_parser("demo", help="run the demo: processes sharing a segment under its lock")
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--iterations", type=int, default=20000)
+    demo = sub.add_parser("demo", help="run the demo: a pool of workers computes on one shared array, "
+                          "zero-copy, next to the same job done by pickling")
+    from ._demo import add_arguments
+
+    add_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
     return p
 
