@@ -1,0 +1,330 @@
+"""The array header: hand-made bad headers, fuzzing (in a child process, so a crash fails the test),
+the .npy fast path against numpy's reader, and what `shmarray ls` shows."""
+
+from __future__ import annotations
+
+import gc
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shmarray
+from shmarray import _array_format
+from shmarray._cli import describe_payload
+from shmarray._header import HEADER, Kind, pack_header
+from _procs import run
+from test_array import ALL_DTYPES
+
+
+def _npy(text: str | bytes, version: tuple[int, int] = (1, 0), length: int | None = None) -> bytes:
+    """A .npy header around *text* (padded like numpy's), with an optionally wrong length field."""
+    raw = text.encode("latin1") if isinstance(text, str) else text
+    fmt = "<H" if version == (1, 0) else "<I"
+    pre = 6 + 2 + struct.calcsize(fmt)
+    pad = -(pre + len(raw) + 1) % 64
+    body = raw + b" " * pad + b"\n"
+    n = len(body) if length is None else length
+    return b"\x93NUMPY" + bytes(version) + struct.pack(fmt, n) + body
+
+
+def _dict(descr: str = "'<f8'", fortran: str = "False", shape: str = "(3,)") -> str:
+    return f"{{'descr': {descr}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
+
+
+def _user_bytes(descriptor: bytes, payload_length: int, *, kind: Kind = Kind.NDARRAY, room: int = 0) -> bytes:
+    p_off = (HEADER.size + len(descriptor) + 63) // 64 * 64
+    head = pack_header(kind, descriptor, p_off, payload_length)
+    return head + b"\0" * (p_off - len(head) + max(payload_length, 0) + room)
+
+
+def _raw_segment(key: str, user: bytes) -> shmarray.Segment:
+    seg = shmarray.Segment(key).create(len(user))
+    seg.data[: len(user)] = user
+    return seg
+
+
+@pytest.mark.parametrize("user, exc, words", [
+    (b"\0" * 4096, shmarray.HeaderError, "raw bytes"),
+    (b"\0" * 10, shmarray.HeaderError, "too small"),
+    (_user_bytes(b"{}", 10, kind=Kind.ARROW), shmarray.HeaderError, "arrow table.*attach_table"),
+    (_user_bytes(b"{}", 10, kind=Kind.RING), shmarray.HeaderError, "batch ring"),
+    (_user_bytes(b"\x93NUMPX\x01\x00" + _npy(_dict())[8:], 24), shmarray.HeaderError, "corrupt ndarray descriptor"),
+    (_user_bytes(_npy(_dict())[:6] + b"\x09\x09" + _npy(_dict())[8:], 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy(_dict(descr="'foo'")), 24), shmarray.HeaderError, "corrupt ndarray descriptor"),
+    (_user_bytes(_npy(_dict(descr="'<f7'")), 24), shmarray.HeaderError, "corrupt ndarray descriptor"),
+    (_user_bytes(_npy(_dict(descr="'|O'")), 24), shmarray.HeaderError, "Python objects"),
+    (_user_bytes(_npy(_dict(descr="[('a', '<i4'), ('b', '|O')]")), 48), shmarray.HeaderError, "Python objects"),
+    (_user_bytes(_npy(_dict(shape="(-1, 3)")), 24), shmarray.HeaderError, "negative"),
+    (_user_bytes(_npy(_dict(shape="(3.0,)")), 24), shmarray.HeaderError, "shape"),
+    (_user_bytes(_npy(_dict(shape="(True,)")), 8), shmarray.HeaderError, "not a tuple of ints"),
+    (_user_bytes(_npy(_dict(shape="3")), 24), shmarray.HeaderError, "shape"),
+    (_user_bytes(_npy(_dict(shape="(4611686018427387904, 4611686018427387904)")), 64),
+     shmarray.HeaderError, "overflows"),
+    (_user_bytes(_npy(_dict(descr="'|V0'", shape="(4611686018427387904, 4611686018427387904)")), 0),
+     shmarray.HeaderError, "overflows"),
+    (_user_bytes(_npy(_dict(shape="(" + "1, " * 65 + ")")), 8), shmarray.HeaderError, "dimensions"),
+    (_user_bytes(_npy(_dict(fortran="1")), 24), shmarray.HeaderError, "fortran_order"),
+    (_user_bytes(_npy(_dict(fortran="'yes'")), 24), shmarray.HeaderError, "fortran_order"),
+    (_user_bytes(_npy(_dict()), 16), shmarray.HeaderError, "does not match the payload length"),
+    (_user_bytes(_npy(_dict()), 32), shmarray.HeaderError, "does not match the payload length"),
+    (_user_bytes(_npy(_dict(), length=500), 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy(_dict())[:-64] + b" " * 64, 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy(_dict() + " " * 64, length=len(_dict()) + 20), 24), shmarray.HeaderError, "says"),
+    (_user_bytes(_npy("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), 'x': 1}"), 24),
+     shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy("[" * 150 + "]" * 150), 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy("{'descr': " + "[" * 120 + "'<f8'" + "]" * 120 + ", 'fortran_order': False, 'shape': (3,), }"),
+                 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy("-" * 5000 + "1"), 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy(_dict(shape="(" + "9" * 5000 + ",)")), 24), shmarray.HeaderError, "corrupt"),
+    (_user_bytes(_npy(_dict(descr="'" + "x" * 70000 + "'"), version=(2, 0)), 24),
+     shmarray.HeaderError, "cap"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_headers_are_clean_errors(key, user, exc, words):
+    seg = _raw_segment(key, user)
+    with pytest.raises(exc, match=words) as e:
+        shmarray.attach(key)
+    assert isinstance(e.value, shmarray.ShmError) and e.value.key == key
+    assert seg.is_attached
+
+
+def test_a_payload_overrunning_the_segment(key):
+    user = bytearray(_user_bytes(_npy(_dict(shape="(1000,)")), 8000))
+    seg = _raw_segment(key, bytes(user[:1000]))  # shorter than the header says
+    with pytest.raises(shmarray.HeaderError, match="overruns"):
+        shmarray.attach(key)
+    del seg
+
+
+def test_a_payload_still_being_written_is_not_waited_for(key):
+    desc = _npy(_dict())
+    p_off = (HEADER.size + len(desc) + 63) // 64 * 64
+    user = pack_header(Kind.NDARRAY, desc, p_off, 24, ready=False)
+    seg = _raw_segment(key, user + b"\0" * (p_off - len(user) + 24))
+    with pytest.raises(shmarray.NotFoundError, match="being written"):
+        shmarray.attach(key)
+    del seg
+
+
+def test_a_foreign_object_under_the_name(key):
+    path = f"/dev/shm/{shmarray._os.native_key_for(key)}"
+    with open(path, "wb") as f:
+        f.write(os.urandom(8192))
+    try:
+        with pytest.raises(shmarray.ShmError, match="not a shmarray segment"):
+            shmarray.attach(key)
+    finally:
+        os.unlink(path)
+
+
+def test_a_truncated_segment(key):
+    a = shmarray.create(key, 10_000, persistent=True)
+    native = a.segment.native_key
+    a.close()
+    del a
+    gc.collect()
+    os.truncate(f"/dev/shm/{native}", 4096 + 100)
+    with pytest.raises(shmarray.ShmError):
+        shmarray.attach(key)
+
+
+def test_attach_after_hand_made_valid_header(key):
+    """A header built by hand exactly as numpy would write it attaches."""
+    user = _user_bytes(_npy(_dict(descr="'>i2'", fortran="True", shape="(2, 3)")), 12)
+    seg = _raw_segment(key, user)
+    a = shmarray.attach(key)
+    assert a.dtype == np.dtype(">i2") and a.shape == (2, 3) and a.flags.f_contiguous
+    del seg
+
+
+# -- fuzzing, in a child process ---------------------------------------------------------------------
+
+
+def _check_view_inside(key: str) -> str:
+    """attach(key): a ShmError, or a view lying inside its own mapping (read completely)."""
+    try:
+        b = shmarray.attach(key)
+    except shmarray.ShmError as e:
+        return type(e).__name__
+    try:
+        mapping = b.segment._mapping()
+        start = np.frombuffer(mapping, np.uint8).__array_interface__["data"][0]
+        lo, hi = np.lib.array_utils.byte_bounds(b) if hasattr(np.lib, "array_utils") else np.byte_bounds(b)
+        if b.nbytes and not (start <= lo <= hi <= start + len(mapping)):
+            raise AssertionError(f"view {lo:#x}..{hi:#x} outside the mapping {start:#x}+{len(mapping)}")
+        b.tobytes()  # touches every byte
+        return "view"
+    finally:
+        b.close()
+
+
+_DESCRS = ["'<f8'", "'|u1'", "'>i4'", "'<M8[ns]'", "'|S3'", "'<U2'", "'|V4'", "'|O'", "'<f7'", "'x'", "''",
+           "[('a', '<i4')]", "[('a', '<i4', (2,))]", "[('a', [('b', '|O')])]", "('<i4', (2,))", "5", "None",
+           "[('', '|V0')]", "'|V0'", "[('a', '<i4'), ('a', '<i4')]", "{'x': 1}", "b'<f8'"]
+_FORTRAN = ["False", "True", "0", "1", "None", "'F'"]
+
+
+def _shapes() -> st.SearchStrategy[str]:
+    dims = st.one_of(st.integers(-3, 70), st.integers(-(2**70), 2**70), st.sampled_from([0, 1, 2**31, 2**63 - 1]))
+    tuples = st.lists(dims, max_size=5).map(lambda ds: "(" + "".join(f"{d}, " for d in ds) + ")")
+    return st.one_of(tuples, st.sampled_from(["()", "(3)", "[3]", "(3.5,)", "(True,)", "('3',)", "None"]))
+
+
+def _fuzz_child(key: str, examples: int) -> dict:
+    """Runs in a child: corrupt the array header of *key* in every way drawn, attach after each."""
+    shape, dtype = (10, 20), np.dtype([("a", "<i4"), ("b", ">f8")])
+    a = shmarray.share(key, np.zeros(shape, dtype))
+    seg = shmarray.Segment(key).attach()
+    original = bytes(seg.data)
+    size = len(original)
+    outcomes: dict[str, int] = {}
+
+    def attempt(user: bytes) -> None:
+        seg.data[:] = original
+        seg.data[: min(len(user), size)] = user[:size]
+        out = _check_view_inside(key)
+        outcomes[out] = outcomes.get(out, 0) + 1
+
+    common = settings(max_examples=examples, database=None, deadline=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+
+    @common
+    @given(st.integers(0, size - 1), st.binary(min_size=1, max_size=64))
+    def overwrite(at: int, junk: bytes) -> None:
+        attempt(original[:at] + junk + original[at + len(junk):])
+
+    @common
+    @given(st.binary(min_size=0, max_size=512))
+    def random_start(junk: bytes) -> None:
+        attempt(junk)
+
+    @common
+    @given(st.sampled_from(_DESCRS), st.sampled_from(_FORTRAN), _shapes(), st.integers(-8, 3000),
+           st.sampled_from([(1, 0), (2, 0), (3, 0)]), st.booleans())
+    def descriptor(descr: str, fortran: str, shp: str, payload: int, version: tuple, extra: bool) -> None:
+        text = _dict(descr, fortran, shp) + (" 'x': 1," if extra else "")
+        desc = _npy(text, version)
+        p_off = (HEADER.size + len(desc) + 63) // 64 * 64
+        head = pack_header(Kind.NDARRAY, desc, p_off, max(payload, 0))
+        attempt(head)
+
+    @common
+    @given(st.lists(st.integers(0, 2**64 - 1), min_size=6, max_size=6), st.integers(0, 2**16 - 1),
+           st.integers(0, 2**16 - 1), st.integers(0, 2**32 - 1))
+    def header_fields(fields: list, version: int, kind: int, ready: int) -> None:
+        d_off, d_len, p_off, p_len = fields[:4]
+        head = HEADER.pack(b"SHMAHDR\0", version % 3, kind % 5, ready % 3, d_off % 4096 if fields[4] % 2 else 64,
+                           d_len % 8192 if fields[5] % 2 else d_len, p_off % 8192 if fields[4] % 3 else p_off,
+                           p_len % 8192 if fields[5] % 3 else p_len)
+        attempt(head + original[HEADER.size:])
+
+    for test in (overwrite, random_start, descriptor, header_fields):
+        test()
+    seg.data[:] = original
+    assert _check_view_inside(key) == "view"
+    seg.detach()
+    a.close()
+    return outcomes
+
+
+@pytest.mark.timeout(300)
+def test_fuzzed_headers_never_crash_or_escape_the_segment(key):
+    outcomes = run(_fuzz_child, key, 250, timeout=280)
+    assert outcomes.get("view", 0) > 0 and outcomes.get("HeaderError", 0) > 100, outcomes
+    assert set(outcomes) <= {"view", "HeaderError", "NotFoundError"}, outcomes
+
+
+# -- the .npy fast path gives exactly what numpy's reader gives --------------------------------------------
+
+
+def _both(desc: bytes) -> None:
+    fast = _array_format._read_fast(desc)
+    if fast is None:
+        return
+    shape, fortran, dtype, used = _array_format._read(desc)
+    assert fast[0] == shape and type(fast[0]) is type(shape) and all(type(d) is int for d in fast[0])
+    assert fast[1] is fortran and fast[2] == dtype and fast[2].str == dtype.str and fast[3] == used
+
+
+def test_fast_path_on_every_dtype_numpy_writes():
+    accepted = 0
+    for dt in ALL_DTYPES:
+        for shape in [(), (0,), (7,), (3, 4), (1, 2, 3, 4, 5)]:
+            for fortran in (False, True):
+                desc = _array_format.encode_descriptor(shape, dt, fortran, "test")
+                _both(desc)
+                accepted += _array_format._read_fast(desc) is not None
+    assert accepted >= 400  # every plain dtype takes the fast path
+
+
+_TOKENS = st.sampled_from(["{", "}", "'descr'", "'fortran_order'", "'shape'", ": ", ", ", "'<f8'", "'>i2'",
+                           "'<M8[25s]'", "'|S0'", "'|V0'", "True", "False", "(", ")", "3", "0", "007", "-1",
+                           "12345678901234567890", ",", " ", "\n", "'", "[", "]", "\\", "'<f8\\x00'"])
+
+
+@settings(max_examples=600, database=None, deadline=None, derandomize=True)
+@given(st.lists(_TOKENS, max_size=40), st.sampled_from([(1, 0), (2, 0), (3, 0)]), st.integers(-3, 3))
+def test_fast_path_agrees_with_numpy_on_token_soup(tokens, version, skew):
+    text = "".join(tokens)
+    desc = _npy(text, version)
+    _both(desc)
+    if skew:
+        _both(_npy(text, version, length=len(desc) - 10 + skew))
+
+
+_PLAIN_DESCRS = ["<f8", "|b1", "=i8", "<m8[W]", "<M8", ">U10", "<f2", "<c16", "|u1", ">i4", "<M8[ns]",
+                 "<M8[25s]", "|S0", "|S3", "|V0", "|V16", "<U0", ">c8", "<g", "<G", "|O", "<f7", "<M8[xy]"]
+
+
+@settings(max_examples=600, database=None, deadline=None, derandomize=True)
+@given(st.sampled_from(_PLAIN_DESCRS), st.booleans(), st.lists(st.integers(0, 2**64), max_size=4).map(tuple),
+       st.sampled_from(["", " ", "  \n", "\n"]))
+def test_fast_path_agrees_with_numpy_on_near_canonical(descr, fortran, shape, tail):
+    text = _dict(repr(descr), repr(fortran), repr(shape))
+    for variant in (text, text + tail, text.replace(", }", "}"), text.replace(", ", ",")):
+        _both(_npy(variant))
+    assert _array_format._read_fast(_npy(text)) is not None or descr in ("|O", "<f7", "<M8[xy]") or max(
+        shape, default=0) >= 10**18
+
+
+@settings(max_examples=1500, database=None, deadline=None, derandomize=True)
+@given(st.sampled_from(_PLAIN_DESCRS), st.booleans(), st.lists(st.integers(0, 10**6), max_size=3).map(tuple),
+       st.data())
+def test_fast_path_agrees_with_numpy_on_mutated_canonical(descr, fortran, shape, data):
+    body = _dict(repr(descr), repr(fortran), repr(shape))
+    text = bytearray(_npy(body))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(10, 10 + len(body)))  # in the dict text or just after it
+        text[at] = data.draw(st.sampled_from(b"0123456789-+(),' []TrueFalsxjM<>|\\\n\t\x00\xe9"))
+    _both(bytes(text))
+
+
+@settings(max_examples=300, database=None, deadline=None, derandomize=True)
+@given(st.binary(max_size=300))
+def test_fast_path_on_random_bytes(junk):
+    _both(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(junk)) + junk)
+    _both(junk)
+
+
+# -- what `shmarray ls` shows ---------------------------------------------------------------------------------
+
+
+def test_ls_payload_column(make_key):
+    a = shmarray.create(make_key(), (1000, 480))
+    b = shmarray.share(make_key(), np.zeros((2, 3), ">i2", order="F"))
+    c = shmarray.share(make_key(), np.zeros(4, [("x", "f4"), ("y", "u1")]))
+    assert describe_payload(shmarray.segment_info(a.key)) == "ndarray float64 (1000, 480) C"
+    assert describe_payload(shmarray.segment_info(b.key)) == "ndarray >i2 (2, 3) F"
+    assert describe_payload(shmarray.segment_info(c.key)).startswith("ndarray [('x', '<f4'), ('y', 'u1')] (4,) C")
+    k = make_key()
+    seg = _raw_segment(k, _user_bytes(_npy(_dict(descr="'<f7'")), 24))
+    assert describe_payload(shmarray.segment_info(k)) == "ndarray (corrupt header)"
+    seg.data[HEADER.size + 10 : HEADER.size + 40] = os.urandom(30)
+    assert describe_payload(shmarray.segment_info(k)).startswith("ndarray")
+    from shmarray._cli import main
+
+    assert main(["ls"]) == 0
