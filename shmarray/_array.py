@@ -318,7 +318,7 @@ def _check_room(key: str, total: int, what: str) -> None:
     free = backend.free_bytes()
     if PAGE_SIZE + total > free:
         raise OutOfResourcesError(
-            f"{what}: array {key!r} needs {_human(PAGE_SIZE + total)} but /dev/shm has {_human(free)} free "
+            f"{what}: needs {_human(PAGE_SIZE + total)} but /dev/shm has {_human(free)} free "
             f"(of {_human(backend.total_bytes())}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
             "use a smaller array, or enlarge /dev/shm", key)
 

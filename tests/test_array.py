@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -488,3 +491,54 @@ def test_zero_size_and_0d(make_key):
     assert shmarray.attach(s.key)[()] == 4.0
     e = shmarray.share(make_key(), np.zeros((3, 0), dtype="U4"))
     assert shmarray.attach(e.key).dtype == np.dtype("U4")
+
+
+FULL_SHM = """
+import os
+import numpy as np
+import shmarray
+from shmarray._os import backend
+
+keep = shmarray.create("full-a", 40 << 20, np.uint8)   # 40 of 64 MiB
+for label, make in [
+    ("create", lambda k: shmarray.create(k, 40 << 20, np.uint8)),
+    ("fill", lambda k: shmarray.create(k, 5 << 20, np.float64, fill=1.5)),
+    ("share", lambda k: shmarray.share(k, np.ones(5 << 20))),
+]:
+    try:
+        make(f"full-{label}")
+    except shmarray.OutOfResourcesError as e:
+        print(f"precheck {label}:", e)
+# Pretend the space check passed (another process raced us): the write itself must refuse.
+backend.free_bytes = lambda: 1 << 40
+for label, make in [
+    ("create", lambda k: shmarray.create(k, 40 << 20, np.uint8)),
+    ("fill", lambda k: shmarray.create(k, 5 << 20, np.float64, fill=1.5)),
+    ("share", lambda k: shmarray.share(k, np.ones(5 << 20))),
+    ("share-strided", lambda k: shmarray.share(k, np.ones((5 << 20, 2))[:, 0])),
+]:
+    try:
+        make(f"full-{label}")
+    except shmarray.OutOfResourcesError as e:
+        print(f"write {label}:", e)
+print("left:", sorted(n for n in os.listdir("/dev/shm") if n.startswith(("shmarray_", ".shmarray"))))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
+def test_full_dev_shm_is_out_of_resources_not_sigbus(tmp_path):
+    """create/share into a 64 MiB /dev/shm (Docker's default), in a private mount namespace."""
+    script = tmp_path / "full.py"
+    script.write_text(FULL_SHM)
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {script}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "mount" in out.stderr and "precheck" not in out.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr  # a SIGBUS would be -7
+    for label in ("create", "fill", "share"):
+        assert f"precheck {label}: " in out.stdout and "free" in out.stdout
+    for label in ("create", "fill", "share", "share-strided"):
+        assert f"write {label}: " in out.stdout, out.stdout
+    left = out.stdout.split("left:")[1]
+    assert "full-a" in left and left.count("shmarray_") == 1 and ".shmarray" not in left
