@@ -1,0 +1,94 @@
+"""`python -m shmarray demo`: end to end in its quick mode, and cleanup when interrupted."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import shmarray
+
+
+def _demo_entries(tag: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"shmarray_{tag}")]
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is *pid* (the demo's pool workers and resource tracker)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_quick_demo_end_to_end():
+    out = subprocess.run([sys.executable, "-m", "shmarray", "demo", "--quick"], capture_output=True,
+                         text=True, timeout=100)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "16 MiB float64 array" in text and "same result: yes" in text
+    assert re.search(r"zero-copy.*\n\s+[0-9.]+ s", text) and re.search(r"pickled.*\n\s+[0-9.]+ s", text)
+    assert re.search(r"Zero-copy was [0-9.]+x faster", text)
+    assert "cleaned up: no demo segment left" in text
+    tag = re.search(r"segment '(demo-\d+-[0-9a-f]+)'", text).group(1)
+    assert not _demo_entries(tag)
+
+
+def test_demo_refuses_bad_sizes():
+    from shmarray._cli import main
+
+    assert main(["demo", "--size-mb", "0"]) == 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_cleans_up(sig):
+    p = subprocess.Popen([sys.executable, "-m", "shmarray", "demo", "--size-mb", "16", "--repeat", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if "zero-copy:" in line:
+                break
+        text = "".join(seen)
+        tag = re.search(r"segment '(demo-\d+-[0-9a-f]+)'", text).group(1)
+        assert len(_demo_entries(tag)) == 2  # the array and the accumulator
+        workers = _children(p.pid)
+        assert len(workers) >= 2
+        time.sleep(0.3)  # inside the job now
+        p.send_signal(sig)
+        rest, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, text + rest + err
+    assert "interrupted" in rest and "cleaned up: no demo segment left" in rest
+    assert not _demo_entries(tag)
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers)
+    assert not [s for s in shmarray.list_segments() if s.key and s.key.startswith(tag)]
