@@ -5,7 +5,7 @@ kind ARROW)::
 
     64      descriptor: UTF-8 JSON, at most MAX_DESCRIPTOR bytes, e.g.
             {"format": "arrow-ipc-stream", "version": 1, "rows": 5000000,
-             "columns": 4, "batches": 1, "schema": "i: int64, f: double, ..."}
+             "columns": 4, "schema": "i: int64, f: double, ..."}
             "schema" is a summary for listings (cut at SCHEMA_SUMMARY characters);
             the payload's own schema message is the truth.
     p       payload: one Arrow IPC *stream* (schema message, dictionary and
@@ -63,9 +63,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
-from ._errors import AccessMode, HeaderError
+from ._errors import AccessMode, HeaderError, NotFoundError, ShmError
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
 from ._segment import Segment
 
@@ -109,7 +110,6 @@ class TableDescriptor:
 
     rows: int
     columns: int
-    batches: int
     schema: str
 
 
@@ -132,7 +132,6 @@ def _descriptor(table: "pyarrow.Table") -> bytes:
         "version": DESCRIPTOR_VERSION,
         "rows": table.num_rows,
         "columns": table.num_columns,
-        "batches": max((c.num_chunks for c in table.columns), default=0),
         "schema": _summary(table.schema),
     }
     return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode("ascii")
@@ -166,7 +165,7 @@ def parse_descriptor(raw: bytes, *, key: str | None = None) -> TableDescriptor:
     if not isinstance(schema, str):
         raise HeaderError(f"{label}: descriptor field 'schema' is not a string: {schema!r}", key)
     return TableDescriptor(rows=_count(d, "rows", label, key), columns=_count(d, "columns", label, key),
-                           batches=_count(d, "batches", label, key), schema=schema)
+                           schema=schema)
 
 
 def describe_descriptor(raw: bytes) -> str:
@@ -384,19 +383,35 @@ def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
     data = seg.const_data
     if data is None:  # pragma: no cover - attached just above
         raise HeaderError(f"segment {key!r} is not attached", key)
-    hdr, raw = read_header(data, expect=Kind.ARROW, key=key)
+    try:
+        # share_table publishes complete segments only: no waiting for "ready".
+        hdr, raw = read_header(data, expect=Kind.ARROW, key=key, wait=0)
+    except NotFoundError as e:
+        raise HeaderError(f"segment {key!r} is marked as still being written, which a published "
+                          "table never is; the segment is corrupt", key) from e
     desc = parse_descriptor(raw, key=key)
     view = pa.py_buffer(data)
-    whole = pa.foreign_buffer(view.address, view.size, base=_Mapped(seg, view))
+    holder = _Mapped(seg, view)
+    whole = pa.foreign_buffer(view.address, view.size, base=holder)
     lo = view.address + hdr.payload_offset
-    hi = lo + hdr.payload_length
     try:
-        reader = pa.ipc.open_stream(whole.slice(hdr.payload_offset, hdr.payload_length))
-        table = reader.read_all()
-        table.validate()
-    except Exception as e:  # noqa: BLE001 - any failure to decode is a corrupt payload
-        raise HeaderError(f"segment {key!r} holds a corrupt Arrow IPC payload ({e}); "
+        table = pa.ipc.open_stream(whole.slice(hdr.payload_offset, hdr.payload_length)).read_all()
+        _check_table(table, desc, key, lo, lo + hdr.payload_length, mode)
+    except ShmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever fails to decode or check is a corrupt payload
+        raise HeaderError(f"segment {key!r} holds a corrupt Arrow IPC payload ({type(e).__name__}: {e}); "
                           "share_table() it again", key) from e
+    # Buffers keep the segment; so does the table object itself, because a
+    # table without rows or columns has no buffer in the segment at all.
+    weakref.finalize(table, _release, holder).atexit = False
+    return table
+
+
+def _check_table(table: "pyarrow.Table", desc: TableDescriptor, key: str, lo: int, hi: int, mode: str) -> None:
+    """The checks of *mode* (module docs) on a table just read from [lo, hi); HeaderError or others on failure."""
+    table.validate()
+    _check_schema(table.schema)
     if table.num_rows != desc.rows or table.num_columns != desc.columns:
         raise HeaderError(
             f"segment {key!r}: the payload has {table.num_rows} rows x {table.num_columns} columns, "
@@ -408,7 +423,10 @@ def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
             "byte-swapped IPC, which share_table never writes); the segment is corrupt", key)
     if mode != "metadata":
         _validate_values(table, key, full=mode == "full")
-    return table
+
+
+def _release(holder: _Mapped) -> None:
+    """Drop the last reference a table object held on its segment."""
 
 
 # -- checks -------------------------------------------------------------------------
@@ -467,6 +485,25 @@ def _first_outside(table: "pyarrow.Table", lo: int, hi: int) -> str | None:
                 if b.size and not (lo <= b.address and b.address + b.size <= hi):
                     return str(name)
     return None
+
+
+def _check_schema(schema: "pyarrow.Schema") -> None:
+    """Decode every name and type string now: corrupt UTF-8 there fails here, not in a user's loop."""
+    for field in schema:
+        _check_field(field)
+
+
+def _check_field(field: Any) -> None:
+    str(field.name)
+    str(field.type)  # names of nested fields, time zones, extension names
+    t = field.type
+    if isinstance(t, _pa().ExtensionType):
+        t = t.storage_type
+    for i in range(t.num_fields):
+        _check_field(t.field(i))
+    value_type = getattr(t, "value_type", None)  # dictionary values, run-end encoded values
+    if value_type is not None and not t.num_fields:
+        _check_field(_pa().field("values", value_type))
 
 
 def _needs_bounds(t: Any) -> bool:
