@@ -88,7 +88,7 @@ def _plain(result: Any) -> Any:
     return result
 
 
-class SharedArray(np.ndarray):  # type: ignore[type-arg]
+class SharedArray(np.ndarray):
     """An ndarray whose memory lives in a shared-memory segment (the ``numpy.memmap`` model).
 
     Made by :func:`create`, :func:`share` and :func:`attach`. Views (slices,
@@ -221,15 +221,16 @@ del _name
 SharedArray.__module__ = "shmarray"
 
 
-def _address(arr: np.ndarray) -> int:  # type: ignore[type-arg]
+def _address(arr: np.ndarray) -> int:
     return int(arr.__array_interface__["data"][0])
 
 
 def _view(seg: Segment, shape: tuple[int, ...], dtype: np.dtype[Any], offset: int,
           strides: tuple[int, ...] | None = None, order: str = "C") -> SharedArray:
     """A SharedArray over the segment's mapping; it holds the Segment (so the segment stays attached)."""
-    arr: SharedArray = np.ndarray.__new__(  # type: ignore[assignment]
-        SharedArray, shape, dtype, buffer=seg._mapping(), offset=offset, strides=strides, order=order)
+    arr: SharedArray = np.ndarray.__new__(
+        SharedArray, shape, dtype, buffer=seg._mapping(), offset=offset, strides=strides,
+        order="F" if order == "F" else "C")
     arr._shm_seg = seg
     arr._shm_origin = _address(arr) - offset
     return arr
@@ -336,7 +337,7 @@ def _prepare(key: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran: bo
     return pack_header(Kind.NDARRAY, descriptor, p_off, nbytes), p_off, total
 
 
-def _fill_value(fill: object, dtype: np.dtype[Any], what: str) -> np.ndarray | None:  # type: ignore[type-arg]
+def _fill_value(fill: object, dtype: np.dtype[Any], what: str) -> np.ndarray | None:
     """The fill value as one item of *dtype*, None when the item's bytes are all zero."""
     if fill is None:
         return None
@@ -349,12 +350,12 @@ def _fill_value(fill: object, dtype: np.dtype[Any], what: str) -> np.ndarray | N
     return item if item.tobytes().strip(b"\0") else None
 
 
-def _write_repeated(write: Write, item: np.ndarray, count: int, offset: int) -> None:  # type: ignore[type-arg]
+def _write_repeated(write: Write, item: np.ndarray, count: int, offset: int) -> None:
     """*count* copies of *item* at *offset*, through a cache-sized chunk."""
     per = max(1, _CHUNK // max(item.itemsize, 1))
     chunk = np.empty(min(per, count), item.dtype)
     chunk[...] = item
-    raw = memoryview(chunk.view(np.uint8))
+    raw = chunk.view(np.uint8).data
     step = chunk.nbytes
     done = 0
     total = count * item.itemsize
@@ -364,7 +365,7 @@ def _write_repeated(write: Write, item: np.ndarray, count: int, offset: int) -> 
         done += n
 
 
-def _blocks(a: np.ndarray, limit: int) -> Iterator[np.ndarray]:  # type: ignore[type-arg]
+def _blocks(a: np.ndarray, limit: int) -> Iterator[np.ndarray]:
     """Consecutive pieces of *a* in C order, each at most *limit* bytes (or one item)."""
     if a.ndim == 0 or a.nbytes <= limit:
         yield a
@@ -380,19 +381,19 @@ def _blocks(a: np.ndarray, limit: int) -> Iterator[np.ndarray]:  # type: ignore[
             yield a[i : i + step]
 
 
-def _write_array(write: Write, src: np.ndarray, offset: int, fortran: bool) -> None:  # type: ignore[type-arg]
+def _write_array(write: Write, src: np.ndarray, offset: int, fortran: bool) -> None:
     """The array's bytes at *offset*: straight from its memory when contiguous, else gathered in C order."""
     if src.nbytes == 0:
         return
     if src.flags.c_contiguous or src.flags.f_contiguous:
         flat = src.reshape(-1, order="F" if fortran else "C")
-        write(memoryview(flat.view(np.uint8)), offset)
+        write(flat.view(np.uint8).data, offset)
         return
     bounce = np.empty(max(1, _CHUNK // src.itemsize), src.dtype)
     for blk in _blocks(src, _CHUNK):
         k = blk.size
         np.copyto(bounce[:k].reshape(blk.shape), blk)
-        write(memoryview(bounce[:k].view(np.uint8)), offset)
+        write(bounce[:k].view(np.uint8).data, offset)
         offset += blk.nbytes
 
 
@@ -427,7 +428,7 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     return _view(seg, dims, dt, p_off, order=order)
 
 
-def share(key: str, array: np.ndarray, *, persistent: bool = False) -> SharedArray:  # type: ignore[type-arg]
+def share(key: str, array: np.ndarray, *, persistent: bool = False) -> SharedArray:
     """Copy *array* into a new segment *key* and return it as a SharedArray.
 
     Keeps the dtype and shape, and Fortran order when the array is

@@ -10,11 +10,13 @@ anything is built from it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import math
 import operator
 import re
 import struct
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,17 @@ from numpy.lib import format as npformat
 
 from ._errors import HeaderError, InvalidSizeError
 
-try:  # numpy >= 2.0 keeps the implementation here
-    from numpy.lib import _format_impl as _npyimpl
-except ImportError:  # pragma: no cover - numpy 1.x
-    _npyimpl = npformat  # type: ignore[assignment]
+
+
+def _implementation() -> ModuleType:
+    """numpy.lib.format's implementation module (numpy >= 2.0 moved it to _format_impl)."""
+    try:
+        return importlib.import_module("numpy.lib._format_impl")
+    except ImportError:  # pragma: no cover - numpy 1.x
+        return npformat
+
+
+_npyimpl = _implementation()
 
 __all__ = [
     "MAX_NPY_HEADER",
@@ -86,7 +95,7 @@ def check_dtype(dtype: object, what: str) -> np.dtype[Any]:
     Metadata attached to a dtype is dropped (the .npy format cannot hold it).
     """
     try:
-        dt = np.dtype(dtype)  # type: ignore[call-overload]
+        dt: np.dtype[Any] = np.dtype(dtype)  # type: ignore[call-overload]
     except Exception as e:  # numpy raises TypeError, ValueError, SyntaxError ...
         raise TypeError(f"{what}: {dtype!r} is not a numpy dtype ({e})") from e
     if dt.hasobject:
@@ -102,7 +111,8 @@ def check_dtype(dtype: object, what: str) -> np.dtype[Any]:
         )
     drop = getattr(npformat, "drop_metadata", None)
     if drop is not None:
-        dt = drop(dt)
+        plain: np.dtype[Any] = drop(dt)
+        return plain
     return dt
 
 
@@ -110,16 +120,17 @@ def check_shape(shape: object, what: str) -> tuple[int, ...]:
     """*shape* (an int or a sequence of ints, each >= 0) as a tuple, else TypeError/ValueError."""
     if isinstance(shape, (bool, np.bool_)):
         raise TypeError(f"{what}: shape must be an int or a tuple of ints, not {shape!r}")
+    dims: tuple[int, ...]
     try:
         dims = (operator.index(shape),)  # type: ignore[arg-type]
     except TypeError:
         try:
-            items = tuple(shape)  # type: ignore[arg-type]
+            items: tuple[Any, ...] = tuple(shape)  # type: ignore[arg-type]
         except TypeError:
             raise TypeError(
                 f"{what}: shape must be an int or a tuple of ints, not {type(shape).__name__} ({shape!r})"
             ) from None
-        dims_list = []
+        dims_list: list[int] = []
         for d in items:
             if isinstance(d, (bool, np.bool_)):
                 raise TypeError(f"{what}: shape {items!r} holds a bool; dimensions are ints")
@@ -149,7 +160,7 @@ def encode_descriptor(shape: tuple[int, ...], dtype: np.dtype[Any], fortran_orde
     for version in _VERSIONS:
         buf = io.BytesIO()
         try:
-            _npyimpl._write_array_header(buf, header, version)  # type: ignore[attr-defined]
+            _npyimpl._write_array_header(buf, header, version)
         except (ValueError, UnicodeEncodeError):
             continue
         out = buf.getvalue()
@@ -178,7 +189,7 @@ def _read(descriptor: bytes) -> tuple[Any, Any, Any, int]:
     elif version == (3, 0):
         # No public reader for 3.0 (UTF-8 field names); the same private
         # function backs the public ones.
-        shape, fortran, dtype = _npyimpl._read_array_header(  # type: ignore[attr-defined]
+        shape, fortran, dtype = _npyimpl._read_array_header(
             fp, version, max_header_size=MAX_NPY_HEADER)
     else:
         raise ValueError(f"unsupported .npy version {version}")

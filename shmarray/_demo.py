@@ -53,7 +53,7 @@ def _ping(_: int) -> int:
     return os.getpid()
 
 
-def _stats(block: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def _stats(block: np.ndarray) -> np.ndarray:
     """Column sums and sums of squares of a block of rows: shape (2, columns)."""
     return np.stack([block.sum(axis=0), np.einsum("ij,ij->j", block, block)])
 
@@ -66,7 +66,7 @@ def _work_shared(block: SharedArray, acc: SharedArray) -> int:
     return int(block.shape[0])
 
 
-def _work_pickled(block: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def _work_pickled(block: np.ndarray) -> np.ndarray:
     """The usual way: *block* arrived by value; the partial sums go back by value."""
     return _stats(block)
 
@@ -137,8 +137,8 @@ def run_demo(args: argparse.Namespace) -> int:
         arrays.append(shared)
         acc = create(keys[1], (2, _COLS))
         arrays.append(acc)
-        print(f"  share(): {share_s:.2f} s -> segment {keys[0]!r} (/dev/shm/{shared.segment.native_key})",
-              flush=True)
+        native = shared.segment.native_key if shared.segment is not None else "?"
+        print(f"  share(): {share_s:.2f} s -> segment {keys[0]!r} (/dev/shm/{native})", flush=True)
 
         t = time.perf_counter()
         pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
         readonly = shared.view()
         readonly.flags.writeable = False  # workers attach read-only
 
-        def zero_copy() -> np.ndarray:  # type: ignore[type-arg]
+        def zero_copy() -> np.ndarray:
             with acc.lock():
                 acc[...] = 0
             done = pool.starmap(_work_shared, [(readonly[lo:hi], acc) for lo, hi in _spans(rows)])
@@ -157,9 +157,10 @@ def run_demo(args: argparse.Namespace) -> int:
             with acc.lock(shared=True):
                 return np.array(acc)
 
-        def pickled() -> np.ndarray:  # type: ignore[type-arg]
+        def pickled() -> np.ndarray:
             parts = pool.map(_work_pickled, [data[lo:hi] for lo, hi in _spans(rows)])
-            return np.sum(parts, axis=0)
+            total: np.ndarray = np.sum(parts, axis=0)
+            return total
 
         print("  zero-copy: workers get slices as references, attach them and add their sums "
               "under the segment lock ...", flush=True)
