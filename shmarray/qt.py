@@ -39,6 +39,11 @@ from ._errors import (
 from ._os import native_key_for
 from ._segment import Segment
 
+# Annotation names: inside the class body, AccessMode and SharedMemoryError
+# are the class attributes Qt code expects (QSharedMemory.AccessMode.ReadOnly).
+_Mode = AccessMode
+_Error = SharedMemoryError
+
 __all__ = ["QSharedMemory"]
 
 _log = logging.getLogger("shmarray.qt")
@@ -160,7 +165,7 @@ class QSharedMemory:
 
     # -- errors ------------------------------------------------------------------
 
-    def error(self) -> SharedMemoryError:
+    def error(self) -> _Error:
         """The last error (NoError after a successful create() or attach())."""
         return self._error
 
@@ -198,7 +203,7 @@ class QSharedMemory:
 
     # -- create / attach / detach ------------------------------------------------
 
-    def create(self, size: int, mode: AccessMode | int = AccessMode.ReadWrite) -> bool:
+    def create(self, size: int, mode: _Mode | int = AccessMode.ReadWrite) -> bool:
         """Create a segment of *size* bytes and attach to it; False if it exists (not attached then)."""
         mode = _access_mode(mode, "create")
         try:
@@ -211,7 +216,7 @@ class QSharedMemory:
         self._clear_error()
         return True
 
-    def attach(self, mode: AccessMode | int = AccessMode.ReadWrite) -> bool:
+    def attach(self, mode: _Mode | int = AccessMode.ReadWrite) -> bool:
         """Attach to the existing segment; False (error() says why) on failure or when attached."""
         mode = _access_mode(mode, "attach")
         if self._seg.is_attached:
