@@ -129,7 +129,8 @@ def _human(n: int) -> str:
 
 
 def _check_size(size: object, what: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, SupportsIndex):
+    # isinstance(int) first: the runtime Protocol check costs ~7 us, an int needs none.
+    if isinstance(size, bool) or not (isinstance(size, int) or isinstance(size, SupportsIndex)):
         raise _InvalidSizeTypeError(f"{what}: size must be an int, not {type(size).__name__} ({size!r})")
     value = operator.index(size)
     if value <= 0:
