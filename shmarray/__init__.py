@@ -11,6 +11,7 @@ from ._admin import SegmentInfo, collect_garbage, list_segments, segment_info
 from ._admin import unlink_key as _unlink_key
 from ._array import SharedArray, attach, create, share
 from ._arrow import attach_frame, attach_table, share_frame, share_table
+from ._cuda import CudaUnavailableError, PinError
 from ._errors import (
     AccessMode,
     AlreadyExistsError,
@@ -25,13 +26,42 @@ from ._errors import (
     ShmError,
     UnknownShmError,
 )
+from ._ring import (
+    BatchRing,
+    LostSlot,
+    RingIterator,
+    RingShutDownError,
+    RingStats,
+    RingTimeoutError,
+    Slot,
+    SlotLostError,
+    SlotStateError,
+    SlotToken,
+)
 from ._segment import Segment
+from ._torch import RingCollate, RingLoader, fill_slot, ring_loader
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessMode",
     "AlreadyExistsError",
+    "BatchRing",
+    "CudaUnavailableError",
+    "LostSlot",
+    "PinError",
+    "RingCollate",
+    "RingIterator",
+    "RingLoader",
+    "RingShutDownError",
+    "RingStats",
+    "RingTimeoutError",
+    "Slot",
+    "SlotLostError",
+    "SlotStateError",
+    "SlotToken",
+    "fill_slot",
+    "ring_loader",
     "HeaderError",
     "InvalidKeyError",
     "InvalidSizeError",

@@ -1,0 +1,857 @@
+"""BatchRing: fixed-shape batch slots in one segment, from worker processes to a consumer, zero-copy.
+
+Producers (any process) ``acquire()`` a free slot, fill its arrays in place
+and ``publish()`` it; a consumer ``get()``s published slots (in acquisition
+order, or in any order) as zero-copy views and ``release()``s them::
+
+    ring = BatchRing.create("feed", {"images": ((256, 3, 224, 224), np.uint8),
+                                     "labels": ((256,), np.int64)}, slots=8)
+    # in a worker:                              # in the trainer:
+    with BatchRing.attach("feed") as r:         for batch in ring:   # released when the loop moves on
+        with r.acquire() as slot:                   train(batch["images"], batch["labels"])
+            slot["images"][:] = ...
+            slot["labels"][:] = ...             # publishes on a clean exit, aborts on an exception
+
+How it works. Slot states live in the ring's control block (see
+``_ringlayout``) and change only under the segment lock (a few microseconds
+per change). Whoever holds a slot (a producer filling it, a consumer reading
+it) also holds an exclusive OFD byte lock on the segment's file at
+``SLOT_BASE + slot``; the kernel drops it when the holder dies, so a slot
+whose state says "held" while its byte is free belongs to a dead process and
+is taken back. Waiting is polling with sleeps that back off from 50 us to
+1 ms (so a long-waiting process notices a change within about 1 ms, and
+waiting costs ~1000 cheap wake-ups a second); every 20 ms a waiter also
+scans for dead holders, so a killed holder's slot comes back within ~25 ms.
+
+Ordering. ``ordered=True`` delivers batches in ticket order: the ticket is
+taken at ``acquire()``, so the oldest ticket always holds a slot and the
+ring cannot deadlock under backpressure. A ticket whose slot was aborted or
+lost is skipped. ``ordered=False`` delivers whatever is published, oldest
+ticket first.
+
+Failures. A producer that dies while filling: its slot returns to the free
+pool and every consumer is told once, by ``SlotLostError`` from its next
+``get()`` (``on_lost="raise"``, the default) or only through
+``stats().lost`` (``on_lost="skip"``). A consumer that dies while reading:
+its slot returns to the free pool, the batch is dropped (delivery is at most
+once), ``stats().consumer_lost`` counts it; once every consumer has gone
+(died or closed), producers waiting on a full ring get ``RingShutDownError``
+instead of waiting forever. ``shutdown()`` wakes every waiter in every
+process (see its docstring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+import numpy as np
+
+from ._errors import HeaderError, SharedMemoryError, ShmError
+from ._header import Kind, pack_header, read_header
+from ._header import layout as header_layout
+from ._os import backend
+from ._ringlayout import (
+    CONTROL_WORDS, FILLING, FLAG_ORDERED, FREE, G_ABORTED, G_CONSUMER_LOST, G_CONSUMERS_SEEN, G_DELIVERED,
+    G_EPOCH, G_FLAGS, G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLOTS,
+    G_VERSION, L_EPOCH, L_PID, L_SLOT, L_TICKET, LOST_LOG, MAGIC_WORD, READING, READY, S_EPOCH, S_GEN,
+    S_PID, S_ROWS, S_STATE, S_TICKET, SENT, SHUTDOWN_DRAIN, SHUTDOWN_NOW, SLOT_WORDS, RingLayout,
+    make_layout, parse_descriptor,
+)
+from ._segment import Segment
+
+__all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
+           "RingShutDownError", "SlotLostError", "SlotStateError"]
+
+_FIRST_SLEEP = 5e-5
+_MAX_SLEEP = 1e-3
+_SCAN_EVERY = 0.02
+# The segment lock is held for microseconds by ring operations; even timeout=0
+# waits this long for it, so "tries once" is not defeated by a neighbour's update.
+_LOCK_GRACE = 0.05
+_LOG_BASE = CONTROL_WORDS
+_SLOT_TABLE = CONTROL_WORDS + LOST_LOG * 4
+_T = TypeVar("_T")
+
+
+class RingTimeoutError(ShmError, TimeoutError):
+    """No slot (producer) or no batch (consumer) became available within the timeout."""
+
+    code = SharedMemoryError.LockError
+
+
+class RingShutDownError(ShmError):
+    """The ring was shut down, or every consumer has gone while producers wait on a full ring."""
+
+
+class SlotStateError(ShmError, RuntimeError):
+    """A slot used against its state: published twice, released by a non-holder, a closed ring."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LostSlot:
+    """A batch lost because its producer died while filling it."""
+
+    ticket: int
+    slot: int
+    pid: int
+    epoch: int
+
+
+class SlotLostError(ShmError):
+    """Producers died while filling slots (``.lost``: the LostSlot records), or a token is stale.
+
+    The slots are already back in the free pool; the next ``get()`` goes on.
+    """
+
+    def __init__(self, message: str = "", key: str | None = None, lost: tuple[LostSlot, ...] = ()) -> None:
+        super().__init__(message, key)
+        self.lost = tuple(lost)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.__class__, (self.message, self.key, self.lost)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotToken:
+    """A handed-off slot, small and picklable: send it any way, ``ring.claim(token)`` it once."""
+
+    key: str
+    index: int
+    generation: int
+    epoch: int
+    ticket: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RingStats:
+    """A snapshot of a ring: slots by state, and counters since creation."""
+
+    slots: int
+    free: int
+    filling: int
+    ready: int
+    reading: int
+    handed_off: int
+    published: int
+    delivered: int
+    aborted: int
+    lost: int
+    consumer_lost: int
+    shut_down: bool
+    epoch: int
+
+
+class Slot:
+    """One slot held by this process: a producer's to fill, or a consumer's to read.
+
+    ``slot["images"]`` is a zero-copy ndarray in the segment (a consumer's
+    views cover the first ``rows`` rows when the producer published fewer).
+    Views stay valid memory after ``release()`` but the slot may be refilled
+    at once: copy what you keep.
+    """
+
+    __slots__ = ("_ring", "index", "ticket", "generation", "epoch", "rows", "_producer", "_arrays", "_done")
+
+    def __init__(self, ring: BatchRing, index: int, ticket: int, generation: int, epoch: int,
+                 producer: bool, rows: int | None) -> None:
+        self._ring = ring
+        self.index = index
+        self.ticket = ticket
+        self.generation = generation
+        self.epoch = epoch
+        self.rows = rows
+        self._producer = producer
+        self._done = False
+        views = ring._slot_views(index)
+        if rows is not None:
+            views = {k: (v[:rows] if v.ndim else v) for k, v in views.items()}
+        self._arrays = views
+
+    def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
+        return self._arrays[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._arrays
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def keys(self) -> Any:
+        """Field names."""
+        return self._arrays.keys()
+
+    def items(self) -> Any:
+        """(name, view) pairs."""
+        return self._arrays.items()
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Every field's view, by name."""
+        return dict(self._arrays)
+
+    @property
+    def held(self) -> bool:
+        """True until this slot is published, handed off, aborted or released."""
+        return not self._done
+
+    @property
+    def role(self) -> str:
+        """'producer' or 'consumer'."""
+        return "producer" if self._producer else "consumer"
+
+    def publish(self, rows: int | None = None) -> None:
+        """Make the filled slot available to ``get()``; *rows*: only the first rows are valid."""
+        self._ring._publish(self, rows, READY)
+
+    def handoff(self, rows: int | None = None) -> SlotToken:
+        """Publish for ``ring.claim(token)`` only (not ``get()``); send the token any way you like."""
+        self._ring._publish(self, rows, SENT)
+        return SlotToken(self._ring.key, self.index, self.generation, self.epoch, self.ticket)
+
+    def abort(self) -> None:
+        """Give the unfilled slot back; its ticket is skipped."""
+        self._ring._finish(self, producer=True)
+
+    def release(self) -> None:
+        """Give the consumed slot back to the producers."""
+        self._ring._finish(self, producer=False)
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._done:
+            return
+        if not self._producer:
+            self.release()
+        elif exc_type is None:
+            self.publish()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        state = "held" if not self._done else "done"
+        return f"<shmarray.Slot {self.index} ticket={self.ticket} {self.role} {state} of {self._ring.key!r}>"
+
+
+class RingIterator:
+    """Yields published slots; each is released when the next is asked for. Ends at shutdown."""
+
+    def __init__(self, ring: BatchRing, timeout: float | None) -> None:
+        self._ring = ring
+        self._timeout = timeout
+        self._current: Slot | None = None
+
+    def __iter__(self) -> RingIterator:
+        return self
+
+    def __next__(self) -> Slot:
+        self.close()
+        try:
+            self._current = self._ring.get(self._timeout)
+        except RingShutDownError:
+            raise StopIteration from None
+        return self._current
+
+    def close(self) -> None:
+        """Release the slot handed out last, if still held."""
+        cur, self._current = self._current, None
+        if cur is not None and cur.held:
+            cur.release()
+
+
+class BatchRing:
+    """A ring of fixed-shape batch slots in one segment; see the module docstring.
+
+    Build with :meth:`create` or :meth:`attach`. Timeouts follow
+    ``Segment.lock``: None waits forever, 0 tries once, > 0 is a deadline;
+    running out raises :class:`RingTimeoutError`.
+    """
+
+    # Defaults at class level, so close() works on a half-built object.
+    _seg: Segment | None = None
+    _ctl: memoryview | None = None
+
+    def __init__(self, seg: Segment, lay: RingLayout, payload_offset: int, on_lost: str) -> None:
+        """Internal: use BatchRing.create() or BatchRing.attach()."""
+        self._key = seg.key or ""
+        self._lay = lay
+        self._base = payload_offset
+        self._on_lost = on_lost
+        self._tlock = threading.Lock()
+        self._held: dict[int, int] = {}
+        self._consumer = False
+        self._pid = backend.getpid()
+        mapping = seg._mapping()
+        ctl = memoryview(mapping)[payload_offset : payload_offset + lay.control_bytes].cast("Q")
+        self._ctl = ctl
+        self._seg = seg
+        self._cache: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * lay.slots
+        if (ctl[G_MAGIC] != MAGIC_WORD or ctl[G_SLOTS] != lay.slots
+                or bool(ctl[G_FLAGS] & FLAG_ORDERED) != lay.ordered):
+            raise HeaderError(f"batch ring {self._key!r} has a corrupt control block (magic, slot count or "
+                              "flags disagree with its descriptor); recreate the ring", self._key)
+        for i in range(lay.slots):
+            self._state(i)
+        self._lost_seen = ctl[G_LOST]
+
+    # -- building ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, key: str, fields: Mapping[str, Any], slots: int = 4, *, ordered: bool = True,
+               persistent: bool = False, permissions: int = 0o600, on_lost: str = "raise") -> BatchRing:
+        """A new ring of *slots* slots, each holding one array per field: ``{name: (shape, dtype)}``.
+
+        Raises AlreadyExistsError when *key* exists, TypeError / ValueError for bad fields.
+        """
+        _check_on_lost(on_lost)
+        lay = make_layout(fields, slots, ordered)
+        desc = lay.descriptor()
+        p_off, total = header_layout(len(desc), lay.payload_bytes)
+        head = pack_header(Kind.RING, desc, p_off, lay.payload_bytes)
+        ctl = [0] * (lay.control_bytes // 8)
+        ctl[G_MAGIC], ctl[G_SLOTS], ctl[G_FLAGS] = MAGIC_WORD, lay.slots, FLAG_ORDERED if ordered else 0
+        ctl_bytes = np.array(ctl, dtype="<u8").tobytes()
+
+        def fill(write: Callable[[memoryview, int], None]) -> None:
+            write(memoryview(head), 0)
+            write(memoryview(ctl_bytes), p_off)
+
+        seg = Segment(key)
+        seg._create(total, persistent=persistent, permissions=permissions, fill=fill)
+        try:
+            return cls(seg, lay, p_off, on_lost)
+        except BaseException:
+            seg.detach()
+            raise
+
+    @classmethod
+    def attach(cls, key: str, *, on_lost: str = "raise") -> BatchRing:
+        """Attach the ring *key*; HeaderError when the segment holds something else or is corrupt."""
+        _check_on_lost(on_lost)
+        seg = Segment(key).attach()
+        try:
+            data = seg.data
+            assert data is not None
+            hdr, desc = read_header(data, expect=Kind.RING, key=key)
+            lay = parse_descriptor(desc, hdr.payload_length, key=key)
+            return cls(seg, lay, hdr.payload_offset, on_lost)
+        except BaseException:
+            seg.detach()
+            raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles as a reference: the receiver attaches by key.
+        return _attach_ring, (self._key, self._on_lost)
+
+    # -- what it is ----------------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        """The ring's segment key."""
+        return self._key
+
+    @property
+    def segment(self) -> Segment:
+        """The segment holding the ring."""
+        return self._live("segment")[0]
+
+    @property
+    def slots(self) -> int:
+        """Number of slots."""
+        return self._lay.slots
+
+    @property
+    def ordered(self) -> bool:
+        """True when batches are delivered in ticket (acquisition) order."""
+        return self._lay.ordered
+
+    @property
+    def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+        """{name: (shape, dtype)} of every slot's arrays."""
+        return {f.name: (f.shape, f.dtype) for f in self._lay.fields}
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes between two slots."""
+        return self._lay.stride
+
+    @property
+    def closed(self) -> bool:
+        """True once close() detached this object."""
+        return self._ctl is None
+
+    @property
+    def is_shut_down(self) -> bool:
+        """True once anyone called shutdown()."""
+        return bool(self._live("is_shut_down")[1][G_SHUTDOWN])
+
+    # -- producers -------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> Slot:
+        """A free slot to fill; waits while all are in use (backpressure).
+
+        Raises RingTimeoutError, or RingShutDownError after shutdown() or when
+        every consumer has gone and the ring is full.
+        """
+        return self._wait(self._try_acquire, timeout, "for a free slot")
+
+    def _try_acquire(self, deadline: float | None) -> Slot | None:
+        seg, ctl = self._enter(deadline)
+        try:
+            if ctl[G_SHUTDOWN]:
+                raise RingShutDownError(f"batch ring {self._key!r} is shut down; no new batches", self._key)
+            i = self._take_free(ctl)
+            if i is None and self._reap(ctl):
+                i = self._take_free(ctl)
+            if i is None:
+                if (ctl[G_CONSUMERS_SEEN] and not self._consumer
+                        and not backend.ofd_held_elsewhere(seg._lock_fd(), backend.CONSUMER_BYTE)):
+                    raise RingShutDownError(
+                        f"batch ring {self._key!r} is full and every consumer has gone (closed or died); "
+                        "start a consumer, or shut the ring down", self._key)
+                return None
+            s = _SLOT_TABLE + i * SLOT_WORDS
+            ticket = ctl[G_NEXT_TICKET]
+            ctl[G_NEXT_TICKET] = ticket + 1
+            gen = ctl[s + S_GEN] + 1
+            epoch = ctl[G_EPOCH]
+            ctl[s + S_TICKET], ctl[s + S_PID], ctl[s + S_GEN] = ticket, self._pid, gen
+            ctl[s + S_EPOCH], ctl[s + S_ROWS] = epoch, 0
+            ctl[s + S_STATE] = FILLING
+            ctl[G_VERSION] += 1
+            self._held[i] = gen
+            return Slot(self, i, ticket, gen, epoch, True, None)
+        finally:
+            self._leave(seg)
+
+    def _take_free(self, ctl: memoryview) -> int | None:
+        fd = self._live("acquire")[0]._lock_fd()
+        for i in range(self._lay.slots):
+            if ctl[_SLOT_TABLE + i * SLOT_WORDS + S_STATE] == FREE:
+                # A free slot's byte is free unless its last holder is mid-exit; skip it then.
+                if backend.ofd_lock(fd, backend.SLOT_BASE + i, exclusive=True, wait=False):
+                    return i
+        return None
+
+    def _publish(self, slot: Slot, rows: int | None, state: int) -> None:
+        if rows is not None:
+            rows = self._check_rows(rows)
+        seg, ctl = self._enter(None)
+        try:
+            s = self._mine(slot, ctl, FILLING, "publish")
+            if ctl[G_SHUTDOWN] == SHUTDOWN_NOW:
+                self._drop(slot, ctl, s, G_ABORTED)
+                raise RingShutDownError(f"batch ring {self._key!r} was shut down at once; the batch in slot "
+                                        f"{slot.index} is dropped", self._key)
+            ctl[s + S_ROWS] = 0 if rows is None else rows + 1
+            ctl[s + S_STATE] = state
+            ctl[G_PUBLISHED] += 1
+            ctl[G_VERSION] += 1
+            self._let_go(slot)
+        finally:
+            self._leave(seg)
+
+    def _check_rows(self, rows: int) -> int:
+        lead = [f.shape[0] for f in self._lay.fields if f.shape]
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
+            raise TypeError(f"rows must be an int, not {rows!r}")
+        if not lead or not 0 <= rows <= min(lead):
+            raise ValueError(f"rows={rows} must lie in [0, {min(lead) if lead else 0}] (the smallest leading "
+                             f"dimension of ring {self._key!r}'s fields)")
+        return int(rows)
+
+    # -- consumers ---------------------------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Slot:
+        """The next published batch, as a held slot; ``release()`` it when done.
+
+        Raises RingTimeoutError; RingShutDownError once the ring is shut down
+        and drained; SlotLostError (once per loss, then go on) when a producer
+        died holding a slot and ``on_lost="raise"``.
+        """
+        self._become_consumer()
+        return self._wait(self._try_get, timeout, "for a published batch")
+
+    def _try_get(self, deadline: float | None) -> Slot | None:
+        seg, ctl = self._enter(deadline)
+        try:
+            i = self._pick(ctl)
+            if i is None:
+                self._reap(ctl)
+                i = self._pick(ctl)
+            lost = self._news(ctl)
+            if lost is None:
+                return self._deliver(seg, ctl, i)
+        finally:
+            self._leave(seg)
+        raise lost
+
+    def _deliver(self, seg: Segment, ctl: memoryview, i: int | None) -> Slot | None:
+        shut = ctl[G_SHUTDOWN]
+        if shut == SHUTDOWN_NOW or (shut and i is None and not self._count(ctl, FILLING)):
+            raise RingShutDownError(f"batch ring {self._key!r} is shut down and drained", self._key)
+        if i is None:
+            return None
+        if not backend.ofd_lock(seg._lock_fd(), backend.SLOT_BASE + i, exclusive=True, wait=False):
+            return None  # its producer is between publishing and letting go: next round
+        s = _SLOT_TABLE + i * SLOT_WORDS
+        ticket, gen, rows = ctl[s + S_TICKET], ctl[s + S_GEN], ctl[s + S_ROWS]
+        ctl[s + S_PID] = self._pid
+        ctl[s + S_STATE] = READING
+        if self._lay.ordered:
+            ctl[G_NEXT_DELIVER] = ticket + 1
+        ctl[G_DELIVERED] += 1
+        ctl[G_VERSION] += 1
+        self._held[i] = gen
+        return Slot(self, i, ticket, gen, ctl[s + S_EPOCH], False, rows - 1 if rows else None)
+
+    def _pick(self, ctl: memoryview) -> int | None:
+        n = self._lay.slots
+        if not self._lay.ordered:
+            best, best_ticket = None, 0
+            for i in range(n):
+                s = _SLOT_TABLE + i * SLOT_WORDS
+                if ctl[s + S_STATE] == READY and (best is None or ctl[s + S_TICKET] < best_ticket):
+                    best, best_ticket = i, ctl[s + S_TICKET]
+            return best
+        while True:
+            t = ctl[G_NEXT_DELIVER]
+            if t >= ctl[G_NEXT_TICKET]:
+                return None
+            for i in range(n):
+                s = _SLOT_TABLE + i * SLOT_WORDS
+                st = ctl[s + S_STATE]
+                if ctl[s + S_TICKET] == t and st in (FILLING, READY):
+                    return i if st == READY else None
+            # Ticket t is in no slot: aborted, lost, or handed off. Skip it.
+            ctl[G_NEXT_DELIVER] = t + 1
+
+    def _news(self, ctl: memoryview) -> SlotLostError | None:
+        """New producer losses since this object last looked, as the error to raise (or None)."""
+        total = ctl[G_LOST]
+        if total <= self._lost_seen:
+            return None
+        first = max(self._lost_seen, total - LOST_LOG)
+        self._lost_seen = total
+        if self._on_lost != "raise":
+            return None
+        recs = []
+        for k in range(first, total):
+            e = _LOG_BASE + (k % LOST_LOG) * 4
+            recs.append(LostSlot(ctl[e + L_TICKET], ctl[e + L_SLOT], ctl[e + L_PID], ctl[e + L_EPOCH]))
+        what = ", ".join(f"ticket {r.ticket} (slot {r.slot}, pid {r.pid})" for r in recs)
+        return SlotLostError(f"batch ring {self._key!r}: {len(recs)} batch(es) lost because their producer died "
+                             f"while filling: {what}; the slots are free again, get() goes on", self._key,
+                             tuple(recs))
+
+    def claim(self, token: SlotToken) -> Slot:
+        """Take a handed-off slot (see ``Slot.handoff``) for reading; SlotLostError when it is stale."""
+        if not isinstance(token, SlotToken):
+            raise TypeError(f"claim() wants a SlotToken, not {type(token).__name__}")
+        if token.key != self._key or not 0 <= token.index < self._lay.slots:
+            raise ValueError(f"token {token!r} is not for a slot of batch ring {self._key!r}")
+        self._become_consumer()
+        seg, ctl = self._enter(None)
+        try:
+            s = _SLOT_TABLE + token.index * SLOT_WORDS
+            if ctl[s + S_STATE] != SENT or ctl[s + S_GEN] != token.generation:
+                raise SlotLostError(f"batch ring {self._key!r}: the token for slot {token.index} (ticket "
+                                    f"{token.ticket}) is stale; the slot was claimed or reclaimed", self._key)
+            if not backend.ofd_lock(seg._lock_fd(), backend.SLOT_BASE + token.index, exclusive=True, wait=False):
+                raise SlotStateError(f"batch ring {self._key!r}: slot {token.index} is held elsewhere", self._key)
+            rows = ctl[s + S_ROWS]
+            ctl[s + S_PID] = self._pid
+            ctl[s + S_STATE] = READING
+            ctl[G_DELIVERED] += 1
+            ctl[G_VERSION] += 1
+            self._held[token.index] = token.generation
+            return Slot(self, token.index, token.ticket, token.generation, token.epoch, False,
+                        rows - 1 if rows else None)
+        finally:
+            self._leave(seg)
+
+    def __iter__(self) -> RingIterator:
+        return RingIterator(self, None)
+
+    def batches(self, timeout: float | None = None) -> RingIterator:
+        """Iterate published batches, *timeout* per batch; each is released when the next is asked for."""
+        return RingIterator(self, timeout)
+
+    def _become_consumer(self) -> None:
+        seg, ctl = self._live("get")
+        self._check_pid()
+        if not self._consumer:
+            backend.ofd_lock(seg._lock_fd(), backend.CONSUMER_BYTE, exclusive=False, wait=True)
+            ctl[G_CONSUMERS_SEEN] = 1
+            self._consumer = True
+
+    # -- both -----------------------------------------------------------------------------------
+
+    def _finish(self, slot: Slot, producer: bool) -> None:
+        if slot._producer != producer:
+            raise SlotStateError(f"{'abort' if producer else 'release'}() is for {'producers' if producer else 'consumers'}; "
+                                 f"this slot is a {slot.role}'s")
+        seg, ctl = self._enter(None)
+        try:
+            s = self._mine(slot, ctl, FILLING if producer else READING, "abort" if producer else "release")
+            self._drop(slot, ctl, s, G_ABORTED if producer else None)
+        finally:
+            self._leave(seg)
+
+    def _mine(self, slot: Slot, ctl: memoryview, state: int, what: str) -> int:
+        s = _SLOT_TABLE + slot.index * SLOT_WORDS
+        if (slot._ring is not self or slot._done or self._held.get(slot.index) != slot.generation
+                or ctl[s + S_STATE] != state or ctl[s + S_GEN] != slot.generation):
+            raise SlotStateError(f"{what}: slot {slot.index} of batch ring {self._key!r} is not held by this "
+                                 "process any more (already published, released or aborted)", self._key)
+        return s
+
+    def _drop(self, slot: Slot, ctl: memoryview, s: int, counter: int | None) -> None:
+        ctl[s + S_STATE] = FREE
+        if counter is not None:
+            ctl[counter] += 1
+        ctl[G_VERSION] += 1
+        self._let_go(slot)
+
+    def _let_go(self, slot: Slot) -> None:
+        slot._done = True
+        del self._held[slot.index]
+        backend.ofd_unlock(self._live("release")[0]._lock_fd(), backend.SLOT_BASE + slot.index)
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """Stop the ring for every process, waking every waiter (like ``queue.Queue.shutdown``).
+
+        After it, ``acquire()`` raises RingShutDownError. With *immediate*
+        False, slots being filled may still be published and consumers get
+        every published batch, then RingShutDownError (iteration stops). With
+        *immediate* True, published batches are dropped and ``get()`` and
+        ``publish()`` raise at once. Held slots can always be released.
+        """
+        seg, ctl = self._enter(None)
+        try:
+            ctl[G_SHUTDOWN] = max(ctl[G_SHUTDOWN], SHUTDOWN_NOW if immediate else SHUTDOWN_DRAIN)
+            if immediate:
+                for i in range(self._lay.slots):
+                    if self._state(i) == READY:
+                        ctl[_SLOT_TABLE + i * SLOT_WORDS + S_STATE] = FREE
+            ctl[G_VERSION] += 1
+        finally:
+            self._leave(seg)
+
+    def stats(self) -> RingStats:
+        """Slots by state and the ring's counters, read under the lock."""
+        seg, ctl = self._enter(None)
+        try:
+            n = [self._count(ctl, st) for st in (FREE, FILLING, READY, READING, SENT)]
+            return RingStats(self._lay.slots, *n, ctl[G_PUBLISHED], ctl[G_DELIVERED], ctl[G_ABORTED],
+                             ctl[G_LOST], ctl[G_CONSUMER_LOST], bool(ctl[G_SHUTDOWN]), ctl[G_EPOCH])
+        finally:
+            self._leave(seg)
+
+    def _new_epoch(self) -> int:
+        """Start a new epoch: handed-off slots of earlier epochs are stale and go back to the pool."""
+        seg, ctl = self._enter(None)
+        try:
+            ctl[G_EPOCH] += 1
+            self._reap(ctl)
+            return int(ctl[G_EPOCH])
+        finally:
+            self._leave(seg)
+
+    def _reap(self, ctl: memoryview) -> int:
+        """Take back slots of dead holders and stale hand-offs (under the lock); returns how many."""
+        fd = self._live("scan")[0]._lock_fd()
+        epoch = ctl[G_EPOCH]
+        found = 0
+        for i in range(self._lay.slots):
+            s = _SLOT_TABLE + i * SLOT_WORDS
+            st = self._state(i)
+            if st in (FILLING, READING) and i not in self._held:
+                if backend.ofd_held_elsewhere(fd, backend.SLOT_BASE + i):
+                    continue
+                if st == FILLING:
+                    k = ctl[G_LOST]
+                    e = _LOG_BASE + (k % LOST_LOG) * 4
+                    ctl[e + L_TICKET], ctl[e + L_SLOT] = ctl[s + S_TICKET], i
+                    ctl[e + L_PID], ctl[e + L_EPOCH] = ctl[s + S_PID], ctl[s + S_EPOCH]
+                    ctl[G_LOST] = k + 1
+                else:
+                    ctl[G_CONSUMER_LOST] += 1
+            elif not (st == SENT and ctl[s + S_EPOCH] < epoch):
+                continue
+            ctl[s + S_STATE] = FREE
+            ctl[G_VERSION] += 1
+            found += 1
+        return found
+
+    def _state(self, i: int) -> int:
+        st = self._live("scan")[1][_SLOT_TABLE + i * SLOT_WORDS + S_STATE]
+        if st > SENT:
+            raise HeaderError(f"batch ring {self._key!r} has a corrupt control block: slot {i} is in state {st}; "
+                              "recreate the ring", self._key)
+        return int(st)
+
+    def _count(self, ctl: memoryview, state: int) -> int:
+        return sum(1 for i in range(self._lay.slots) if ctl[_SLOT_TABLE + i * SLOT_WORDS + S_STATE] == state)
+
+    # -- machinery --------------------------------------------------------------------------------
+
+    def _live(self, what: str) -> tuple[Segment, memoryview]:
+        seg, ctl = self._seg, self._ctl
+        if seg is None or ctl is None:
+            raise SlotStateError(f"{what}: batch ring {self._key!r} is closed in this process; attach it again",
+                                 self._key)
+        return seg, ctl
+
+    def _check_pid(self) -> None:
+        pid = backend.getpid()
+        if pid != self._pid:
+            # A forked child: the parent's slots and consumer lock stay the parent's
+            # (Segment gave the child its own lock description).
+            self._pid = pid
+            self._held = {}
+            self._consumer = False
+            self._tlock = threading.Lock()
+
+    def _enter(self, deadline: float | None) -> tuple[Segment, memoryview]:
+        seg, ctl = self._live("ring operation")
+        self._check_pid()
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) + _LOCK_GRACE
+        if not self._tlock.acquire(timeout=-1 if wait is None else wait):
+            raise RingTimeoutError(f"timed out waiting for batch ring {self._key!r}'s lock", self._key)
+        try:
+            if not seg.lock(wait):
+                raise RingTimeoutError(f"timed out waiting for batch ring {self._key!r}'s lock (is someone "
+                                       "holding ring.segment's lock?)", self._key)
+        except BaseException:
+            self._tlock.release()
+            raise
+        return seg, ctl
+
+    def _leave(self, seg: Segment) -> None:
+        seg.unlock()
+        self._tlock.release()
+
+    def _wait(self, attempt: Callable[[float | None], _T | None], timeout: float | None, what: str) -> _T:
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
+                raise TypeError(f"timeout must be None or a number of seconds, not {timeout!r}")
+        ctl = self._live("wait")[1]
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        delay = _FIRST_SLEEP
+        while True:
+            seen = ctl[G_VERSION]
+            result = attempt(deadline)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RingTimeoutError(f"batch ring {self._key!r}: timed out after {timeout} s waiting {what}",
+                                       self._key)
+            scanned = time.monotonic()
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                time.sleep(delay if left is None else min(delay, left))
+                delay = min(delay * 2, _MAX_SLEEP)
+                if self._ctl is None or ctl[G_VERSION] != seen or time.monotonic() - scanned >= _SCAN_EVERY:
+                    break
+
+    def _slot_views(self, i: int) -> dict[str, np.ndarray[Any, Any]]:
+        views = self._cache[i]
+        if views is None:
+            mapping = self._live("views")[0]._mapping()
+            base = self._base + self._lay.slot_offset(i)
+            views = {}
+            for f in self._lay.fields:
+                count = math.prod(f.shape)
+                arr = (np.frombuffer(mapping, dtype=f.dtype, count=count, offset=base + f.offset) if count
+                       else np.zeros(0, dtype=f.dtype))
+                views[f.name] = arr.reshape(f.shape)
+            self._cache[i] = views
+        return views
+
+    # -- lifetime ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Abort the slots this object is filling, release those it reads, and detach. Idempotent.
+
+        Views already taken stay valid memory. The ring itself lives on while
+        any process is attached (see Segment's lifetime).
+        """
+        seg = self._seg
+        if seg is None:
+            return
+        try:
+            if self._held and self._ctl is not None and backend.getpid() == self._pid:
+                _, ctl = self._enter(time.monotonic() + 1.0)
+                try:
+                    for i, gen in list(self._held.items()):
+                        s = _SLOT_TABLE + i * SLOT_WORDS
+                        if ctl[s + S_GEN] == gen and ctl[s + S_STATE] in (FILLING, READING):
+                            if ctl[s + S_STATE] == FILLING:
+                                ctl[G_ABORTED] += 1
+                            ctl[s + S_STATE] = FREE
+                            ctl[G_VERSION] += 1
+                    self._held.clear()
+                finally:
+                    self._leave(seg)
+        except ShmError:
+            pass  # the lock is wedged: detaching drops our byte locks and the slots are reaped as lost
+        finally:
+            ctl, self._ctl, self._seg = self._ctl, None, None
+            self._cache = []
+            if ctl is not None:
+                ctl.release()
+            seg.detach()
+
+    def unlink(self) -> bool:
+        """Remove the ring's name now; attached processes keep it. False if already gone."""
+        return self._live("unlink")[0].unlink()
+
+    def pin(self) -> None:
+        """Page-lock the ring's memory for CUDA (``Segment.pin``): host-to-device copies at pinned speed."""
+        self._live("pin")[0].pin()
+
+    def unpin(self) -> bool:
+        """Undo pin(); False when it was not pinned."""
+        return self._live("unpin")[0].unpin()
+
+    @property
+    def is_pinned(self) -> bool:
+        """True while the ring's memory is registered with CUDA."""
+        seg = self._seg
+        return seg is not None and seg.is_pinned
+
+    def __enter__(self) -> BatchRing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ctl is None else f"{self._lay.slots} slots"
+        fields = ", ".join(f"{f.name}: {f.dtype}{list(f.shape)}" for f in self._lay.fields)
+        return f"<shmarray.BatchRing {self._key!r} {state} {{{fields}}}>"
+
+
+def _check_on_lost(on_lost: str) -> None:
+    if on_lost not in ("raise", "skip"):
+        raise ValueError(f"on_lost must be 'raise' or 'skip', not {on_lost!r}")
+
+
+def _attach_ring(key: str, on_lost: str) -> BatchRing:
+    return BatchRing.attach(key, on_lost=on_lost)
+
+
+for _cls in (BatchRing, Slot, SlotToken, RingStats, LostSlot, RingIterator, RingTimeoutError,
+             RingShutDownError, SlotLostError, SlotStateError):
+    _cls.__module__ = "shmarray"

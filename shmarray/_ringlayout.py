@@ -1,0 +1,224 @@
+"""The byte layout of a batch ring, and its validation.
+
+A ring's segment holds, in its user bytes (``Segment.data``)::
+
+    payload header (shmarray._header, kind RING) + descriptor (JSON, below)
+    payload, 64-byte aligned:
+      control block     CONTROL_WORDS + LOST_LOG * 4 + slots * SLOT_WORDS little-endian u64 words
+      slot 0            each field at a 64-byte aligned offset inside the slot
+      slot 1            slots are `stride` bytes apart (a multiple of 64)
+      ...
+
+Descriptor (UTF-8 JSON object)::
+
+    {"format": "shmarray.ring/1", "slots": N, "ordered": true,
+     "fields": [{"name": "images", "dtype": "|u1", "shape": [256, 3, 224, 224],
+                 "offset": 0, "nbytes": 38535168}, ...],
+     "slot_bytes": ..., "stride": ..., "control_bytes": ...}
+
+``dtype`` is numpy's ``.npy`` descriptor (``numpy.lib.format.dtype_to_descr``).
+Everything positional is derived from (fields, slots): a reader recomputes
+the layout and refuses a descriptor whose offsets differ, so a corrupt or
+hostile descriptor can never make a view reach outside its slot.
+
+Control block words (u64): see the ``G_*`` (global), ``L_*`` (lost log) and
+``S_*`` (per slot) constants. Slot states are ``FREE``, ``FILLING``
+(a producer holds it), ``READY`` (published, waiting for ``get()``),
+``READING`` (a consumer holds it) and ``SENT`` (published for ``claim()``
+with a token that travels another way, e.g. a DataLoader's result queue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from ._errors import HeaderError
+from ._header import ALIGN, align
+
+__all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "FORMAT"]
+
+FORMAT = "shmarray.ring/1"
+MAGIC_WORD = int.from_bytes(b"SHMRING\0", "little")
+# A slot table scan is O(slots) per wait step; 4096 keeps it in the microseconds.
+MAX_SLOTS = 4096
+MAX_FIELDS = 256
+MAX_NDIM = 32
+MAX_NAME = 256
+
+# Global words.
+G_MAGIC, G_SLOTS, G_SHUTDOWN, G_VERSION, G_NEXT_TICKET, G_NEXT_DELIVER, G_EPOCH, G_LOST = range(8)
+G_CONSUMER_LOST, G_ABORTED, G_PUBLISHED, G_DELIVERED, G_CONSUMERS_SEEN, G_FLAGS = range(8, 14)
+CONTROL_WORDS = 16
+# The last LOST_LOG producer deaths: (ticket, slot, pid, epoch) each; entry k of
+# the log is the (k+1)-th loss overall, at position k % LOST_LOG.
+LOST_LOG = 8
+L_TICKET, L_SLOT, L_PID, L_EPOCH = range(4)
+# Per-slot words.
+S_STATE, S_TICKET, S_PID, S_GEN, S_EPOCH, S_ROWS = range(6)
+SLOT_WORDS = 8
+
+FREE, FILLING, READY, READING, SENT = range(5)
+STATE_NAMES = ("free", "filling", "ready", "reading", "handed off")
+FLAG_ORDERED = 1
+SHUTDOWN_OPEN, SHUTDOWN_DRAIN, SHUTDOWN_NOW = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One array of every slot: name, dtype, shape and byte offset in the slot."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RingLayout:
+    """Where everything of a ring lives, relative to the start of its payload."""
+
+    slots: int
+    ordered: bool
+    fields: tuple[Field, ...]
+    slot_bytes: int
+    stride: int
+    control_bytes: int
+
+    @property
+    def payload_bytes(self) -> int:
+        """Control block plus every slot."""
+        return self.control_bytes + self.slots * self.stride
+
+    def slot_offset(self, index: int) -> int:
+        """Offset of slot *index* from the start of the payload."""
+        return self.control_bytes + index * self.stride
+
+    def descriptor(self) -> bytes:
+        """The JSON descriptor."""
+        return json.dumps({
+            "format": FORMAT,
+            "slots": self.slots,
+            "ordered": self.ordered,
+            "fields": [{"name": f.name, "dtype": npy_format.dtype_to_descr(f.dtype), "shape": list(f.shape),
+                        "offset": f.offset, "nbytes": f.nbytes} for f in self.fields],
+            "slot_bytes": self.slot_bytes,
+            "stride": self.stride,
+            "control_bytes": self.control_bytes,
+        }, separators=(",", ":")).encode()
+
+
+def control_bytes_for(slots: int) -> int:
+    """Bytes of the control block of a ring with *slots* slots."""
+    return align((CONTROL_WORDS + LOST_LOG * 4 + slots * SLOT_WORDS) * 8)
+
+
+def _check_dtype(name: str, dtype: object) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError as e:
+        raise TypeError(f"field {name!r}: {dtype!r} is not a NumPy dtype") from e
+    extra: tuple[int, ...] = ()
+    if dt.subdtype is not None:  # ('i4', (2, 3)): fold the sub-array into the shape
+        dt, extra = dt.subdtype[0], tuple(dt.subdtype[1])
+    if dt.hasobject:
+        raise TypeError(f"field {name!r}: dtype {dt} holds Python objects, which cannot live in shared "
+                        "memory; use a fixed-size dtype")
+    if dt.itemsize == 0:
+        raise TypeError(f"field {name!r}: dtype {dt} has no size; give strings and voids a length")
+    return dt, extra
+
+
+def _check_shape(name: str, shape: object) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (int(shape),)
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"field {name!r}: shape must be a tuple of ints, not {shape!r}")
+    out = []
+    for n in shape:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"field {name!r}: shape {tuple(shape)!r} must hold ints >= 0")
+        out.append(int(n))
+    if len(out) > MAX_NDIM:
+        raise ValueError(f"field {name!r}: {len(out)} dimensions, at most {MAX_NDIM}")
+    return tuple(out)
+
+
+def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool) -> RingLayout:
+    """The layout of a new ring; refuses bad input with TypeError / ValueError.
+
+    *fields* maps each name to ``(shape, dtype)`` (``{"images": ((256, 3, 224, 224), np.uint8)}``).
+    """
+    if not isinstance(fields, Mapping) or not fields:
+        raise TypeError("fields must be a non-empty dict of name -> (shape, dtype)")
+    if len(fields) > MAX_FIELDS:
+        raise ValueError(f"{len(fields)} fields; a ring holds at most {MAX_FIELDS}")
+    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or not 1 <= slots <= MAX_SLOTS:
+        raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, not {slots!r}")
+    out = []
+    offset = 0
+    for name, spec in fields.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+            raise TypeError(f"field names must be non-empty str of at most {MAX_NAME} characters, not {name!r}")
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            raise TypeError(f"field {name!r}: give (shape, dtype), not {spec!r}")
+        shape = _check_shape(name, spec[0])
+        dt, extra = _check_dtype(name, spec[1])
+        shape = shape + extra
+        nbytes = math.prod(shape) * dt.itemsize  # Python ints: a hostile shape cannot overflow
+        out.append(Field(name, dt, shape, offset, nbytes))
+        offset = align(offset + nbytes)
+    slot_bytes = max(offset, ALIGN)
+    return RingLayout(int(slots), bool(ordered), tuple(out), slot_bytes, slot_bytes,
+                      control_bytes_for(int(slots)))
+
+
+def parse_descriptor(raw: bytes, payload_length: int, *, key: str | None) -> RingLayout:
+    """The layout a ring descriptor states, validated; HeaderError when it is corrupt."""
+    label = f"batch ring {key!r}"
+
+    def bad(why: str) -> HeaderError:
+        return HeaderError(f"{label} has a corrupt descriptor: {why}; recreate the ring", key)
+
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise bad(f"format is not {FORMAT!r}")
+    raw_fields = d.get("fields")
+    if not isinstance(raw_fields, list) or not raw_fields or len(raw_fields) > MAX_FIELDS:
+        raise bad("no field list")
+    spec: dict[str, tuple[Any, Any]] = {}
+    for f in raw_fields:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or f["name"] in spec:
+            raise bad("a field has no name, or a duplicate one")
+        try:
+            dt = npy_format.descr_to_dtype(_tuples(f.get("dtype")))
+        except Exception as e:  # numpy raises many kinds for a malformed descr
+            raise bad(f"field {f['name']!r} has an invalid dtype ({type(e).__name__})") from None
+        spec[f["name"]] = (f.get("shape"), dt)
+    try:
+        lay = make_layout(spec, d.get("slots"), bool(d.get("ordered")))  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise bad(str(e)) from None
+    if lay.descriptor() != raw:
+        # Offsets, sizes and stride are derived: any disagreement is corruption.
+        raise bad("offsets, sizes or stride do not match the fields")
+    if lay.payload_bytes != payload_length:
+        raise bad(f"{lay.slots} slots of {lay.stride} bytes need {lay.payload_bytes} payload bytes, "
+                  f"the header says {payload_length}")
+    return lay
+
+
+def _tuples(x: object) -> Any:
+    # JSON turned numpy's tuples into lists; descr_to_dtype wants them back.
+    if isinstance(x, list):
+        return [tuple(_tuples(i) for i in e) if isinstance(e, list) else e for e in x]
+    return x
