@@ -314,27 +314,28 @@ def _extent(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], items
 # -- create / share -----------------------------------------------------------------------------
 
 
-def _check_room(key: str, total: int, what: str) -> None:
-    """OutOfResourcesError before anything is made, when /dev/shm cannot hold *total* user bytes."""
+def _no_room(key: str, total: int, what: str) -> OutOfResourcesError:
     free = backend.free_bytes()
-    if PAGE_SIZE + total > free:
-        raise OutOfResourcesError(
-            f"{what}: needs {_human(PAGE_SIZE + total)} but /dev/shm has {_human(free)} free "
-            f"(of {_human(backend.total_bytes())}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
-            "use a smaller array, or enlarge /dev/shm", key)
+    return OutOfResourcesError(
+        f"{what}: needs {_human(PAGE_SIZE + total)} but /dev/shm has {_human(free)} free "
+        f"(of {_human(backend.total_bytes())}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
+        "use a smaller array, or enlarge /dev/shm", key)
 
 
 def _prepare(key: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran: bool,
-             what: str) -> tuple[bytes, int, int]:
-    """(header + descriptor, payload offset, total user bytes), after every check that needs no OS."""
-    Segment(key)  # the key is checked here, before anything else is done
+             what: str) -> tuple[Segment, bytes, int, int]:
+    """(segment, header + descriptor, payload offset, total user bytes), after every check that needs no OS."""
+    seg = Segment(key)  # the key is checked here, before anything else is done
     descriptor = encode_descriptor(shape, dtype, fortran, what)
     nbytes = math.prod(shape) * dtype.itemsize
     p_off, total = layout(len(descriptor), nbytes)
-    _check_room(key, total, what)
+    # Segment._create checks the free space of /dev/shm before writing; sizes no
+    # file system holds (and that the header's 64-bit fields cannot) stop here.
+    if total >= 1 << 62:
+        raise _no_room(key, total, what)
     if math.prod(d for d in shape if d) > _INTP_MAX:
         raise InvalidSizeError(f"{what}: shape {shape} has more elements than numpy can index", key)
-    return pack_header(Kind.NDARRAY, descriptor, p_off, nbytes), p_off, total
+    return seg, pack_header(Kind.NDARRAY, descriptor, p_off, nbytes), p_off, total
 
 
 def _fill_value(fill: object, dtype: np.dtype[Any], what: str) -> np.ndarray | None:
@@ -413,7 +414,7 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
         raise ValueError(f"{what}: order must be 'C' or 'F', not {order!r}")
     item = _fill_value(fill, dt, what)
     fortran = order == "F"
-    head, p_off, total = _prepare(key, dims, dt, fortran, what)
+    seg, head, p_off, total = _prepare(key, dims, dt, fortran, what)
     count = math.prod(dims)
 
     def fill_segment(write: Write) -> None:
@@ -421,7 +422,6 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
         if item is not None and count:
             _write_repeated(write, item, count, p_off)
 
-    seg = Segment(key)
     # Zeros: posix_fallocate reserves zeroed pages. A fill value: pwrite
     # writes (and so reserves) every page; ENOSPC surfaces there.
     seg._create(total, persistent=persistent, fill=fill_segment, reserve=item is None)
@@ -444,13 +444,12 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False) -> SharedArr
     if dt is not src.dtype:
         src = src.view(dt)  # the same bytes without dtype metadata
     fortran = bool(src.flags.f_contiguous and not src.flags.c_contiguous)
-    head, p_off, total = _prepare(key, src.shape, dt, fortran, what)
+    seg, head, p_off, total = _prepare(key, src.shape, dt, fortran, what)
 
     def fill_segment(write: Write) -> None:
         write(memoryview(head), 0)
         _write_array(write, src, p_off, fortran)
 
-    seg = Segment(key)
     # pwrite from the source writes every page, so no separate reservation.
     seg._create(total, persistent=persistent, fill=fill_segment, reserve=False)
     return _view(seg, src.shape, dt, p_off, order="F" if fortran else "C")
