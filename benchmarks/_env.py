@@ -46,7 +46,8 @@ def _git() -> str | None:
             ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "shmarray", "benchmarks"],
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
+             "shmarray", "benchmarks"],
             capture_output=True, text=True, timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

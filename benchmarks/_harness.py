@@ -173,7 +173,7 @@ class Cleanup:
         return sorted(n for n in now if self.tag in n and n not in self.before)
 
     def sweep(self) -> list[str]:
-        """Undo everything registered, then remove this run's tagged /dev/shm entries; returns what it removed."""
+        """Undo everything registered, then remove this run's tagged /dev/shm entries (returned)."""
         while self._undo:
             _, (_, undo) = self._undo.popitem()
             _quiet(undo)
@@ -256,7 +256,8 @@ class Worker:
         try:
             status, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"worker {self.process.pid} died (exit code {self.process.exitcode})") from None
+            code = self.process.exitcode
+            raise RuntimeError(f"worker {self.process.pid} died (exit code {code})") from None
         if status == "err":
             raise RuntimeError(f"in worker {self.process.pid}: {value}")
         return value

@@ -97,7 +97,8 @@ def _variant_table(res: GroupResult, ref: str) -> list[str]:
                 cells += ["", ""]
                 continue
             cells.append(_cell(r))
-            vref = next((x.method for x in res.rows if x.variant == v and x.role == "shmarray" and x.samples), ref)
+            vref = next((x.method for x in res.rows
+                         if x.variant == v and x.role == "shmarray" and x.samples), ref)
             mine, base = res.median(m, variant=v), res.median(vref, variant=v)
             cells.append(_ratio_txt(None if mine is None or base is None or base == 0 else mine / base))
             ns.append(str(len(r.samples)))
@@ -153,7 +154,8 @@ def markdown(env: dict[str, Any], groups: list[GroupResult]) -> str:
                 st = r.stats
                 assert st is not None
                 where = human_size(r.size) if r.size is not None else r.variant
-                out.append(f"| {r.method} | {where} | {_fmt(st.min, r.unit)} | {_fmt(st.max, r.unit)} | {st.n} |")
+                lo, hi = _fmt(st.min, r.unit), _fmt(st.max, r.unit)
+                out.append(f"| {r.method} | {where} | {lo} | {hi} | {st.n} |")
             out += ["", "</details>"]
         out += ["", f"![{g.name}]({g.name}.png)" if g.rows else "", "",
                 f"_{g.name} took {g.seconds:.1f} s._"]
@@ -167,7 +169,8 @@ def _jsonable(g: GroupResult) -> dict[str, Any]:
         row = {k: v for k, v in dataclasses.asdict(r).items() if k != "samples"}
         row["samples"] = [float(f"{x:.6g}") for x in r.samples]
         st = r.stats
-        row["stats"] = None if st is None else {k: float(f"{v:.6g}") for k, v in dataclasses.asdict(st).items()}
+        row["stats"] = (None if st is None
+                        else {k: float(f"{v:.6g}") for k, v in dataclasses.asdict(st).items()})
         d["rows"].append(row)
     return d
 

@@ -58,7 +58,8 @@ def _close_quietly(obj: Any) -> None:
 class Made:
     """A producer's segment: ``release()`` drops this process's hold and removes the name."""
 
-    def __init__(self, name: str, cleanup: Cleanup, label: str, undo: Callable[[], None], hold: Any = None) -> None:
+    def __init__(self, name: str, cleanup: Cleanup, label: str, undo: Callable[[], None],
+                 hold: Any = None) -> None:
         self.name = name
         self._cleanup = cleanup
         self.hold = hold

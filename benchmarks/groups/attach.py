@@ -53,7 +53,8 @@ def run(ctx: Context) -> GroupResult:
     reps = ctx.reps(31, 9)
     dtype = np.dtype(np.float64)
     with Worker() as w:
-        w.call(P.import_in_worker, "numpy", "shmarray", "posix_ipc", "SharedArray", "multiprocessing.shared_memory")
+        w.call(P.import_in_worker, "numpy", "shmarray", "posix_ipc", "SharedArray",
+               "multiprocessing.shared_memory")
         for size in sizes(ctx):
             shape = (size // dtype.itemsize,)
             meta: P.Meta = (shape, dtype.str)
@@ -99,7 +100,7 @@ def _headline(res: GroupResult) -> None:
     if std:
         worst = min(std, key=lambda x: x[1])
         res.headline("attach: stdlib time / shmarray time", worst[1], ">= 2", worst[1] >= 2,
-                     f"worst size {human_size(worst[0])}; all: " + ", ".join(f"{human_size(s)} {r:.2f}x" for s, r in std))
+                     f"worst size {human_size(worst[0])}; all: {_each(std)}")
     else:
         res.headline("attach: stdlib time / shmarray time", None, ">= 2", None, "not measured")
     sa = ratios(LABELS[P.SHAREDARRAY])
@@ -107,14 +108,19 @@ def _headline(res: GroupResult) -> None:
         inv = [(s, 1 / r) for s, r in sa]  # shmarray / SharedArray
         worst = max(inv, key=lambda x: x[1])
         res.headline("attach: shmarray time / SharedArray time", worst[1], "<= 1.5", worst[1] <= 1.5,
-                     f"worst size {human_size(worst[0])}; all: " + ", ".join(f"{human_size(s)} {r:.2f}x" for s, r in inv))
+                     f"worst size {human_size(worst[0])}; all: {_each(inv)}")
     else:
         res.headline("attach: shmarray time / SharedArray time", None, "<= 1.5", None,
-                     "SharedArray not installed" if not any(r.method == LABELS[P.SHAREDARRAY] for r in res.rows)
-                     else "not measured")
+                     "not measured" if any(r.method == LABELS[P.SHAREDARRAY] for r in res.rows)
+                     else "SharedArray not installed")
     meds = [(s, res.median(ours, s)) for s in szs]
     meds = [(s, m) for s, m in meds if m is not None]
     if len(meds) >= 2:
         flat = max(m for _, m in meds) / min(m for _, m in meds)
-        res.headline("attach: flat in size (slowest size / fastest size, shmarray)", flat, "<= 1.5", flat <= 1.5,
+        res.headline("attach: flat in size (slowest size / fastest size, shmarray)", flat, "<= 1.5",
+                     flat <= 1.5,
                      ", ".join(f"{human_size(s)} {m * 1e6:.0f} us" for s, m in meds))
+
+
+def _each(ratios: list[tuple[int, float]]) -> str:
+    return ", ".join(f"{human_size(s)} {r:.2f}x" for s, r in ratios)

@@ -314,7 +314,8 @@ def _contended(ctx: Context, kind: str, spec: dict[str, Any], seg: Any, mp_lock:
                     return samples, "a contending process did not finish within 120 s"
                 spans.append(c.recv())
             if counter[0] != 2 * n:
-                return [], f"lost updates: counter is {counter[0]}, expected {2 * n}: the lock did not exclude"
+                return [], (f"lost updates: counter is {counter[0]}, expected {2 * n}: "
+                            "the lock did not exclude")
             start = min(s for s, _ in spans)
             end = max(e for _, e in spans)
             samples.append((end - start) / (2 * n))

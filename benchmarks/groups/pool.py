@@ -24,6 +24,7 @@ from . import _peers as P
 NAME = "pool"
 TITLE = "Pool: 4 tasks over one array through a process pool"
 TASKS = 4
+Mapper = Callable[[list[Any]], list[float]]
 
 
 def chunk_sum(a: Any) -> float:
@@ -76,7 +77,7 @@ def run(ctx: Context) -> GroupResult:
             shared = shmarray.share(shared_key, src)
             h = ctx.cleanup.add(f"shmarray {shared_key}", lambda: P._unlink_shmarray(shared, shared_key))
 
-        def mapper(kind: str) -> Callable[[list[Any]], list[float]]:
+        def mapper(kind: str) -> Mapper:
             if kind == "Pool":
                 return lambda parts: pool.map(chunk_sum, parts)
             return lambda parts: list(ex.map(chunk_sum, parts))
@@ -86,14 +87,14 @@ def run(ctx: Context) -> GroupResult:
         for kind in ("Pool", "ProcessPoolExecutor"):
             run_map = mapper(kind)
 
-            def by_ref(run_map: Callable[[list[Any]], list[float]] = run_map, kind: str = kind) -> float:
+            def by_ref(run_map: Mapper = run_map, kind: str = kind) -> float:
                 t0 = time.perf_counter()
                 parts = run_map(chunks(shared))
                 t1 = time.perf_counter()
                 check(parts, f"{kind} SharedArray")
                 return t1 - t0
 
-            def share_then_ref(run_map: Callable[[list[Any]], list[float]] = run_map, kind: str = kind) -> float:
+            def share_then_ref(run_map: Mapper = run_map, kind: str = kind) -> float:
                 key = ctx.cleanup.name("poolsh")
                 hh = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
                 try:
@@ -107,7 +108,7 @@ def run(ctx: Context) -> GroupResult:
                 check(parts, f"{kind} share")
                 return t1 - t0
 
-            def pickled(run_map: Callable[[list[Any]], list[float]] = run_map, kind: str = kind) -> float:
+            def pickled(run_map: Mapper = run_map, kind: str = kind) -> float:
                 t0 = time.perf_counter()
                 parts = run_map(chunks(src))
                 t1 = time.perf_counter()
