@@ -60,7 +60,7 @@ class _Torch(_Runtime):
 
         if not torch.cuda.is_available():
             raise OSError(f"torch {torch.__version__} sees no CUDA device")
-        self._rt = torch.cuda.cudart()
+        self._rt = torch.cuda.cudart()  # type: ignore[no-untyped-call]
 
     def register(self, ptr: int, size: int, flags: int) -> None:
         err = int(self._rt.cudaHostRegister(ptr, size, flags))

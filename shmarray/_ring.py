@@ -42,24 +42,66 @@ process (see its docstring).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 
-from ._errors import HeaderError, SharedMemoryError, ShmError
+from ._errors import HeaderError, ShmError
 from ._header import Kind, pack_header, read_header
 from ._header import layout as header_layout
 from ._os import backend
 from ._ringlayout import (
-    CONTROL_WORDS, FILLING, FLAG_ORDERED, FREE, G_ABORTED, G_CONSUMER_LOST, G_CONSUMERS_SEEN, G_DELIVERED,
-    G_EPOCH, G_FLAGS, G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLOTS,
-    G_VERSION, L_EPOCH, L_PID, L_SLOT, L_TICKET, LOST_LOG, MAGIC_WORD, READING, READY, S_EPOCH, S_GEN,
-    S_PID, S_ROWS, S_STATE, S_TICKET, SENT, SHUTDOWN_DRAIN, SHUTDOWN_NOW, SLOT_WORDS, RingLayout,
-    make_layout, parse_descriptor,
+    FILLING,
+    FLAG_ORDERED,
+    FREE,
+    G_ABORTED,
+    G_CONSUMER_LOST,
+    G_CONSUMERS_SEEN,
+    G_DELIVERED,
+    G_EPOCH,
+    G_FLAGS,
+    G_LOST,
+    G_MAGIC,
+    G_NEXT_DELIVER,
+    G_NEXT_TICKET,
+    G_PUBLISHED,
+    G_SHUTDOWN,
+    G_SLOTS,
+    G_VERSION,
+    MAGIC_WORD,
+    READING,
+    READY,
+    S_EPOCH,
+    S_GEN,
+    S_PID,
+    S_ROWS,
+    S_STATE,
+    S_TICKET,
+    SENT,
+    SHUTDOWN_DRAIN,
+    SHUTDOWN_NOW,
+    RingLayout,
+    count,
+    log_loss,
+    losses,
+    make_layout,
+    parse_descriptor,
+    pick,
+    slot_word,
+)
+from ._ringtypes import (
+    LostSlot,
+    RingIterator,
+    RingShutDownError,
+    RingStats,
+    RingTimeoutError,
+    Slot,
+    SlotLostError,
+    SlotStateError,
+    SlotToken,
 )
 from ._segment import Segment
 
@@ -72,199 +114,7 @@ _SCAN_EVERY = 0.02
 # The segment lock is held for microseconds by ring operations; even timeout=0
 # waits this long for it, so "tries once" is not defeated by a neighbour's update.
 _LOCK_GRACE = 0.05
-_LOG_BASE = CONTROL_WORDS
-_SLOT_TABLE = CONTROL_WORDS + LOST_LOG * 4
 _T = TypeVar("_T")
-
-
-class RingTimeoutError(ShmError, TimeoutError):
-    """No slot (producer) or no batch (consumer) became available within the timeout."""
-
-    code = SharedMemoryError.LockError
-
-
-class RingShutDownError(ShmError):
-    """The ring was shut down, or every consumer has gone while producers wait on a full ring."""
-
-
-class SlotStateError(ShmError, RuntimeError):
-    """A slot used against its state: published twice, released by a non-holder, a closed ring."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LostSlot:
-    """A batch lost because its producer died while filling it."""
-
-    ticket: int
-    slot: int
-    pid: int
-    epoch: int
-
-
-class SlotLostError(ShmError):
-    """Producers died while filling slots (``.lost``: the LostSlot records), or a token is stale.
-
-    The slots are already back in the free pool; the next ``get()`` goes on.
-    """
-
-    def __init__(self, message: str = "", key: str | None = None, lost: tuple[LostSlot, ...] = ()) -> None:
-        super().__init__(message, key)
-        self.lost = tuple(lost)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return self.__class__, (self.message, self.key, self.lost)
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotToken:
-    """A handed-off slot, small and picklable: send it any way, ``ring.claim(token)`` it once."""
-
-    key: str
-    index: int
-    generation: int
-    epoch: int
-    ticket: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RingStats:
-    """A snapshot of a ring: slots by state, and counters since creation."""
-
-    slots: int
-    free: int
-    filling: int
-    ready: int
-    reading: int
-    handed_off: int
-    published: int
-    delivered: int
-    aborted: int
-    lost: int
-    consumer_lost: int
-    shut_down: bool
-    epoch: int
-
-
-class Slot:
-    """One slot held by this process: a producer's to fill, or a consumer's to read.
-
-    ``slot["images"]`` is a zero-copy ndarray in the segment (a consumer's
-    views cover the first ``rows`` rows when the producer published fewer).
-    Views stay valid memory after ``release()`` but the slot may be refilled
-    at once: copy what you keep.
-    """
-
-    __slots__ = ("_ring", "index", "ticket", "generation", "epoch", "rows", "_producer", "_arrays", "_done")
-
-    def __init__(self, ring: BatchRing, index: int, ticket: int, generation: int, epoch: int,
-                 producer: bool, rows: int | None) -> None:
-        self._ring = ring
-        self.index = index
-        self.ticket = ticket
-        self.generation = generation
-        self.epoch = epoch
-        self.rows = rows
-        self._producer = producer
-        self._done = False
-        views = ring._slot_views(index)
-        if rows is not None:
-            views = {k: (v[:rows] if v.ndim else v) for k, v in views.items()}
-        self._arrays = views
-
-    def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
-        return self._arrays[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._arrays
-
-    def __len__(self) -> int:
-        return len(self._arrays)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._arrays)
-
-    def keys(self) -> Any:
-        """Field names."""
-        return self._arrays.keys()
-
-    def items(self) -> Any:
-        """(name, view) pairs."""
-        return self._arrays.items()
-
-    @property
-    def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
-        """Every field's view, by name."""
-        return dict(self._arrays)
-
-    @property
-    def held(self) -> bool:
-        """True until this slot is published, handed off, aborted or released."""
-        return not self._done
-
-    @property
-    def role(self) -> str:
-        """'producer' or 'consumer'."""
-        return "producer" if self._producer else "consumer"
-
-    def publish(self, rows: int | None = None) -> None:
-        """Make the filled slot available to ``get()``; *rows*: only the first rows are valid."""
-        self._ring._publish(self, rows, READY)
-
-    def handoff(self, rows: int | None = None) -> SlotToken:
-        """Publish for ``ring.claim(token)`` only (not ``get()``); send the token any way you like."""
-        self._ring._publish(self, rows, SENT)
-        return SlotToken(self._ring.key, self.index, self.generation, self.epoch, self.ticket)
-
-    def abort(self) -> None:
-        """Give the unfilled slot back; its ticket is skipped."""
-        self._ring._finish(self, producer=True)
-
-    def release(self) -> None:
-        """Give the consumed slot back to the producers."""
-        self._ring._finish(self, producer=False)
-
-    def __enter__(self) -> Slot:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if self._done:
-            return
-        if not self._producer:
-            self.release()
-        elif exc_type is None:
-            self.publish()
-        else:
-            self.abort()
-
-    def __repr__(self) -> str:
-        state = "held" if not self._done else "done"
-        return f"<shmarray.Slot {self.index} ticket={self.ticket} {self.role} {state} of {self._ring.key!r}>"
-
-
-class RingIterator:
-    """Yields published slots; each is released when the next is asked for. Ends at shutdown."""
-
-    def __init__(self, ring: BatchRing, timeout: float | None) -> None:
-        self._ring = ring
-        self._timeout = timeout
-        self._current: Slot | None = None
-
-    def __iter__(self) -> RingIterator:
-        return self
-
-    def __next__(self) -> Slot:
-        self.close()
-        try:
-            self._current = self._ring.get(self._timeout)
-        except RingShutDownError:
-            raise StopIteration from None
-        return self._current
-
-    def close(self) -> None:
-        """Release the slot handed out last, if still held."""
-        cur, self._current = self._current, None
-        if cur is not None and cur.held:
-            cur.release()
 
 
 class BatchRing:
@@ -418,7 +268,7 @@ class BatchRing:
                         f"batch ring {self._key!r} is full and every consumer has gone (closed or died); "
                         "start a consumer, or shut the ring down", self._key)
                 return None
-            s = _SLOT_TABLE + i * SLOT_WORDS
+            s = slot_word(i)
             ticket = ctl[G_NEXT_TICKET]
             ctl[G_NEXT_TICKET] = ticket + 1
             gen = ctl[s + S_GEN] + 1
@@ -435,7 +285,7 @@ class BatchRing:
     def _take_free(self, ctl: memoryview) -> int | None:
         fd = self._live("acquire")[0]._lock_fd()
         for i in range(self._lay.slots):
-            if ctl[_SLOT_TABLE + i * SLOT_WORDS + S_STATE] == FREE:
+            if ctl[slot_word(i) + S_STATE] == FREE:
                 # A free slot's byte is free unless its last holder is mid-exit; skip it then.
                 if backend.ofd_lock(fd, backend.SLOT_BASE + i, exclusive=True, wait=False):
                     return i
@@ -483,10 +333,10 @@ class BatchRing:
     def _try_get(self, deadline: float | None) -> Slot | None:
         seg, ctl = self._enter(deadline)
         try:
-            i = self._pick(ctl)
+            i = pick(ctl, self._lay.slots, self._lay.ordered)
             if i is None:
                 self._reap(ctl)
-                i = self._pick(ctl)
+                i = pick(ctl, self._lay.slots, self._lay.ordered)
             lost = self._news(ctl)
             if lost is None:
                 return self._deliver(seg, ctl, i)
@@ -496,13 +346,13 @@ class BatchRing:
 
     def _deliver(self, seg: Segment, ctl: memoryview, i: int | None) -> Slot | None:
         shut = ctl[G_SHUTDOWN]
-        if shut == SHUTDOWN_NOW or (shut and i is None and not self._count(ctl, FILLING)):
+        if shut == SHUTDOWN_NOW or (shut and i is None and not count(ctl, self._lay.slots, FILLING)):
             raise RingShutDownError(f"batch ring {self._key!r} is shut down and drained", self._key)
         if i is None:
             return None
         if not backend.ofd_lock(seg._lock_fd(), backend.SLOT_BASE + i, exclusive=True, wait=False):
             return None  # its producer is between publishing and letting go: next round
-        s = _SLOT_TABLE + i * SLOT_WORDS
+        s = slot_word(i)
         ticket, gen, rows = ctl[s + S_TICKET], ctl[s + S_GEN], ctl[s + S_ROWS]
         ctl[s + S_PID] = self._pid
         ctl[s + S_STATE] = READING
@@ -513,42 +363,19 @@ class BatchRing:
         self._held[i] = gen
         return Slot(self, i, ticket, gen, ctl[s + S_EPOCH], False, rows - 1 if rows else None)
 
-    def _pick(self, ctl: memoryview) -> int | None:
-        n = self._lay.slots
-        if not self._lay.ordered:
-            best, best_ticket = None, 0
-            for i in range(n):
-                s = _SLOT_TABLE + i * SLOT_WORDS
-                if ctl[s + S_STATE] == READY and (best is None or ctl[s + S_TICKET] < best_ticket):
-                    best, best_ticket = i, ctl[s + S_TICKET]
-            return best
-        while True:
-            t = ctl[G_NEXT_DELIVER]
-            if t >= ctl[G_NEXT_TICKET]:
-                return None
-            for i in range(n):
-                s = _SLOT_TABLE + i * SLOT_WORDS
-                st = ctl[s + S_STATE]
-                if ctl[s + S_TICKET] == t and st in (FILLING, READY):
-                    return i if st == READY else None
-            # Ticket t is in no slot: aborted, lost, or handed off. Skip it.
-            ctl[G_NEXT_DELIVER] = t + 1
-
     def _news(self, ctl: memoryview) -> SlotLostError | None:
         """New producer losses since this object last looked, as the error to raise (or None)."""
         total = ctl[G_LOST]
         if total <= self._lost_seen:
             return None
-        first = max(self._lost_seen, total - LOST_LOG)
+        first = self._lost_seen
         self._lost_seen = total
         if self._on_lost != "raise":
             return None
-        recs = []
-        for k in range(first, total):
-            e = _LOG_BASE + (k % LOST_LOG) * 4
-            recs.append(LostSlot(ctl[e + L_TICKET], ctl[e + L_SLOT], ctl[e + L_PID], ctl[e + L_EPOCH]))
+        recs = [LostSlot(*rec) for rec in losses(ctl, first, total)]
         what = ", ".join(f"ticket {r.ticket} (slot {r.slot}, pid {r.pid})" for r in recs)
-        return SlotLostError(f"batch ring {self._key!r}: {len(recs)} batch(es) lost because their producer died "
+        return SlotLostError(f"batch ring {self._key!r}: {len(recs)} batch(es) lost because their producer "
+                             "died "
                              f"while filling: {what}; the slots are free again, get() goes on", self._key,
                              tuple(recs))
 
@@ -561,12 +388,14 @@ class BatchRing:
         self._become_consumer()
         seg, ctl = self._enter(None)
         try:
-            s = _SLOT_TABLE + token.index * SLOT_WORDS
+            s = slot_word(token.index)
             if ctl[s + S_STATE] != SENT or ctl[s + S_GEN] != token.generation:
                 raise SlotLostError(f"batch ring {self._key!r}: the token for slot {token.index} (ticket "
                                     f"{token.ticket}) is stale; the slot was claimed or reclaimed", self._key)
-            if not backend.ofd_lock(seg._lock_fd(), backend.SLOT_BASE + token.index, exclusive=True, wait=False):
-                raise SlotStateError(f"batch ring {self._key!r}: slot {token.index} is held elsewhere", self._key)
+            byte = backend.SLOT_BASE + token.index
+            if not backend.ofd_lock(seg._lock_fd(), byte, exclusive=True, wait=False):
+                raise SlotStateError(f"batch ring {self._key!r}: slot {token.index} is held elsewhere",
+                                     self._key)
             rows = ctl[s + S_ROWS]
             ctl[s + S_PID] = self._pid
             ctl[s + S_STATE] = READING
@@ -597,7 +426,8 @@ class BatchRing:
 
     def _finish(self, slot: Slot, producer: bool) -> None:
         if slot._producer != producer:
-            raise SlotStateError(f"{'abort' if producer else 'release'}() is for {'producers' if producer else 'consumers'}; "
+            who = "producers" if producer else "consumers"
+            raise SlotStateError(f"{'abort' if producer else 'release'}() is for {who}; "
                                  f"this slot is a {slot.role}'s")
         seg, ctl = self._enter(None)
         try:
@@ -607,7 +437,7 @@ class BatchRing:
             self._leave(seg)
 
     def _mine(self, slot: Slot, ctl: memoryview, state: int, what: str) -> int:
-        s = _SLOT_TABLE + slot.index * SLOT_WORDS
+        s = slot_word(slot.index)
         if (slot._ring is not self or slot._done or self._held.get(slot.index) != slot.generation
                 or ctl[s + S_STATE] != state or ctl[s + S_GEN] != slot.generation):
             raise SlotStateError(f"{what}: slot {slot.index} of batch ring {self._key!r} is not held by this "
@@ -641,7 +471,7 @@ class BatchRing:
             if immediate:
                 for i in range(self._lay.slots):
                     if self._state(i) == READY:
-                        ctl[_SLOT_TABLE + i * SLOT_WORDS + S_STATE] = FREE
+                        ctl[slot_word(i) + S_STATE] = FREE
             ctl[G_VERSION] += 1
         finally:
             self._leave(seg)
@@ -650,9 +480,13 @@ class BatchRing:
         """Slots by state and the ring's counters, read under the lock."""
         seg, ctl = self._enter(None)
         try:
-            n = [self._count(ctl, st) for st in (FREE, FILLING, READY, READING, SENT)]
-            return RingStats(self._lay.slots, *n, ctl[G_PUBLISHED], ctl[G_DELIVERED], ctl[G_ABORTED],
-                             ctl[G_LOST], ctl[G_CONSUMER_LOST], bool(ctl[G_SHUTDOWN]), ctl[G_EPOCH])
+            n = self._lay.slots
+            return RingStats(slots=n, free=count(ctl, n, FREE), filling=count(ctl, n, FILLING),
+                             ready=count(ctl, n, READY), reading=count(ctl, n, READING),
+                             handed_off=count(ctl, n, SENT),
+                             published=ctl[G_PUBLISHED], delivered=ctl[G_DELIVERED], aborted=ctl[G_ABORTED],
+                             lost=ctl[G_LOST], consumer_lost=ctl[G_CONSUMER_LOST],
+                             shut_down=bool(ctl[G_SHUTDOWN]), epoch=ctl[G_EPOCH])
         finally:
             self._leave(seg)
 
@@ -672,17 +506,13 @@ class BatchRing:
         epoch = ctl[G_EPOCH]
         found = 0
         for i in range(self._lay.slots):
-            s = _SLOT_TABLE + i * SLOT_WORDS
+            s = slot_word(i)
             st = self._state(i)
             if st in (FILLING, READING) and i not in self._held:
                 if backend.ofd_held_elsewhere(fd, backend.SLOT_BASE + i):
                     continue
                 if st == FILLING:
-                    k = ctl[G_LOST]
-                    e = _LOG_BASE + (k % LOST_LOG) * 4
-                    ctl[e + L_TICKET], ctl[e + L_SLOT] = ctl[s + S_TICKET], i
-                    ctl[e + L_PID], ctl[e + L_EPOCH] = ctl[s + S_PID], ctl[s + S_EPOCH]
-                    ctl[G_LOST] = k + 1
+                    log_loss(ctl, i)
                 else:
                     ctl[G_CONSUMER_LOST] += 1
             elif not (st == SENT and ctl[s + S_EPOCH] < epoch):
@@ -693,21 +523,20 @@ class BatchRing:
         return found
 
     def _state(self, i: int) -> int:
-        st = self._live("scan")[1][_SLOT_TABLE + i * SLOT_WORDS + S_STATE]
+        st = self._live("scan")[1][slot_word(i) + S_STATE]
         if st > SENT:
-            raise HeaderError(f"batch ring {self._key!r} has a corrupt control block: slot {i} is in state {st}; "
+            raise HeaderError(f"batch ring {self._key!r} has a corrupt control block: slot {i} is in state "
+                              f"{st}; "
                               "recreate the ring", self._key)
         return int(st)
-
-    def _count(self, ctl: memoryview, state: int) -> int:
-        return sum(1 for i in range(self._lay.slots) if ctl[_SLOT_TABLE + i * SLOT_WORDS + S_STATE] == state)
 
     # -- machinery --------------------------------------------------------------------------------
 
     def _live(self, what: str) -> tuple[Segment, memoryview]:
         seg, ctl = self._seg, self._ctl
         if seg is None or ctl is None:
-            raise SlotStateError(f"{what}: batch ring {self._key!r} is closed in this process; attach it again",
+            raise SlotStateError(f"{what}: batch ring {self._key!r} is closed in this process; attach it "
+                                 "again",
                                  self._key)
         return seg, ctl
 
@@ -753,7 +582,8 @@ class BatchRing:
             if result is not None:
                 return result
             if deadline is not None and time.monotonic() >= deadline:
-                raise RingTimeoutError(f"batch ring {self._key!r}: timed out after {timeout} s waiting {what}",
+                raise RingTimeoutError(f"batch ring {self._key!r}: timed out after {timeout} s "
+                                       f"waiting {what}",
                                        self._key)
             scanned = time.monotonic()
             while True:
@@ -795,7 +625,7 @@ class BatchRing:
                 _, ctl = self._enter(time.monotonic() + 1.0)
                 try:
                     for i, gen in list(self._held.items()):
-                        s = _SLOT_TABLE + i * SLOT_WORDS
+                        s = slot_word(i)
                         if ctl[s + S_GEN] == gen and ctl[s + S_STATE] in (FILLING, READING):
                             if ctl[s + S_STATE] == FILLING:
                                 ctl[G_ABORTED] += 1
@@ -807,10 +637,10 @@ class BatchRing:
         except ShmError:
             pass  # the lock is wedged: detaching drops our byte locks and the slots are reaped as lost
         finally:
-            ctl, self._ctl, self._seg = self._ctl, None, None
+            mine, self._ctl, self._seg = self._ctl, None, None
             self._cache = []
-            if ctl is not None:
-                ctl.release()
+            if mine is not None:
+                mine.release()
             seg.detach()
 
     def unlink(self) -> bool:
@@ -852,6 +682,4 @@ def _attach_ring(key: str, on_lost: str) -> BatchRing:
     return BatchRing.attach(key, on_lost=on_lost)
 
 
-for _cls in (BatchRing, Slot, SlotToken, RingStats, LostSlot, RingIterator, RingTimeoutError,
-             RingShutDownError, SlotLostError, SlotStateError):
-    _cls.__module__ = "shmarray"
+BatchRing.__module__ = "shmarray"

@@ -63,6 +63,9 @@ L_TICKET, L_SLOT, L_PID, L_EPOCH = range(4)
 S_STATE, S_TICKET, S_PID, S_GEN, S_EPOCH, S_ROWS = range(6)
 SLOT_WORDS = 8
 
+SLOT_TABLE = CONTROL_WORDS + LOST_LOG * 4  # word index of slot 0's record
+LOG_BASE = CONTROL_WORDS
+
 FREE, FILLING, READY, READING, SENT = range(5)
 STATE_NAMES = ("free", "filling", "ready", "reading", "handed off")
 FLAG_ORDERED = 1
@@ -165,7 +168,8 @@ def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool) -> RingLay
     offset = 0
     for name, spec in fields.items():
         if not isinstance(name, str) or not name or len(name) > MAX_NAME:
-            raise TypeError(f"field names must be non-empty str of at most {MAX_NAME} characters, not {name!r}")
+            raise TypeError(f"field names must be non-empty str of at most {MAX_NAME} characters, "
+                            f"not {name!r}")
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise TypeError(f"field {name!r}: give (shape, dtype), not {spec!r}")
         shape = _check_shape(name, spec[0])
@@ -222,3 +226,61 @@ def _tuples(x: object) -> Any:
     if isinstance(x, list):
         return [tuple(_tuples(i) for i in e) if isinstance(e, list) else e for e in x]
     return x
+
+
+# -- slot table operations (the caller holds the segment lock) ----------------------------------
+
+
+def slot_word(i: int) -> int:
+    """Word index of slot *i*'s record in the control block."""
+    return SLOT_TABLE + i * SLOT_WORDS
+
+
+def count(ctl: memoryview, slots: int, state: int) -> int:
+    """How many slots are in *state*."""
+    return sum(1 for i in range(slots) if ctl[SLOT_TABLE + i * SLOT_WORDS + S_STATE] == state)
+
+
+def pick(ctl: memoryview, slots: int, ordered: bool) -> int | None:
+    """The slot to deliver next, None when the consumer must wait.
+
+    Ordered: the slot holding ticket G_NEXT_DELIVER once READY; a ticket in
+    no slot (aborted, lost or handed off) is skipped. Any order: the READY
+    slot with the oldest ticket.
+    """
+    if not ordered:
+        best, best_ticket = None, 0
+        for i in range(slots):
+            s = SLOT_TABLE + i * SLOT_WORDS
+            if ctl[s + S_STATE] == READY and (best is None or ctl[s + S_TICKET] < best_ticket):
+                best, best_ticket = i, ctl[s + S_TICKET]
+        return best
+    while True:
+        t = ctl[G_NEXT_DELIVER]
+        if t >= ctl[G_NEXT_TICKET]:
+            return None
+        for i in range(slots):
+            s = SLOT_TABLE + i * SLOT_WORDS
+            st = ctl[s + S_STATE]
+            if ctl[s + S_TICKET] == t and st in (FILLING, READY):
+                return i if st == READY else None
+        ctl[G_NEXT_DELIVER] = t + 1
+
+
+def log_loss(ctl: memoryview, i: int) -> None:
+    """Record that slot *i*'s producer died while filling it (counter and log)."""
+    s = SLOT_TABLE + i * SLOT_WORDS
+    k = ctl[G_LOST]
+    e = LOG_BASE + (k % LOST_LOG) * 4
+    ctl[e + L_TICKET], ctl[e + L_SLOT], ctl[e + L_PID], ctl[e + L_EPOCH] = (
+        ctl[s + S_TICKET], i, ctl[s + S_PID], ctl[s + S_EPOCH])
+    ctl[G_LOST] = k + 1
+
+
+def losses(ctl: memoryview, first: int, total: int) -> list[tuple[int, int, int, int]]:
+    """(ticket, slot, pid, epoch) of losses number *first* to *total* - 1 (the last LOST_LOG at most)."""
+    out = []
+    for k in range(max(first, total - LOST_LOG), total):
+        e = LOG_BASE + (k % LOST_LOG) * 4
+        out.append((ctl[e + L_TICKET], ctl[e + L_SLOT], ctl[e + L_PID], ctl[e + L_EPOCH]))
+    return out

@@ -19,15 +19,12 @@ you keep beyond a step. torch is imported only when these objects are used.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ._os import backend
 from ._ring import BatchRing, RingShutDownError, RingTimeoutError, Slot, SlotToken
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 __all__ = ["RingCollate", "RingLoader", "ring_loader", "fill_slot"]
 
@@ -64,7 +61,7 @@ def fill_slot(slot: Slot, samples: Sequence[Any]) -> int:
         elif isinstance(sample, (tuple, list)) and len(names) > 1:
             if len(sample) != len(names):
                 raise ValueError(f"sample {k} has {len(sample)} values; the ring has fields {names}")
-            for name, value in zip(names, sample):
+            for name, value in zip(names, sample, strict=True):
                 columns[name].append(value)
         elif len(names) == 1:
             columns[names[0]].append(sample)
@@ -85,7 +82,8 @@ class RingCollate:
     free slot (None: wait, checking that the main process is alive).
     """
 
-    def __init__(self, ring: BatchRing | str, *, fill: FillFn | None = None, timeout: float | None = None) -> None:
+    def __init__(self, ring: BatchRing | str, *, fill: FillFn | None = None,
+                 timeout: float | None = None) -> None:
         self.key = ring.key if isinstance(ring, BatchRing) else ring
         self.fill = fill
         self.timeout = timeout
@@ -125,8 +123,9 @@ class RingCollate:
                 return ring.acquire(_PARENT_CHECK)
             except RingTimeoutError:
                 if backend.getppid() != self._owner:
-                    raise RingShutDownError(f"batch ring {self.key!r}: the DataLoader's main process "
-                                            f"({self._owner}) has gone; this worker stops", self.key) from None
+                    raise RingShutDownError(
+                        f"batch ring {self.key!r}: the DataLoader's main process ({self._owner}) has gone; "
+                        "this worker stops", self.key) from None
 
 
 def _rebuild_collate(key: str, fill: FillFn | None, timeout: float | None, owner: int) -> RingCollate:
@@ -158,9 +157,10 @@ class RingLoader:
         # filled or waiting in its queues); the consumer holds none while it waits.
         need = prefetch * workers if workers else 1
         if ring.slots < need:
-            raise ValueError(f"batch ring {ring.key!r} has {ring.slots} slots; a DataLoader with {workers} workers "
-                             f"and prefetch_factor {prefetch} keeps up to {need} batches in flight: give the ring "
-                             f"at least {need} slots ({need + 2} lets the workers run while you train)")
+            raise ValueError(
+                f"batch ring {ring.key!r} has {ring.slots} slots; a DataLoader with {workers} workers and "
+                f"prefetch_factor {prefetch} keeps up to {need} batches in flight: give the ring at least "
+                f"{need} slots ({need + 2} lets the workers run while you train)")
         self.loader = loader
         self.ring = ring
         self.device = device
@@ -259,7 +259,7 @@ def _record(torch: Any, device: Any) -> Any:
 def _sync_cuda() -> None:
     import torch
 
-    if torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         # The user may have started non_blocking copies out of the pinned slot.
         torch.cuda.current_stream().synchronize()
 
@@ -292,12 +292,13 @@ def ring_loader(dataset: Any, sample_fields: Mapping[str, Any], batch_size: int,
         raise TypeError("ring_loader sets collate_fn and batch_size itself")
     if slots is None:
         slots = prefetch_factor * num_workers + 2 if num_workers else 2
-    key = key or f"ringloader-{backend.getpid()}-{secrets.token_hex(4)}"
+    key = key or f"ringloader-{backend.getpid()}-{secrets.token_hex(6)}"
     ring = BatchRing.create(key, fields, slots, ordered=False)
     try:
-        extra = {"prefetch_factor": prefetch_factor} if num_workers else {}
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=RingCollate(ring, fill=fill, timeout=timeout), **extra, **loader_kwargs)
+        extra: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers else {}
+        collate = RingCollate(ring, fill=fill, timeout=timeout)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                            **extra, **loader_kwargs)
         return RingLoader(loader, ring, device=device, pin=pin, own_ring=True)
     except BaseException:
         ring.unlink()

@@ -244,7 +244,7 @@ def ofd_held_elsewhere(fd: int, start: int) -> bool:
     ring can ask "is the holder of slot i still alive?" without racing it.
     """
     res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_struct(fcntl.F_WRLCK, start))
-    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+    return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
 
 def hold_liveness(fd: int, pid: int) -> None:
