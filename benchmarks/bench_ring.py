@@ -86,7 +86,8 @@ def _epoch(loader: Any, consume: Callable[[Any], int], expect: int) -> float:
 
 def pipeline_samples(*, batch: int = 256, batches: int = 16, workers: int = 2, repeats: int = 5,
                      shape: tuple[int, ...] = (3, 224, 224), prefetch: int = 2,
-                     context: str = "spawn", log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+                     context: str = "spawn",
+                     log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """Seconds per epoch of *batches* batches, per method (see the module docstring)."""
     import torch
     from torch.utils.data import DataLoader
@@ -124,11 +125,11 @@ def pipeline_samples(*, batch: int = 256, batches: int = 16, workers: int = 2, r
                 dt = methods[m]()
                 if rnd >= 0:
                     out[m].append(dt)
-            log(f"  round {rnd}: " + ", ".join(f"{m} {out[m][-1]:.3f} s" for m in names if out[m] and rnd >= 0))
+            if rnd >= 0:
+                log(f"  round {rnd}: " + ", ".join(f"{m} {out[m][-1]:.3f} s" for m in names))
     finally:
         torch.set_num_threads(threads)
-        ring.close()
-        del plain  # its persistent workers exit with the loader
+        ring.close()  # the DataLoaders' persistent workers exit when the loaders are collected
     return out
 
 

@@ -119,9 +119,9 @@ def h2d_samples(size: int, dev: Any, repeats: int, log: Callable[[str], None]) -
         samples = _rounds(methods, repeats, log)
         if cuda:
             seg.pin()
-            samples.update(_rounds({"registered": registered, "registration (pin)": registration}, repeats, log))
+            more = {"registered": registered, "registration (pin)": registration}
+            samples.update(_rounds(more, repeats, log))
             seg.unpin()
-        del src, host
         return samples
     finally:
         seg.unlink()
