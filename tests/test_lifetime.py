@@ -115,7 +115,8 @@ def test_eight_racing_creators_one_wins(key):
     results = sorted(k.result(60) for k in kids)
     assert results == ["created"] + ["exists"] * 7
     assert not _exists(shmarray._os.native_key_for(key))
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(".shmarray-tmp")]
+    temps = tuple(f".shmarray-tmp-{k.pid}-" for k in kids)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(temps)]
 
 
 def _in_forked_child(key: str) -> tuple[int, int]:
