@@ -24,6 +24,10 @@ def describe_payload(info: SegmentInfo) -> str:
         return _describe_arrow(head)
     if head.get("kind_id") == Kind.NDARRAY:
         return _describe_array(head)
+    if head.get("kind_id") == Kind.RING:
+        from ._ringlayout import describe_descriptor as describe_ring
+
+        return describe_ring(head.get("descriptor", b""), head.get("payload_length", 0))
     return "raw"
 
 

@@ -592,3 +592,11 @@ def test_random_damage_never_crashes(key):
         del data
         seg.detach()
         assert outcomes["error"] > 0 and outcomes["ok"] > 0
+
+
+def test_ls_describes_the_ring(key):
+    from shmarray._cli import describe_payload
+
+    with BatchRing.create(key, FIELDS, 3, ordered=False):
+        text = describe_payload(shmarray.segment_info(key))
+        assert text == "batch ring, 3 slots (any order): images uint8 (4, 3, 8, 8), labels int64 (4,)"
