@@ -86,6 +86,7 @@ def test_tensors_are_views_of_the_slot_and_epochs_repeat():
 def test_breaking_out_gives_every_slot_back():
     with ring_loader(Samples(200), SAMPLE, 4, num_workers=2, multiprocessing_context="fork") as rl:
         for k, batch in enumerate(rl):
+            assert batch["labels"][0] == 4 * k
             if k == 3:
                 break
         st = rl.ring.stats()
