@@ -798,6 +798,64 @@ class Segment:
         extra += " foreign" if self._att.foreign else ""
         return f"<shmarray.Segment {name} size={self._att.size} {mode}{extra}>"
 
+    def _live(self) -> tuple[tuple[int, ...], int, str | None, int | None] | None:
+        """(attached pids, attachments, lock mode, lock holder) from the kernel's lock table; None if unknown."""
+        att = self._att
+        if att is None or att.foreign or att.closed:
+            return None
+        try:
+            pids, attachments, mode, holder = backend.lock_report(*backend.identity(att.fd))
+        except OSError:  # detached meanwhile by another thread: nothing to report
+            return None
+        return tuple(sorted(pids)), attachments, mode, holder
+
+    def _facts(self) -> list[tuple[str, str]]:
+        """Segment-level facts for rich displays: (name, value) rows, plain text."""
+        rows = [("key", repr(self._key))] if self._key is not None else []
+        rows.append(("native name", f"/{self._native}" if self._native is not None else "-"))
+        att = self._att
+        if att is None:
+            rows.append(("state", "detached"))
+            return rows
+        rows.append(("size", f"{_human(att.size)} ({att.size:,} bytes)"))
+        rows.append(("mode", "ReadOnly" if att.mode == AccessMode.ReadOnly else "ReadWrite"))
+        if att.foreign:
+            rows.append(("foreign", "no shmarray control block: no lock, never removed by detach"))
+            return rows
+        rows.append(("persistent", "yes: stays until shmarray.unlink(key)" if att.persistent
+                     else "no: goes with its last user"))
+        live = self._live()
+        if live is None:
+            rows.append(("attached", "unknown"))
+            return rows
+        pids, attachments, mode, holder = live
+        me = backend.getpid()
+        who = ", ".join(f"{p} (this process)" if p == me else str(p) for p in pids)
+        text = f"{len(pids)} process{'es' if len(pids) != 1 else ''}: {who}" if pids else "none"
+        if attachments != len(pids):
+            text += f" ({attachments} attachments)"
+        rows.append(("attached", text))
+        rows.append(("lock", self._lock_text(mode, holder)))
+        if self.lock_recovered:
+            rows.append(("lock recovered", "yes: the previous holder died holding it; check the data"))
+        return rows
+
+    def _lock_text(self, mode: str | None, holder: int | None) -> str:
+        held = self.lock_held
+        if held is not None:
+            return f"{held}, held by this object"
+        if mode is None:
+            return "free"
+        if mode == "exclusive":
+            return f"exclusive, held by pid {holder}" if holder is not None else "exclusive"
+        return "shared (readers)"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: key, size, mode, persistence, attached processes, lock."""
+        from ._html import facts
+
+        return facts("shmarray.Segment", self._facts())
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickles as a reference: the receiver attaches by name.
         mode = self._att.mode if self._att is not None else None
