@@ -12,6 +12,7 @@ from ._admin import unlink_key as _unlink_key
 from ._array import SharedArray, attach, create, share
 from ._arrow import attach_frame, attach_table, share_frame, share_table
 from ._cuda import CudaUnavailableError, PinError
+from ._listing import Listing, SegmentEntry, ls
 from ._errors import (
     AccessMode,
     AlreadyExistsError,
@@ -81,6 +82,9 @@ __all__ = [
     "collect_garbage",
     "create",
     "list_segments",
+    "ls",
+    "Listing",
+    "SegmentEntry",
     "segment_info",
     "share",
     "share_frame",
