@@ -64,7 +64,7 @@ import dataclasses
 import json
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 from ._errors import AccessMode, HeaderError, NotFoundError, ShmError
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
@@ -114,7 +114,7 @@ class TableDescriptor:
 
 
 def _summary(schema: "pyarrow.Schema") -> str:
-    parts = []
+    parts: list[str] = []
     used = 0
     for i, field in enumerate(schema):
         part = f"{field.name}: {field.type}"
@@ -588,15 +588,28 @@ def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False
     return share_table(key, frame, persistent=persistent).to_pandas()
 
 
-def attach_frame(key: str, *, validate: Validate = "bounds", **to_pandas: Any) -> "pandas.DataFrame":
-    """``attach_table(key).to_pandas(**to_pandas)``.
+def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Validate = "bounds",
+                 **to_pandas: Any) -> "pandas.DataFrame":
+    """``attach_table(key, validate=validate).select(columns).to_pandas(**to_pandas)``.
 
-    Columns that come back without a copy (and so keep the segment attached):
-    numeric and temporal columns without nulls, with ``split_blocks=True``
-    (without it pandas consolidates same-dtype columns into one block, a
-    copy). Pass ``zero_copy_only=True`` to get an ArrowInvalid instead of a
-    silent copy. Strings, nulls (NaN/None filling), booleans (bit-packed
-    in Arrow), dictionaries and nested types are converted, a copy.
+    Columns that come back without a copy (and so keep the segment attached
+    while the frame lives) -- measured with pandas 3 and pyarrow 26, pass
+    ``split_blocks=True`` (without it pandas consolidates same-dtype columns
+    into one block, a copy):
+
+    - integer and floating-point columns without nulls;
+    - timestamps without a time zone, and durations, without nulls;
+    - ``large_string`` columns (pandas >= 3 keeps them Arrow-backed; pandas'
+      own strings arrive as large_string, so a shared frame's strings do).
+
+    Copied: columns with nulls (NaN/None filling), booleans (bit-packed in
+    Arrow), time-zone-aware timestamps, ``string`` (cast to large_string),
+    dictionaries (categoricals), dates and nested types. Add
+    ``zero_copy_only=True`` (with ``split_blocks=True``) to get an
+    ArrowInvalid instead of a silent copy.
     """
-    return attach_table(key, validate=validate).to_pandas(**to_pandas)
+    table = attach_table(key, validate=validate)
+    if columns is not None:
+        table = table.select(list(columns))
+    return table.to_pandas(**to_pandas)
 

@@ -428,27 +428,48 @@ def test_share_frame_attach_frame(make_key):
         shmarray.share_frame(make_key(), pa.table({"a": [1]}))
 
 
+def _in(lo: int, hi: int, series: object) -> bool:
+    arr = getattr(series, "array", None)
+    chunked = getattr(arr, "_pa_array", None)  # pandas >= 3 keeps large strings Arrow-backed
+    if chunked is not None:
+        bufs = [b for c in chunked.chunks for b in c.buffers() if b is not None and b.size]
+        return bool(bufs) and all(lo <= b.address and b.address + b.size <= hi for b in bufs)
+    v = series.to_numpy()  # type: ignore[attr-defined]
+    addr = v.__array_interface__["data"][0]
+    return lo <= addr and addr + v.nbytes <= hi
+
+
 def test_pandas_zero_copy_columns_keep_the_segment(make_key):
     pytest.importorskip("pandas")
+    n = 1000
     k = make_key()
-    shmarray.share_table(k, pa.table({"i": np.arange(1000), "f": np.linspace(0, 1, 1000)}), persistent=True)
+    src = pa.table({
+        "i": np.arange(n), "f": np.linspace(0, 1, n), "u8": np.arange(n, dtype=np.uint8),
+        "ts": pa.array(np.arange(n).astype("datetime64[ns]")), "td": pa.array(np.arange(n).astype("timedelta64[us]")),
+        "ls": pa.array([f"s{i}" for i in range(n)], type=pa.large_string()),
+        "with_null": pa.array([None] + [1.0] * (n - 1)), "flag": pa.array(np.arange(n) % 2 == 0),
+    })
+    shmarray.share_table(k, src, persistent=True)
     t = shmarray.attach_table(k)
     root = _root(t.column("i").chunk(0).buffers()[1])
     lo, hi = root.address, root.address + root.size
     del root
-    df = t.to_pandas(split_blocks=True, zero_copy_only=True)
+    df = t.to_pandas(split_blocks=True)
     del t
-    for name in ("i", "f"):
-        addr = df[name].to_numpy().__array_interface__["data"][0]
-        assert lo <= addr and addr + 8000 <= hi
+    zero_copy = {c: _in(lo, hi, df[c]) for c in df.columns}
+    assert zero_copy == {"i": True, "f": True, "u8": True, "ts": True, "td": True, "ls": True,
+                         "with_null": False, "flag": False}
     assert _attachments(k) == 1  # the frame alone holds the segment
-    assert df["i"].iloc[999] == 999
+    assert df["i"].iloc[999] == 999 and df["ls"].iloc[7] == "s7"
     del df
     assert _attachments(k) == 0
-    k2 = make_key()
-    mine2 = shmarray.share_table(k2, pa.table({"s": ["a", "b"]}))
+    strict = shmarray.attach_frame(k, split_blocks=True, zero_copy_only=True, columns=["i", "f", "ts"])
+    assert list(strict.columns) == ["i", "f", "ts"]
+    del strict
     with pytest.raises(pa.ArrowInvalid):
-        shmarray.attach_table(k2).to_pandas(zero_copy_only=True)
+        shmarray.attach_frame(k, split_blocks=True, zero_copy_only=True, columns=["with_null"])
+    with pytest.raises(pa.ArrowInvalid):  # without split_blocks pandas consolidates: a copy
+        shmarray.attach_frame(k, zero_copy_only=True, columns=["i", "f"])
 
 
 # -- kinds, listings ------------------------------------------------------------------------
@@ -460,24 +481,20 @@ def test_attach_table_on_other_kinds_says_what_is_there(make_key):
         with pytest.raises(shmarray.HeaderError, match="raw bytes"):
             shmarray.attach_table(raw)
     arr = make_key()
-    from shmarray._header import layout, pack_header
-
-    descr = b"{'descr': '<f8', 'fortran_order': False, 'shape': (4,), }"
-    off, total = layout(len(descr), 32)
-    with shmarray.Segment(arr).create(total) as seg:
-        seg.data[: len(pack_header(Kind.NDARRAY, descr, off, 32))] = pack_header(Kind.NDARRAY, descr, off, 32)
-        with pytest.raises(shmarray.ShmError, match=r"holds an ndarray, not an arrow table; use shmarray.attach\(\)"):
-            shmarray.attach_table(arr)
+    mine = shmarray.share(arr, np.arange(4.0))
+    with pytest.raises(shmarray.ShmError, match=r"holds an ndarray, not an arrow table; use shmarray.attach\(\)"):
+        shmarray.attach_table(arr)
+    del mine
 
 
 def test_array_readers_are_told_it_is_a_table(key):
     mine = shmarray.share_table(key, pa.table({"a": [1]}))
+    with pytest.raises(shmarray.ShmError, match=r"holds an arrow table, not an ndarray; use shmarray.attach_table\(\)"):
+        shmarray.attach(key)
     with shmarray.Segment(key).attach(shmarray.AccessMode.ReadOnly) as seg:
-        with pytest.raises(shmarray.HeaderError, match=r"holds an arrow table, not an ndarray; use shmarray.attach_table\(\)"):
+        with pytest.raises(shmarray.HeaderError, match="holds an arrow table"):
             read_header(seg.data, expect=Kind.NDARRAY, key=key)
-    if hasattr(shmarray, "attach"):
-        with pytest.raises(shmarray.ShmError, match="arrow table"):
-            shmarray.attach(key)
+    del mine
 
 
 def test_ls_shows_rows_columns_and_schema(key, capsys):
@@ -654,8 +671,8 @@ def fuzz(prefix: str, rounds: int, seed: int, mode: str, builder: str = "mixed")
 @pytest.mark.parametrize("mode", ["bounds", "full"])
 def test_fuzzed_payloads_never_crash(key, mode, builder):
     seed = {"bounds": 1234, "full": 99}[mode] + len(builder)
-    out = run(fuzz, key, 1000, seed, mode, builder, timeout=110)
-    assert out["header_error"] + out["attached"] == 1000
+    out = run(fuzz, key, 600, seed, mode, builder, timeout=110)
+    assert out["header_error"] + out["attached"] == 600
     assert out["header_error"] > 20 and out["clean"] + out["pandas_refused"] > 20, out
     if mode == "full":
         assert out["unicode"] == 0, out
