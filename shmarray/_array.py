@@ -49,6 +49,7 @@ from ._array_format import (
 from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
 from ._header import Kind, layout, pack_header, read_header
 from ._os import backend
+from ._progress import check_progress, label, reporting
 from ._segment import PAGE_SIZE, Segment, _human
 
 __all__ = ["SharedArray", "create", "share", "attach"]
@@ -184,6 +185,23 @@ class SharedArray(np.ndarray):
         if seg is None or not text.endswith(")"):
             return text
         return f"{text[:-1]}, key={seg.key!r})"
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's rich display: the segment's facts, dtype, shape, order and a preview of the values."""
+        seg = self._shm_seg
+        if seg is None:
+            return None  # a copy outside any segment: IPython shows the plain repr
+        from ._html import facts, preformatted
+
+        flags = self.flags
+        order = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "strided view"
+        mine = [("dtype", str(self.dtype)), ("shape", str(self.shape)), ("order", order),
+                ("nbytes", f"{_human(self.nbytes)} ({self.nbytes:,} bytes)"),
+                ("writeable", "yes" if flags.writeable else "no (read-only)")]
+        seg_rows = [("segment size" if name == "size" else name, value) for name, value in seg._facts()]
+        rows = seg_rows[:1] + mine + seg_rows[1:]
+        preview = np.array2string(np.asarray(self), threshold=60, edgeitems=3, max_line_width=100)
+        return facts("shmarray.SharedArray", rows) + preformatted(preview)
 
     # -- pickling by reference ------------------------------------------------------------
 
@@ -399,13 +417,15 @@ def _write_array(write: Write, src: np.ndarray, offset: int, fortran: bool) -> N
 
 
 def create(key: str, shape: object, dtype: object = float, *, order: str = "C", fill: object = None,
-           persistent: bool = False) -> SharedArray:
+           persistent: bool = False, progress: bool = False) -> SharedArray:
     """A new array in segment *key*: zero-filled, or every item set to *fill*.
 
     *order* is "C" or "F". The segment's pages are reserved now, so a full
     /dev/shm is an OutOfResourcesError here, never a crash later. The
     segment goes when the last array (or view) using it anywhere is gone,
     unless *persistent*; then it stays until ``shmarray.unlink(key)``.
+    ``progress=True`` shows a bar (``tqdm.auto``) while a *fill* value is
+    written; zeros are reserved in one call and need none.
     """
     what = f"create array {key!r}"
     dims = check_shape(shape, what)
@@ -413,6 +433,7 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     if order not in ("C", "F"):
         raise ValueError(f"{what}: order must be 'C' or 'F', not {order!r}")
     item = _fill_value(fill, dt, what)
+    show = check_progress(progress, what)
     fortran = order == "F"
     seg, head, p_off, total = _prepare(key, dims, dt, fortran, what)
     count = math.prod(dims)
@@ -420,7 +441,8 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     def fill_segment(write: Write) -> None:
         write(memoryview(head), 0)
         if item is not None and count:
-            _write_repeated(write, item, count, p_off)
+            with reporting(write, count * dt.itemsize, label("create", key), show) as w:
+                _write_repeated(w, item, count, p_off)
 
     # Zeros: posix_fallocate reserves zeroed pages. A fill value: pwrite
     # writes (and so reserves) every page; ENOSPC surfaces there.
@@ -428,17 +450,20 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     return _view(seg, dims, dt, p_off, order=order)
 
 
-def share(key: str, array: np.ndarray, *, persistent: bool = False) -> SharedArray:
+def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bool = False) -> SharedArray:
     """Copy *array* into a new segment *key* and return it as a SharedArray.
 
     Keeps the dtype and shape, and Fortran order when the array is
     Fortran-contiguous; a non-contiguous array is stored C-contiguous.
+    ``progress=True`` shows a bar (``tqdm.auto``: a widget in Jupyter, text
+    on stderr in a terminal) while the data is copied in; it needs tqdm.
     """
     what = f"share array {key!r}"
     if not isinstance(array, np.ndarray):
         raise TypeError(
             f"{what}: expected a numpy.ndarray, not {type(array).__name__}; "
             "convert it first, e.g. share(key, np.asarray(data))")
+    show = check_progress(progress, what)
     src = np.asarray(array)
     dt = check_dtype(src.dtype, what)
     if dt is not src.dtype:
@@ -448,7 +473,8 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False) -> SharedArr
 
     def fill_segment(write: Write) -> None:
         write(memoryview(head), 0)
-        _write_array(write, src, p_off, fortran)
+        with reporting(write, src.nbytes, label("share", key), show and src.nbytes > 0) as w:
+            _write_array(w, src, p_off, fortran)
 
     # pwrite from the source writes every page, so no separate reservation.
     seg._create(total, persistent=persistent, fill=fill_segment, reserve=False)

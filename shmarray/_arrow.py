@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 from ._errors import AccessMode, HeaderError, NotFoundError, ShmError
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
+from ._progress import check_progress, label, reporting
 from ._segment import Segment
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -279,7 +280,8 @@ def _write_stream(sink: Any, table: "pyarrow.Table") -> None:
         writer.write_table(table)
 
 
-def share_table(key: str, data: object, *, persistent: bool = False) -> "pyarrow.Table":
+def share_table(key: str, data: object, *, persistent: bool = False,
+                progress: bool = False) -> "pyarrow.Table":
     """Write a table into a new segment *key* and return it, read back zero-copy from there.
 
     Parameters
@@ -293,6 +295,8 @@ def share_table(key: str, data: object, *, persistent: bool = False) -> "pyarrow
         with ``__arrow_c_stream__`` (a polars DataFrame, a DuckDB result ...).
     persistent
         Keep the segment after the last detach, until ``shmarray.unlink(key)``.
+    progress
+        Show a bar (``tqdm.auto``) while the stream is written; needs tqdm.
 
     Returns
     -------
@@ -302,6 +306,7 @@ def share_table(key: str, data: object, *, persistent: bool = False) -> "pyarrow
         *persistent*, the segment goes when the last table in any process does.
     """
     seg = Segment(key)  # refuses a bad key before anything else
+    show = check_progress(progress, f"share_table({key!r})")
     table = _as_table(data, key)
     pa = _pa()
     try:
@@ -319,9 +324,10 @@ def share_table(key: str, data: object, *, persistent: bool = False) -> "pyarrow
     def fill(write: Callable[[memoryview, int], None]) -> None:
         # reserve=False: these writes cover every byte, header padding included.
         write(memoryview(head + bytes(payload_offset - len(head))), 0)
-        sink = _FdSink(write, payload_offset)
-        _write_stream(pa.PythonFile(sink, mode="w"), table)
-        sink.close()
+        with reporting(write, stream_size, label("share_table", key), show) as w:
+            sink = _FdSink(w, payload_offset)
+            _write_stream(pa.PythonFile(sink, mode="w"), table)
+            sink.close()
         if sink.offset != total:
             raise HeaderError(
                 f"share_table({key!r}): the IPC stream came out {sink.offset - payload_offset} bytes "

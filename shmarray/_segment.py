@@ -799,7 +799,7 @@ class Segment:
         return f"<shmarray.Segment {name} size={self._att.size} {mode}{extra}>"
 
     def _live(self) -> tuple[tuple[int, ...], int, str | None, int | None] | None:
-        """(attached pids, attachments, lock mode, lock holder) from the kernel's lock table; None if unknown."""
+        """(attached pids, attachments, lock mode, lock holder) from the kernel's lock table, or None."""
         att = self._att
         if att is None or att.foreign or att.closed:
             return None
