@@ -41,7 +41,7 @@ from numpy.lib import format as npy_format
 from ._errors import HeaderError
 from ._header import ALIGN, align
 
-__all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "describe_descriptor", "FORMAT"]
+__all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "FORMAT"]
 
 FORMAT = "shmarray.ring/1"
 MAGIC_WORD = int.from_bytes(b"SHMRING\0", "little")
@@ -219,16 +219,6 @@ def parse_descriptor(raw: bytes, payload_length: int, *, key: str | None) -> Rin
         raise bad(f"{lay.slots} slots of {lay.stride} bytes need {lay.payload_bytes} payload bytes, "
                   f"the header says {payload_length}")
     return lay
-
-
-def describe_descriptor(raw: bytes, payload_length: int) -> str:
-    """A ring in a few words, for ``shmarray ls``: 'batch ring, 8 slots: images uint8 (256, 3, 224, 224)'."""
-    try:
-        lay = parse_descriptor(raw, payload_length, key=None)
-    except HeaderError:
-        return "batch ring (corrupt descriptor)"
-    fields = ", ".join(f"{f.name} {f.dtype} {f.shape}" for f in lay.fields)
-    return f"batch ring, {lay.slots} slots{'' if lay.ordered else ' (any order)'}: {fields}"
 
 
 def _tuples(x: object) -> Any:
