@@ -244,9 +244,9 @@ def count(ctl: memoryview, slots: int, state: int) -> int:
 def pick(ctl: memoryview, slots: int, ordered: bool) -> int | None:
     """The slot to deliver next, None when the consumer must wait.
 
-    Ordered: the slot holding ticket G_NEXT_DELIVER once READY; a ticket in
-    no slot (aborted, lost or handed off) is skipped. Any order: the READY
-    slot with the oldest ticket.
+    Ordered: the slot holding ticket G_NEXT_DELIVER once READY; tickets in
+    no slot (aborted, lost or handed off) are skipped, all at once. Any
+    order: the READY slot with the oldest ticket.
     """
     if not ordered:
         best, best_ticket = None, 0
@@ -255,16 +255,18 @@ def pick(ctl: memoryview, slots: int, ordered: bool) -> int | None:
             if ctl[s + S_STATE] == READY and (best is None or ctl[s + S_TICKET] < best_ticket):
                 best, best_ticket = i, ctl[s + S_TICKET]
         return best
-    while True:
-        t = ctl[G_NEXT_DELIVER]
-        if t >= ctl[G_NEXT_TICKET]:
-            return None
-        for i in range(slots):
-            s = SLOT_TABLE + i * SLOT_WORDS
-            st = ctl[s + S_STATE]
-            if ctl[s + S_TICKET] == t and st in (FILLING, READY):
-                return i if st == READY else None
-        ctl[G_NEXT_DELIVER] = t + 1
+    t, end = ctl[G_NEXT_DELIVER], ctl[G_NEXT_TICKET]
+    if t >= end:
+        return None
+    best, best_ticket, best_state = None, end, FREE
+    for i in range(slots):
+        s = SLOT_TABLE + i * SLOT_WORDS
+        st = ctl[s + S_STATE]
+        if st in (FILLING, READY) and t <= ctl[s + S_TICKET] < best_ticket:
+            best, best_ticket, best_state = i, ctl[s + S_TICKET], st
+    # Every ticket below the oldest live one is in no slot: skip them.
+    ctl[G_NEXT_DELIVER] = best_ticket
+    return best if best_state == READY else None
 
 
 def log_loss(ctl: memoryview, i: int) -> None:

@@ -479,6 +479,16 @@ def test_handoff_and_claim_across_processes(key):
         assert ring.stats().free == 2
 
 
+def test_ordered_get_skips_handed_off_tickets_at_once(key):
+    with BatchRing.create(key, FIELDS, 2) as ring:
+        for _ in range(500):
+            ring.claim(ring.acquire(0).handoff()).release()
+        ring.acquire(0).publish()
+        with ring.get(0) as batch:
+            assert batch.ticket == 500
+        assert ring._ctl[5] == 501  # G_NEXT_DELIVER jumped past the handed-off tickets
+
+
 # -- corrupt or foreign segments -------------------------------------------------------------------------
 
 
