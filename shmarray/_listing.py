@@ -180,8 +180,11 @@ def entry_for(info: SegmentInfo) -> SegmentEntry:
 class Listing(list[SegmentEntry]):
     """The result of ``shmarray.ls()``: a list of SegmentEntry, shown as a table."""
 
-    def __init__(self, entries: Iterable[SegmentEntry] = ()) -> None:
+    pattern: str | None = None  # what ls() was asked for, for the "nothing" message
+
+    def __init__(self, entries: Iterable[SegmentEntry] = (), *, pattern: str | None = None) -> None:
         super().__init__(entries)
+        self.pattern = pattern
 
     def keys(self) -> list[str | None]:
         """The keys, in listing order (None for segments made by native key)."""
@@ -190,6 +193,8 @@ class Listing(list[SegmentEntry]):
     def to_text(self) -> str:
         """The table ``shmarray ls`` prints."""
         if not self:
+            if self.pattern is not None:
+                return f"no shmarray segments match {self.pattern!r}"
             return "no shmarray segments in /dev/shm"
         lines = [HEADER_ROW, *(e._cells() for e in self)]
         widths = [max(len(r[i]) for r in lines) for i in range(len(HEADER_ROW))]
@@ -223,4 +228,4 @@ def ls(pattern: str | None = None, *, include_foreign: bool = False) -> Listing:
         name = info.key if info.key is not None else info.native_key
         if pattern is None or fnmatch.fnmatchcase(name, pattern):
             entries.append(entry_for(info))
-    return Listing(entries)
+    return Listing(entries, pattern=pattern)
