@@ -148,9 +148,7 @@ class BatchRing:
         _check_on_lost(on_lost)
         seg = Segment(key).attach()
         try:
-            data = seg.data
-            assert data is not None
-            hdr, desc = read_header(data, expect=Kind.RING, key=key)
+            hdr, desc = read_header(memoryview(seg._mapping()), expect=Kind.RING, key=key)
             lay = parse_descriptor(desc, hdr.payload_length, key=key)
             return cls(seg, lay, hdr.payload_offset, on_lost)
         except BaseException:
@@ -311,7 +309,7 @@ class BatchRing:
         if i is None:
             return None
         if not backend.ofd_lock(seg._lock_fd(), backend.SLOT_BASE + i, exclusive=True, wait=False):
-            return None  # its producer is between publishing and letting go: next round
+            return None  # a free byte is the rule for a published slot; if not, try next round
         s = slot_word(i)
         ticket, gen, rows = ctl[s + S_TICKET], ctl[s + S_GEN], ctl[s + S_ROWS]
         ctl[s + S_PID] = self._pid
@@ -335,9 +333,8 @@ class BatchRing:
         recs = [LostSlot(*rec) for rec in losses(ctl, first, total)]
         what = ", ".join(f"ticket {r.ticket} (slot {r.slot}, pid {r.pid})" for r in recs)
         return SlotLostError(f"batch ring {self._key!r}: {len(recs)} batch(es) lost because their producer "
-                             "died "
-                             f"while filling: {what}; the slots are free again, get() goes on", self._key,
-                             tuple(recs))
+                             f"died while filling: {what}; the slots are free again, get() goes on",
+                             self._key, tuple(recs))
 
     def claim(self, token: SlotToken) -> Slot:
         """Take a handed-off slot (see ``Slot.handoff``) for reading; SlotLostError when it is stale."""

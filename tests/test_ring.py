@@ -24,7 +24,7 @@ from shmarray import (
     SlotToken,
 )
 from shmarray._header import HEADER, Kind, pack_header
-from shmarray._ringlayout import CONTROL_WORDS, LOST_LOG, SLOT_WORDS
+from shmarray._ringlayout import CONTROL_WORDS, G_NEXT_DELIVER, LOST_LOG, SLOT_WORDS
 
 FIELDS = {"images": ((4, 3, 8, 8), np.uint8), "labels": ((4,), np.int64)}
 SLOT_TABLE = CONTROL_WORDS + LOST_LOG * 4
@@ -486,7 +486,7 @@ def test_ordered_get_skips_handed_off_tickets_at_once(key):
         ring.acquire(0).publish()
         with ring.get(0) as batch:
             assert batch.ticket == 500
-        assert ring._ctl[5] == 501  # G_NEXT_DELIVER jumped past the handed-off tickets
+        assert ring._ctl[G_NEXT_DELIVER] == 501  # jumped past the handed-off tickets at once
 
 
 # -- corrupt or foreign segments -------------------------------------------------------------------------
