@@ -104,7 +104,7 @@ class SharedArray(np.ndarray):
     # Class-level defaults: a SharedArray outside any segment (e.g. a copy
     # that escaped the downgrades below) behaves as a plain array.
     _shm_seg: Segment | None = None
-    _shm_origin: int = 0
+    _shm_map: Any = None  # the segment's data mapping: user byte 0 is its first byte
     # As numpy.memmap: mixed with plain arrays, the plain type wins.
     __array_priority__ = -100.0
 
@@ -120,7 +120,7 @@ class SharedArray(np.ndarray):
         seg = getattr(obj, "_shm_seg", None)
         if seg is not None and (np.may_share_memory(self, obj) or (self.size == 0 and self.base is not None)):
             self._shm_seg = seg
-            self._shm_origin = obj._shm_origin
+            self._shm_map = obj._shm_map
 
     def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
         arr = super().__array_wrap__(arr, context)
@@ -209,7 +209,7 @@ class SharedArray(np.ndarray):
         seg = self._shm_seg
         if seg is None or seg.key is None:
             return np.asarray(self).__reduce_ex__(protocol)
-        offset = self.__array_interface__["data"][0] - self._shm_origin
+        offset = _address(self) - _address(np.frombuffer(self._shm_map, np.uint8, count=1))
         return _rebuild, (seg.key, offset, self.shape, self.strides, self.dtype, not self.flags.writeable)
 
     def __reduce__(self) -> Any:
@@ -246,11 +246,12 @@ def _address(arr: np.ndarray) -> int:
 def _view(seg: Segment, shape: tuple[int, ...], dtype: np.dtype[Any], offset: int,
           strides: tuple[int, ...] | None = None, order: str = "C") -> SharedArray:
     """A SharedArray over the segment's mapping; it holds the Segment (so the segment stays attached)."""
+    mapping = seg._mapping()
     arr: SharedArray = np.ndarray.__new__(
-        SharedArray, shape, dtype, buffer=seg._mapping(), offset=offset, strides=strides,
+        SharedArray, shape, dtype, buffer=mapping, offset=offset, strides=strides,
         order="F" if order == "F" else "C")
     arr._shm_seg = seg
-    arr._shm_origin = _address(arr) - offset
+    arr._shm_map = mapping
     return arr
 
 

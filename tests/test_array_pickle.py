@@ -17,7 +17,8 @@ from _procs import CONTEXTS, run
 
 def _offset(a: SharedArray) -> int:
     """Where the view's first element lies, from the start of its segment's user bytes."""
-    return a.__array_interface__["data"][0] - a._shm_origin
+    origin = np.frombuffer(a._shm_map, np.uint8, count=1).__array_interface__["data"][0]
+    return a.__array_interface__["data"][0] - origin
 
 
 @pytest.fixture
