@@ -226,11 +226,17 @@ class _Attachment:
             if self.lock is not None:
                 self.lock.release()
             if not self.foreign and self.pid == backend.getpid():
-                if self.writable_fd and not self.persistent and backend.try_sole(self.fd):
-                    if self.ctl is not None:
-                        self.ctl[_DEAD_OFFSET] = 1
-                    backend.unlink_if_same(self.name, self.fd)
+                may_destroy = self.writable_fd and not self.persistent
+                if may_destroy and backend.try_sole(self.fd):
+                    self._destroy()
+                    may_destroy = False
                 backend.drop_liveness(self.fd, self.pid)
+                # Two last users detaching at once each see the other's hold and
+                # leave, orphaning the name in /dev/shm (workers of a pool that
+                # finish together do this). Whoever finds itself alone once its own
+                # hold is gone destroys it; the lock taken here goes with the fd.
+                if may_destroy and backend.try_sole(self.fd):
+                    self._destroy()
         except OSError:  # pragma: no cover - the fd is ours; nothing sensible to report at exit
             pass
         finally:
@@ -244,6 +250,12 @@ class _Attachment:
             # unmapped when the last of them is collected.
             self.data_map = None
             backend.close(self.fd)
+
+    def _destroy(self) -> None:
+        """Mark the segment dead and remove its name (the caller holds the liveness byte exclusively)."""
+        if self.ctl is not None:
+            self.ctl[_DEAD_OFFSET] = 1
+        backend.unlink_if_same(self.name, self.fd)
 
     def after_fork(self) -> None:
         """In a forked child: become an attachment of our own (new description, new locks)."""
