@@ -245,12 +245,21 @@ def handoff_samples(table: Any, repeats: int = 7) -> dict[str, list[float]]:
     """End-to-end handoff of *table* to a warm waiting process, each way; seconds per handoff."""
     c = _Consumer()
     try:
+        def settled(fn: Callable[[], float]) -> Callable[[], float]:
+            # The consumer frees what it got after answering; wait for that
+            # outside the timing, so it never overlaps the next sample.
+            def one() -> float:
+                took = fn()
+                c.ask("ping", None)
+                return took
+            return one
+
         methods = {
-            "shmarray": lambda: _h_shmarray(c, table, "bounds"),
-            "shmarray_metadata": lambda: _h_shmarray(c, table, "metadata"),
-            "pickle": lambda: _h_pickle(c, table),
-            "stdlib": lambda: _h_stdlib(c, table),
-            "feather": lambda: _h_feather(c, table),
+            "shmarray": settled(lambda: _h_shmarray(c, table, "bounds")),
+            "shmarray_metadata": settled(lambda: _h_shmarray(c, table, "metadata")),
+            "pickle": settled(lambda: _h_pickle(c, table)),
+            "stdlib": settled(lambda: _h_stdlib(c, table)),
+            "feather": settled(lambda: _h_feather(c, table)),
         }
         return _interleave(methods, repeats)
     finally:

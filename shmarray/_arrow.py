@@ -39,14 +39,17 @@ What an attacher checks (``validate=``):
     column counts against the descriptor; Arrow's structural validation
     (lengths, buffer sizes, first and last offsets); every buffer lies inside
     the mapping (so nothing was copied, decompressed or byte-swapped).
-    Cost: O(columns x chunks), independent of the row count.
+    Cost: O(columns x chunks), independent of the row count: 0.14-0.18 ms
+    here for a 4-column table of 1 000 to 5 M rows, the attach included.
 ``"bounds"`` (default)
     the above, plus every offset, list size, dictionary index, union type
     code and run end of the columns whose types have them (strings, binary,
     lists, maps, views, dictionaries, unions, run-end encoded), so no access
     can leave a buffer. UTF-8 validity is not checked (decoding such a string
     in Python raises UnicodeDecodeError). Cost: O(rows of those columns);
-    columns of fixed-width types cost nothing.
+    columns of fixed-width types cost nothing. 5-13 ms here for a 5 M-row
+    string column (its offsets are checked as binary's; ``"full"``, which
+    checks UTF-8 as well, took 38-40 ms in the same run).
 ``"full"``
     Arrow's full validation of every column (``Table.validate(full=True)``),
     UTF-8 included. Cost: O(data).
