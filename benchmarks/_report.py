@@ -196,6 +196,10 @@ def plot(g: GroupResult, path: str) -> bool:
     return True
 
 
+def _title(g: GroupResult) -> str:
+    return g.title if g.title.lower().startswith(g.name) else f"{g.name}: {g.title}"
+
+
 _STYLE = {"shmarray": {"linewidth": 2.6, "marker": "o"}, "floor": {"linestyle": "--", "marker": "."},
           "peer": {"marker": "s"}}
 
@@ -226,7 +230,7 @@ def _plot_sized(plt: Any, g: GroupResult, rows: list[Row]) -> Any:
     ax.set_xlabel("array size")
     ax.set_ylabel("GB/s (size / median time), higher is better" if g.throughput
                   else "median time (us), lower is better")
-    ax.set_title(f"{g.name}: {g.title}", fontsize=10)
+    ax.set_title(_title(g), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -281,7 +285,7 @@ def _plot_bars(plt: Any, g: GroupResult, rows: list[Row]) -> Any:
                                     Patch(color="tab:blue", label="kernel-released"),
                                     Patch(color="tab:orange", label="stays taken if its holder dies"),
                                     Patch(color="tab:gray", label="floor")], fontsize=7, loc="lower right")
-    fig.suptitle(f"{g.name}: {g.title}", fontsize=10)
+    fig.suptitle(_title(g), fontsize=10)
     fig.tight_layout()
     return fig
 
