@@ -34,7 +34,12 @@ def _ours() -> set[str]:
 def _another_runs(name: str) -> bool:
     """True for a test key of another pytest process (several may run at once on a dev machine)."""
     m = _OTHER_RUN.match(name) or _BENCH_RUN.match(name)
-    return bool(m) and int(m.group(1)) != os.getpid()
+    if m:
+        return int(m.group(1)) != os.getpid()
+    # The notebooks' keys are fixed names; another process executing them holds their lock.
+    from _notebooks import is_notebook_entry, running_elsewhere
+
+    return is_notebook_entry(name) and running_elsewhere()
 
 
 def new_key(prefix: str = "t") -> str:
