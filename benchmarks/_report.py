@@ -206,7 +206,8 @@ _STYLE = {"shmarray": {"linewidth": 2.6, "marker": "o"}, "floor": {"linestyle": 
 
 def _plot_sized(plt: Any, g: GroupResult, rows: list[Row]) -> Any:
     """One line per method against size, log axes, IQR as error bars."""
-    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=100)
+    longest = max((len(m) for m in _methods(g)), default=0)
+    fig, ax = plt.subplots(figsize=(7.5 + 0.065 * longest, 5.5), dpi=100)
     for m in _methods(g):
         pts = sorted((r.size, r.stats) for r in rows if r.method == m and r.size is not None)
         if not pts:

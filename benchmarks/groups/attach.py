@@ -80,8 +80,42 @@ def run(ctx: Context) -> GroupResult:
             for m in live:
                 res.rows.append(Row(LABELS[m], samples.get(m, []) if m in made else [], size=size,
                                     role=ROLES.get(m, "peer"), error=errors.get(m, "")))
+    _first_attach(ctx, res)
     _headline(res)
     return res
+
+
+def _first_attach(ctx: Context, res: GroupResult) -> None:
+    """The first attach in a fresh process, at one size: bench_arrays.attach_samples (the arrays owner's).
+
+    A spawned multiprocessing child (it inherits the parent's resource
+    tracker) and a new interpreter (which starts its own), for shmarray and
+    the stdlib; timed in the attaching process, name in, ndarray out.
+    """
+    size = (1 << 20) if ctx.quick else (64 << 20)
+    try:
+        from .. import bench_arrays
+    except ImportError as e:  # pragma: no cover - the module is part of the repository
+        res.skipped.append(f"first attach in a fresh process: benchmarks.bench_arrays unavailable ({e})")
+        return
+    ctx.log(f"  first attach in a fresh process, {human_size(size)}: 2 methods x 2 kinds of process")
+    try:
+        got = bench_arrays.attach_samples([size], ctx.reps(7, 3))
+    except Exception as e:  # noqa: BLE001 - reported, the group's other rows stand
+        for m in (P.SHMARRAY, P.STDLIB):
+            res.rows.append(Row(f"{LABELS[m]}, first attach in a fresh process", [], size=size,
+                                role=ROLES.get(m, "peer"), error=f"{type(e).__name__}: {e}"[:300]))
+        return
+    for variant in ("spawned child", "new interpreter"):
+        for m in (P.SHMARRAY, P.STDLIB):
+            samples = got.get((variant, m, size), [])
+            res.rows.append(Row(f"{LABELS[m]}, first attach in a {variant}", list(samples), size=size,
+                                role=ROLES.get(m, "peer"), error="" if samples else "no samples"))
+    res.notes.append(
+        f"'first attach in a spawned child / new interpreter' (at {human_size(size)} only): the "
+        "first attach of a fresh process, each sample a new process (benchmarks/bench_arrays.py). "
+        "A new interpreter's first stdlib attach starts its own resource tracker."
+    )
 
 
 def _headline(res: GroupResult) -> None:
