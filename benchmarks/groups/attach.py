@@ -17,7 +17,7 @@ from .._harness import Context, GroupResult, Row, Worker, human_size, interleave
 from . import _peers as P
 
 NAME = "attach"
-TITLE = "Attach: name -> ndarray in a warm process"
+TITLE = "Attach: name -> ndarray in a warm process (and first attach in a fresh one)"
 
 LABELS = {
     P.SHMARRAY: "shmarray.attach",
