@@ -66,7 +66,8 @@ def progress_samples(size: int, repeats: int) -> dict[str, list[float]]:
         "share()": timed(lambda k: shmarray.share(k, src)),
         "share(progress=True)": timed(lambda k: shmarray.share(k, src, progress=True)),
         "create(fill=1.0)": timed(lambda k: shmarray.create(k, src.shape, fill=1.0)),
-        "create(fill=1.0, progress=True)": timed(lambda k: shmarray.create(k, src.shape, fill=1.0, progress=True)),
+        "create(fill=1.0, progress=True)": timed(
+            lambda k: shmarray.create(k, src.shape, fill=1.0, progress=True)),
     }
     return _interleave(methods, repeats)
 
@@ -109,7 +110,8 @@ def fixed_costs(loops: int = 2000) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print medians, and each progress=True variant's ratio to the same call without it."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_progress", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_progress",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--size-mb", type=int, default=512, help="bytes per call (default 512 MiB)")
     p.add_argument("--repeats", type=int, default=9, help="samples per method (default 9)")
     args = p.parse_args(argv)
