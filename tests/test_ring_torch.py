@@ -91,9 +91,12 @@ def test_breaking_out_gives_every_slot_back():
                 break
         st = rl.ring.stats()
         assert (st.free, st.reading, st.handed_off, st.filling) == (rl.ring.slots, 0, 0, 0)
-        # and the next epoch starts cleanly
-        first = next(iter(rl))
-        assert first["labels"].tolist() == [0, 1, 2, 3]
+        # and the next epoch starts cleanly (read the batch while its iterator is alive:
+        # dropping the iterator releases the slot, and a worker may refill it at once)
+        it = iter(rl)
+        assert next(it)["labels"].tolist() == [0, 1, 2, 3]
+        it.close()
+        assert rl.ring.stats().free == rl.ring.slots
 
 
 def test_main_process_loading_tuple_samples(key):
