@@ -141,9 +141,11 @@ class RingLoader:
     cannot hold (structured, strings) come as ndarrays. With *device* each
     batch is copied there (``non_blocking``; by DMA when the ring is
     pinned) and the slot is released once that copy has completed. The
-    slot of a batch is released when the next batch is asked for, or when
-    iteration stops; breaking out of the loop shuts the DataLoader's
-    workers down and takes back the slots of batches never consumed.
+    slot of a batch is released when the next batch is asked for; the last
+    batch of an iteration stopped early (``break``, ``next(iter(...))``, an
+    exception) stays valid until the next iteration starts or ``close()``.
+    Stopping early shuts the DataLoader's workers down and takes back the
+    slots of batches never consumed.
     """
 
     def __init__(self, loader: Any, ring: BatchRing, *, device: Any = None, non_blocking: bool = True,
@@ -166,6 +168,9 @@ class RingLoader:
         self.device = device
         self.non_blocking = non_blocking
         self._own = own_ring
+        # The last batch of an iteration that stopped early (break, next(iter(...)), an
+        # exception): kept valid until the next iteration starts or close().
+        self._kept: tuple[Slot, Any] | None = None
         if pin:
             ring.pin()
 
@@ -176,6 +181,7 @@ class RingLoader:
         import torch
 
         ring = self.ring
+        self._drop_kept()
         ring._new_epoch()
         it = iter(self.loader)
         held: Slot | None = None
@@ -204,7 +210,7 @@ class RingLoader:
             finished = True
         finally:
             if held is not None:
-                self._let_go(held, done)
+                self._kept = (held, done)
             if not finished:
                 # Workers may be waiting for slots that hold batches nobody will
                 # claim: a new epoch makes those stale (freed by the waiters'
@@ -223,11 +229,17 @@ class RingLoader:
                 _sync_cuda()
             slot.release()
 
+    def _drop_kept(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None and not self.ring.closed:
+            self._let_go(*kept)
+
     def close(self) -> None:
         """Shut the ring down and detach it (and remove it, when this loader created it)."""
         ring = self.ring
         if ring.closed:
             return
+        self._drop_kept()
         if self._own:
             ring.shutdown()
             ring.unlink()
