@@ -183,15 +183,18 @@ class _Attachment:
         self.closed = False
         self.pinned: Any = None  # a _cuda.PinnedRegion while pin()ned
 
-    def map(self, cb: ControlBlock | None) -> None:
-        """Map the control block and the data (through a second description)."""
+    def map(self, cb: ControlBlock | None, map_fd: int | None = None) -> None:
+        """Map the control block and the data through *map_fd* (closed here), a lock-free description.
+
+        Mappings duplicate their fd, so they must never be made from the
+        description that carries this attachment's locks.
+        """
+        if map_fd is None:
+            map_fd = backend.reopen(self.fd, self.writable_fd)
         writable_data = self.mode == AccessMode.ReadWrite
-        if writable_data and not self.writable_fd:
-            raise PermissionError(errno.EACCES, "the segment is not writable by this user")
-        # Mappings duplicate their fd; map through a lock-free description so
-        # that live views never keep this attachment's locks alive.
-        map_fd = backend.reopen(self.fd, self.writable_fd)
         try:
+            if writable_data and not self.writable_fd:
+                raise PermissionError(errno.EACCES, "the segment is not writable by this user")
             if cb is None:
                 self.size = backend.size_of(map_fd)
                 if self.size <= 0:
@@ -545,40 +548,44 @@ class Segment:
         label = self._label()
         pid = backend.getpid()
         for _ in range(16):
-            fd, writable = backend.open_for_locks(name)
+            fd, map_fd, writable, object_size = backend.open_pair(name)
             try:
-                cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), backend.size_of(fd))
+                cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), object_size)
                 if cb is None:
                     if self._key is not None:
                         raise UnknownShmError(
                             f"attach: {name!r} (for key {label!r}) is not a shmarray segment; "
                             "remove it or use another key", self._key)
                     att = _Attachment(name, fd, writable, mode, foreign=True)
-                    att.map(None)
+                    map_fd, handed = -1, map_fd  # map() closes it, whatever happens
+                    att.map(None, handed)
                     return att
-                if writable and backend.try_sole(fd):
-                    if cb.dead:
-                        backend.unlink_if_same(name, fd)
-                        continue
-                    if not cb.persistent:
-                        _mark_dead(fd)
-                        backend.unlink_if_same(name, fd)
-                        raise NotFoundError(
-                            f"attach: segment {label!r} was left by processes that all died; "
-                            "it has been removed. create() it again", self._key)
-                    backend.share_liveness(fd)
-                else:
-                    # Waits out a destroyer that holds the byte exclusively.
-                    backend.ofd_lock(fd, backend.LIVENESS_BYTE, exclusive=False, wait=True)
-                    # Only the dead flag can have changed since the read above (the
-                    # rest is fixed at publication): one small pread, no re-parse.
-                    if backend.pread(fd, 4, _DEAD_OFFSET) != b"\0\0\0\0":
-                        continue
+                # Shared first: this waits out a destroyer holding the byte exclusively.
+                backend.ofd_lock(fd, backend.LIVENESS_BYTE, exclusive=False, wait=True)
+                # Only the dead flag can have changed since the read above (the
+                # rest is fixed at publication): one small pread, no re-parse.
+                if backend.pread(fd, 4, _DEAD_OFFSET) != b"\0\0\0\0":
+                    backend.close(map_fd)
+                    backend.close(fd)
+                    continue
+                if (writable and not cb.persistent
+                        and not backend.ofd_held_elsewhere(fd, backend.LIVENESS_BYTE)
+                        and backend.try_sole(fd)):
+                    # Nobody else is attached: every attacher died. (try_sole fails,
+                    # keeping our shared lock, if someone attached meanwhile.)
+                    _mark_dead(fd)
+                    backend.unlink_if_same(name, fd)
+                    raise NotFoundError(
+                        f"attach: segment {label!r} was left by processes that all died; "
+                        "it has been removed. create() it again", self._key)
                 backend.ofd_lock(fd, backend.PID_BASE + pid, exclusive=False, wait=True)
                 att = _Attachment(name, fd, writable, mode, foreign=False)
-                att.map(cb)
+                map_fd, handed = -1, map_fd  # map() closes it, whatever happens
+                att.map(cb, handed)
                 return att
             except BaseException:
+                if map_fd >= 0:
+                    backend.close(map_fd)
                 backend.close(fd)
                 raise
         raise NotFoundError(f"attach: segment {label!r} kept disappearing; try again", self._key)

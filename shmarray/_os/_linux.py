@@ -88,6 +88,31 @@ def open_for_locks(name: str) -> tuple[int, bool]:
         return open_existing(name, False), False
 
 
+def open_pair(name: str) -> tuple[int, int, bool, int]:
+    """Two descriptions of one object: (lock fd, map fd, writable, size).
+
+    Locks go on the first; mappings are made from the second, because a
+    mapping keeps a duplicate of its fd and so its description alive (a
+    forked child's inherited mapping must never keep our locks alive). Both
+    are opened by name (cheaper than /proc/self/fd) and checked to be the
+    same object.
+    """
+    lock_fd, writable = open_for_locks(name)
+    try:
+        while True:
+            map_fd = open_existing(name, writable)
+            st_lock, st_map = os.fstat(lock_fd), os.fstat(map_fd)
+            if (st_lock.st_dev, st_lock.st_ino) == (st_map.st_dev, st_map.st_ino):
+                return lock_fd, map_fd, writable, st_lock.st_size
+            # The name was replaced between the two opens: start again.
+            os.close(map_fd)
+            os.close(lock_fd)
+            lock_fd, writable = open_for_locks(name)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
 def reopen(fd: int, writable: bool) -> int:
     """A new open file description of the same object (works after unlink)."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _O_CLOEXEC
