@@ -235,8 +235,28 @@ def _read_fast(descriptor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any],
     return shape, m.group(2) == b"True", dtype, len(descriptor)
 
 
+# Validated specs by their exact descriptor bytes: the same bytes always give
+# the same spec, and attaching one array over and over (a worker per task)
+# should not parse it each time. Structured dtypes are left out because
+# their field names can be changed in place (dtype.names = ...).
+_SPECS: dict[bytes, ArraySpec] = {}
+_SPECS_MAX = 256
+
+
 def parse_descriptor(descriptor: bytes, *, key: str | None = None) -> ArraySpec:
     """Validate an ndarray descriptor read from a segment; HeaderError says what is wrong."""
+    spec = _SPECS.get(descriptor)
+    if spec is not None:
+        return spec
+    spec = _parse_descriptor(descriptor, key)
+    if spec.dtype.names is None:
+        if len(_SPECS) >= _SPECS_MAX:
+            _SPECS.clear()
+        _SPECS[descriptor] = spec
+    return spec
+
+
+def _parse_descriptor(descriptor: bytes, key: str | None) -> ArraySpec:
     label = f"segment {key!r}" if key is not None else "segment"
     if len(descriptor) > MAX_NPY_HEADER:
         raise HeaderError(

@@ -230,7 +230,7 @@ class _Attachment:
                 self.lock.release()
             if not self.foreign and self.pid == backend.getpid():
                 may_destroy = self.writable_fd and not self.persistent
-                if may_destroy and backend.try_sole(self.fd):
+                if may_destroy and not backend.others_attached(self.fd) and backend.try_sole(self.fd):
                     self._destroy()
                     may_destroy = False
                 backend.drop_liveness(self.fd, self.pid)
@@ -238,7 +238,7 @@ class _Attachment:
                 # leave, orphaning the name in /dev/shm (workers of a pool that
                 # finish together do this). Whoever finds itself alone once its own
                 # hold is gone destroys it; the lock taken here goes with the fd.
-                if may_destroy and backend.try_sole(self.fd):
+                if may_destroy and not backend.others_attached(self.fd) and backend.try_sole(self.fd):
                     self._destroy()
         except OSError:  # pragma: no cover - the fd is ours; nothing sensible to report at exit
             pass
@@ -561,16 +561,14 @@ class Segment:
                     att.map(None, handed)
                     return att
                 # Shared first: this waits out a destroyer holding the byte exclusively.
-                backend.ofd_lock(fd, backend.LIVENESS_BYTE, exclusive=False, wait=True)
+                backend.hold_liveness(fd, pid)
                 # Only the dead flag can have changed since the read above (the
                 # rest is fixed at publication): one small pread, no re-parse.
                 if backend.pread(fd, 4, _DEAD_OFFSET) != b"\0\0\0\0":
                     backend.close(map_fd)
                     backend.close(fd)
                     continue
-                if (writable and not cb.persistent
-                        and not backend.ofd_held_elsewhere(fd, backend.LIVENESS_BYTE)
-                        and backend.try_sole(fd)):
+                if writable and not cb.persistent and not backend.others_attached(fd) and backend.try_sole(fd):
                     # Nobody else is attached: every attacher died. (try_sole fails,
                     # keeping our shared lock, if someone attached meanwhile.)
                     _mark_dead(fd)
@@ -578,7 +576,6 @@ class Segment:
                     raise NotFoundError(
                         f"attach: segment {label!r} was left by processes that all died; "
                         "it has been removed. create() it again", self._key)
-                backend.ofd_lock(fd, backend.PID_BASE + pid, exclusive=False, wait=True)
                 att = _Attachment(name, fd, writable, mode, foreign=False)
                 map_fd, handed = -1, map_fd  # map() closes it, whatever happens
                 att.map(cb, handed)

@@ -245,6 +245,12 @@ def _flock_struct(kind: int, start: int) -> bytes:
     return _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
 
 
+# Every attach and detach uses these: pack them once.
+_SHARED_LIVENESS = _flock_struct(fcntl.F_RDLCK, LIVENESS_BYTE)
+_UNLOCK_LIVENESS = _flock_struct(fcntl.F_UNLCK, LIVENESS_BYTE)
+_PROBE_LIVENESS = _flock_struct(fcntl.F_WRLCK, LIVENESS_BYTE)
+
+
 def ofd_lock(fd: int, start: int, *, exclusive: bool, wait: bool) -> bool:
     """Lock byte *start*; False if it is held elsewhere and *wait* is False."""
     arg = _flock_struct(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, start)
@@ -274,14 +280,24 @@ def ofd_held_elsewhere(fd: int, start: int) -> bool:
 
 def hold_liveness(fd: int, pid: int) -> None:
     """Take the shared liveness lock and the pid marker of one attachment."""
-    ofd_lock(fd, LIVENESS_BYTE, exclusive=False, wait=True)
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _SHARED_LIVENESS)
     ofd_lock(fd, PID_BASE + pid, exclusive=False, wait=True)
 
 
 def drop_liveness(fd: int, pid: int) -> None:
     """Release what hold_liveness took (needed: mmap's dup'd fds keep the description alive)."""
     ofd_unlock(fd, PID_BASE + pid)
-    ofd_unlock(fd, LIVENESS_BYTE)
+    fcntl.fcntl(fd, _F_OFD_SETLK, _UNLOCK_LIVENESS)
+
+
+def others_attached(fd: int) -> bool:
+    """True when another description holds the liveness byte (F_OFD_GETLK ignores our own locks).
+
+    Unlike a failing exclusive attempt it raises nothing, so it is the cheap
+    first question of every detach.
+    """
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _PROBE_LIVENESS)
+    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
 
 
 def try_sole(fd: int) -> bool:
