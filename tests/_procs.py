@@ -12,11 +12,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["Child", "start", "run", "CONTEXTS"]
+__all__ = ["Child", "start", "run", "CONTEXTS", "wait_for", "run_with_small_dev_shm"]
 
 CONTEXTS = ("spawn", "fork", "forkserver")
 _ALL: list["Child"] = []
@@ -99,3 +103,33 @@ def reap_all() -> None:
     """Kill and reap every child still running (called after each test)."""
     while _ALL:
         _ALL.pop().close()
+
+
+def wait_for(path: str, timeout: float = 30) -> None:
+    """Wait until a child has written *path* (its "I am ready" mark)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def run_with_small_dev_shm(script: str, tmp_path: "os.PathLike[str]", size: str = "64m") -> "subprocess.CompletedProcess[str]":
+    """Run a Python *script* with a private /dev/shm of *size* (Docker's default is 64m).
+
+    Uses a private mount namespace (root and unshare(1)); skips the calling
+    test where that is not possible.
+    """
+    import pytest
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) for a private /dev/shm")
+    path = os.path.join(os.fspath(tmp_path), "small_shm.py")
+    with open(path, "w") as f:
+        f.write(script)
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {sys.executable} {path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
+    return out

@@ -6,16 +6,13 @@ from __future__ import annotations
 import gc
 import os
 import pickle
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import shmarray
 from shmarray import SharedArray
-from _procs import run
+from _procs import run, run_with_small_dev_shm
 
 # -- dtypes -------------------------------------------------------------------------------------
 
@@ -525,16 +522,9 @@ print("left:", sorted(n for n in os.listdir("/dev/shm") if n.startswith(("shmarr
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
 def test_full_dev_shm_is_out_of_resources_not_sigbus(tmp_path):
     """create/share into a 64 MiB /dev/shm (Docker's default), in a private mount namespace."""
-    script = tmp_path / "full.py"
-    script.write_text(FULL_SHM)
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {script}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if out.returncode != 0 and "mount" in out.stderr and "precheck" not in out.stdout:
-        pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
+    out = run_with_small_dev_shm(FULL_SHM, tmp_path)
     assert out.returncode == 0, out.stderr  # a SIGBUS would be -7
     for label in ("create", "fill", "share"):
         assert f"precheck {label}: " in out.stdout and "free" in out.stdout

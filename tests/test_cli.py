@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 import shmarray
+from _procs import run_with_small_dev_shm
 from shmarray import Segment
 from shmarray._cli import main
 
@@ -105,16 +106,9 @@ FULL_SHM = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
 def test_full_dev_shm_is_out_of_resources_not_sigbus(tmp_path):
     """A 64 MiB /dev/shm (Docker's default), in a private mount namespace."""
-    script = tmp_path / "full.py"
-    script.write_text(FULL_SHM)
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {script}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if out.returncode != 0 and "mount" in out.stderr and "precheck" not in out.stdout:
-        pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
+    out = run_with_small_dev_shm(FULL_SHM, tmp_path)
     assert out.returncode == 0, out.stderr
     assert "precheck:" in out.stdout and "full-b" in out.stdout and "MiB free" in out.stdout
     assert "fallocate:" in out.stdout and "full-c" in out.stdout and "needs 40.0 MiB" in out.stdout

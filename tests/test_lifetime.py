@@ -8,7 +8,7 @@ import time
 import pytest
 
 import shmarray
-from _procs import run, start
+from _procs import run, start, wait_for
 from shmarray import Segment
 
 
@@ -24,20 +24,12 @@ def _attach_and_wait(key: str, ready_path: str) -> None:
     time.sleep(600)
 
 
-def _wait_for(path: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-
-
 def _start_attached(key: str, tmp_path, n: int):
     kids = []
     for i in range(n):
         ready = str(tmp_path / f"ready{i}")
         kids.append(start(_attach_and_wait, key, ready))
-        _wait_for(ready)
+        wait_for(ready)
     return kids
 
 

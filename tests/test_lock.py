@@ -11,7 +11,7 @@ import time
 import pytest
 
 import shmarray
-from _procs import run, start
+from _procs import run, start, wait_for
 from shmarray import Segment
 
 COUNTER = struct.Struct("<Q")
@@ -148,20 +148,12 @@ def _hold_until_killed(key: str, ready_path: str, shared: bool) -> None:
     time.sleep(600)
 
 
-def _wait_for(path: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("blocking", [True, False])
 def test_killed_holder_releases_and_is_reported(key, tmp_path, blocking):
     ready = str(tmp_path / "ready")
     with Segment(key).create(8) as seg:
         child = start(_hold_until_killed, key, ready, False)
-        _wait_for(ready)
+        wait_for(ready)
         assert seg.lock(timeout=0) is False
         result: dict[str, float] = {}
 
@@ -190,7 +182,7 @@ def test_killed_shared_holder_is_not_a_recovery(key, tmp_path):
     ready = str(tmp_path / "ready")
     with Segment(key).create(8) as seg:
         child = start(_hold_until_killed, key, ready, True)
-        _wait_for(ready)
+        wait_for(ready)
         assert seg.lock(timeout=0) is False
         child.kill()
         assert seg.lock(timeout=5) is True
@@ -210,7 +202,7 @@ def test_recovery_seen_by_another_process(key, tmp_path):
     ready = str(tmp_path / "ready")
     with Segment(key).create(8):
         child = start(_hold_until_killed, key, ready, False)
-        _wait_for(ready)
+        wait_for(ready)
         child.kill()
         assert run(_recovered_after_death, key) == (True, True)
 
