@@ -343,6 +343,7 @@ class Segment:
     _att: _Attachment | None = None
     _finalizer: Any = None
     _lk: SegmentLock | None = None  # the attachment's lock, for the hot path
+    _locked_default: "_Locked | None" = None
     _error: SharedMemoryError = SharedMemoryError.NoError
     _error_string: str = ""
 
@@ -789,6 +790,12 @@ class Segment:
 
     def locked(self, timeout: float | None = None, *, shared: bool = False) -> "_Locked":
         """Context manager holding the lock; raises LockError on timeout."""
+        if timeout is None and not shared:
+            # The common form is reused: building a manager per use costs more than the lock.
+            cm = self._locked_default
+            if cm is None:
+                cm = self._locked_default = _Locked(self, None, False)
+            return cm
         return _Locked(self, timeout, shared)
 
     @property
@@ -889,28 +896,38 @@ Segment.__module__ = "shmarray"
 
 
 class _Locked:
-    """``with seg.locked():`` -- enters once, raises LockError on timeout."""
+    """``with seg.locked():`` -- raises LockError on timeout; nests without releasing early.
+
+    Each entry pushes whether it took the lock, each exit pops: only the
+    entry that took it releases it.
+    """
 
     __slots__ = ("_seg", "_timeout", "_shared", "_took")
 
     def __init__(self, seg: Segment, timeout: float | None, shared: bool) -> None:
-        self._seg = seg
+        # A weak reference: the Segment caches one of these, and a cycle would
+        # delay its detach (on the last reference going) until a gc pass.
+        self._seg = weakref.ref(seg)
         self._timeout = timeout
         self._shared = shared
-        self._took = False
+        self._took: list[bool] = []
 
     def __enter__(self) -> Segment:
-        seg = self._seg
-        already = seg.lock_held
+        seg = self._seg()
+        if seg is None:  # pragma: no cover - the caller holds the Segment
+            raise LockError("the segment of this lock context is gone")
+        lk = seg._lk
+        took = lk is None or not lk._held
         if not seg.lock(self._timeout, shared=self._shared):
             raise LockError(
                 f"timed out after {self._timeout} s waiting for the lock of segment {seg._label()!r}",
                 seg.key,
             )
-        # A re-entrant use must not release the outer holder's lock.
-        self._took = already is None
+        self._took.append(took)
         return seg
 
-    def __exit__(self, *exc: object) -> None:
-        if self._took:
-            self._seg.unlock()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._took.pop():
+            seg = self._seg()
+            if seg is not None:
+                seg.unlock()

@@ -235,3 +235,28 @@ def test_ctrl_c_interrupts_a_blocked_lock(key):
         os.kill(child.pid, signal.SIGINT)
         assert child.result(20) == "interrupted"
         seg.unlock()
+
+
+def test_locked_keeps_no_cycle(key):
+    """The reused `with seg.locked()` manager must not delay detach to a gc pass."""
+    import gc
+
+    gc.disable()
+    try:
+        seg = Segment(key).create(8)
+        with seg.locked():
+            pass
+        name = seg.native_key
+        del seg  # reference counting alone detaches and destroys it
+        assert not os.path.exists(f"/dev/shm/{name}")
+    finally:
+        gc.enable()
+
+
+def test_locked_nests_and_threads_share_the_object(key):
+    with Segment(key).create(8) as seg:
+        with seg.locked():
+            with seg.locked():
+                assert seg.lock_held == "exclusive"
+            assert seg.lock_held == "exclusive"
+        assert seg.lock_held is None
