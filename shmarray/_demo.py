@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -91,6 +92,21 @@ def _best(repeat: int, job: Callable[[], Any]) -> tuple[float, Any]:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_pool(pool: Any) -> None:
+    """Stop an interrupted pool without ever hanging on it.
+
+    An interrupt can leave the pool's task handler blocked on a full task
+    queue, and ``Pool.terminate()`` then joins it forever (seen here about
+    one time in four). The workers are killed first (the kernel releases
+    any segment lock they held) and terminate() gets a few seconds.
+    """
+    for child in mp.active_children():
+        child.kill()
+    stopper = threading.Thread(target=pool.terminate, name="shmarray-demo-stop", daemon=True)
+    stopper.start()
+    stopper.join(5.0)
 
 
 def _cleanup(keys: list[str], arrays: list[SharedArray]) -> list[str]:
@@ -184,8 +200,11 @@ def run_demo(args: argparse.Namespace) -> int:
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                if status == 130:
+                    _stop_pool(pool)
+                else:
+                    pool.close()
+                    pool.join()
             left = _cleanup(keys, arrays)
         finally:
             signal.signal(signal.SIGTERM, old_term)

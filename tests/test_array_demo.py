@@ -64,8 +64,11 @@ def test_demo_refuses_bad_sizes():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_cleans_up(sig):
+    # A shell that runs us in the background ignores SIGINT, and the child
+    # would inherit that: give it the default, as a terminal's Ctrl-C finds it.
     p = subprocess.Popen([sys.executable, "-m", "shmarray", "demo", "--size-mb", "16", "--repeat", "100000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = []
         for line in p.stdout:
