@@ -33,10 +33,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-import time
 from typing import Any
 
 from ._errors import HeaderError, NotFoundError
+from ._lock import poll_until
 
 __all__ = [
     "Kind",
@@ -161,20 +161,21 @@ def read_header(data: memoryview, *, expect: Kind, key: str | None = None,
     A payload still being written is waited for up to *wait* seconds, then
     NotFoundError.
     """
-    deadline = time.monotonic() + wait
-    delay = 1e-4
-    while True:
+    found: list[PayloadHeader] = []
+
+    def published() -> bool:
         hdr = parse_header(data[: HEADER.size], data.nbytes, key=key)
         if hdr.kind != expect:
             raise HeaderError(
                 f"segment {key!r} holds {_a(hdr.kind.label)}, not {_a(expect.label)}; "
                 f"{_hint(hdr.kind)}", key)
-        if hdr.ready:
-            break
-        if time.monotonic() >= deadline:
-            raise NotFoundError(f"segment {key!r} is still being written by its creator; try again", key)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+        found[:] = [hdr]
+        return hdr.ready
+
+    # The lock layer's polling loop: one timeout rule (0 tries once) for the package.
+    if not poll_until(published, wait):
+        raise NotFoundError(f"segment {key!r} is still being written by its creator; try again", key)
+    hdr = found[0]
     d = bytes(data[hdr.descriptor_offset : hdr.descriptor_offset + hdr.descriptor_length])
     return hdr, d
 

@@ -297,7 +297,7 @@ def others_attached(fd: int) -> bool:
     first question of every detach.
     """
     res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _PROBE_LIVENESS)
-    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+    return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
 
 def try_sole(fd: int) -> bool:
