@@ -47,7 +47,7 @@ from ._array_format import (
     parse_descriptor,
 )
 from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
-from ._header import Kind, layout, pack_header, read_header
+from ._header import Kind, header_from, layout, pack_header, read_header
 from ._os import backend
 from ._progress import check_progress, label, reporting
 from ._segment import PAGE_SIZE, Segment, _human
@@ -264,11 +264,16 @@ def _attach_segment(key: str, readonly: bool) -> Segment:
 
 def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
     """The validated (spec, payload offset) of an attached array segment."""
-    data = seg.const_data
-    if data is None:  # pragma: no cover - attached just before
-        raise HeaderError(f"segment {key!r} is not attached", key)
-    # Arrays are published complete, never written in place: no wait for 'ready'.
-    hdr, descriptor = read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
+    # Arrays are published complete and never rewritten, so the header bytes
+    # read at attach are the header; the mapping is read only when they fall short.
+    got = header_from(seg._head(), seg.size, expect=Kind.NDARRAY, key=key)
+    if got is None:
+        data = seg.const_data
+        if data is None:  # pragma: no cover - attached just before
+            raise HeaderError(f"segment {key!r} is not attached", key)
+        # No wait for 'ready': an array is published complete or not at all.
+        got = read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
+    hdr, descriptor = got
     spec = parse_descriptor(descriptor, key=key)
     if spec.nbytes != hdr.payload_length:
         raise HeaderError(

@@ -50,6 +50,7 @@ __all__ = [
     "pack_header",
     "parse_header",
     "read_header",
+    "header_from",
     "kind_of",
 ]
 
@@ -164,11 +165,7 @@ def read_header(data: memoryview, *, expect: Kind, key: str | None = None,
     found: list[PayloadHeader] = []
 
     def published() -> bool:
-        hdr = parse_header(data[: HEADER.size], data.nbytes, key=key)
-        if hdr.kind != expect:
-            raise HeaderError(
-                f"segment {key!r} holds {_a(hdr.kind.label)}, not {_a(expect.label)}; "
-                f"{_hint(hdr.kind)}", key)
+        hdr = _expect(parse_header(data[: HEADER.size], data.nbytes, key=key), expect, key)
         found[:] = [hdr]
         return hdr.ready
 
@@ -178,6 +175,30 @@ def read_header(data: memoryview, *, expect: Kind, key: str | None = None,
     hdr = found[0]
     d = bytes(data[hdr.descriptor_offset : hdr.descriptor_offset + hdr.descriptor_length])
     return hdr, d
+
+
+def header_from(head: bytes, size: int, *, expect: Kind,
+                key: str | None = None) -> tuple[PayloadHeader, bytes] | None:
+    """read_header() on a copy of the first bytes of the user area (*size* bytes in all).
+
+    For a payload that is published complete (an array): None when *head*
+    is too short to hold the descriptor or the payload is not marked ready,
+    so the caller reads the mapping instead.
+    """
+    if len(head) < HEADER.size:
+        return None
+    hdr = _expect(parse_header(head, size, key=key), expect, key)
+    end = hdr.descriptor_offset + hdr.descriptor_length
+    if not hdr.ready or end > len(head):
+        return None
+    return hdr, head[hdr.descriptor_offset : end]
+
+
+def _expect(hdr: PayloadHeader, expect: Kind, key: str | None) -> PayloadHeader:
+    if hdr.kind != expect:
+        raise HeaderError(
+            f"segment {key!r} holds {_a(hdr.kind.label)}, not {_a(expect.label)}; {_hint(hdr.kind)}", key)
+    return hdr
 
 
 def _a(label: str) -> str:

@@ -68,6 +68,9 @@ CONTROL = struct.Struct("<8sIIQQQIIdII")  # fields up to the key; 64 bytes
 _DEAD_OFFSET = 40
 _KEY_OFFSET = 64
 PAGE_SIZE = backend.PAGE_SIZE
+# How much of the user area attach() reads with the control block: a payload
+# header and a typical descriptor (an .npy header is 128 bytes), no more.
+HEAD_BYTES = 448
 
 
 class ControlBlock:
@@ -163,7 +166,7 @@ class _Attachment:
     when the Segment is collected or the interpreter exits.
     """
 
-    __slots__ = ("name", "fd", "writable_fd", "ctl", "marks", "data_map", "data_offset",
+    __slots__ = ("name", "fd", "writable_fd", "ctl", "marks", "data_map", "data_offset", "head",
                  "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "pinned", "__weakref__")
 
     def __init__(self, name: str, fd: int, writable_fd: bool, mode: AccessMode, foreign: bool) -> None:
@@ -176,6 +179,9 @@ class _Attachment:
         self.marks: memoryview | None = None
         self.data_map: Any = None
         self.data_offset = 0
+        # The first bytes of the user area as read at attach (a payload
+        # header and its descriptor, usually): b"" when not read.
+        self.head = b""
         self.size = 0
         self.persistent = False
         self.pid = backend.getpid()
@@ -187,7 +193,9 @@ class _Attachment:
         """Map the control block and the data through *map_fd* (closed here), a lock-free description.
 
         Mappings duplicate their fd, so they must never be made from the
-        description that carries this attachment's locks.
+        description that carries this attachment's locks. When the control
+        block and the data are both writable (ReadWrite, the common case) one
+        mapping covers both: one mmap instead of two on every attach.
         """
         if map_fd is None:
             map_fd = backend.reopen(self.fd, self.writable_fd)
@@ -204,9 +212,14 @@ class _Attachment:
                 self.size = cb.size
                 self.data_offset = cb.data_offset
                 self.persistent = cb.persistent
-                self.ctl = backend.map_region(map_fd, 0, cb.data_offset, self.writable_fd)
+                if writable_data:
+                    whole = backend.map_region(map_fd, 0, cb.data_offset + cb.size, True)
+                    self.ctl = whole
+                    self.data_map = memoryview(whole)[cb.data_offset:]
+                else:
+                    self.ctl = backend.map_region(map_fd, 0, cb.data_offset, self.writable_fd)
+                    self.data_map = backend.map_region(map_fd, cb.data_offset, cb.size, False)
                 self.marks = memoryview(self.ctl).cast("B")[:CONTROL.size].cast("Q")
-                self.data_map = backend.map_region(map_fd, cb.data_offset, cb.size, writable_data)
         finally:
             backend.close(map_fd)
         self.lock = SegmentLock(self.fd, self.marks, self.pid) if cb is not None else None
@@ -247,7 +260,8 @@ class _Attachment:
                 self.marks.release()
                 self.marks = None
             if self.ctl is not None:
-                self.ctl.close()
+                if not isinstance(self.data_map, memoryview):
+                    self.ctl.close()  # its own mapping; one shared with the data goes with the data
                 self.ctl = None
             # The data mapping is not closed: live views keep it, and it is
             # unmapped when the last of them is collected.
@@ -551,23 +565,27 @@ class Segment:
         for _ in range(16):
             fd, map_fd, writable, object_size = backend.open_pair(name)
             try:
-                cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), object_size)
-                if cb is None:
-                    if self._key is not None:
-                        raise UnknownShmError(
-                            f"attach: {name!r} (for key {label!r}) is not a shmarray segment; "
-                            "remove it or use another key", self._key)
-                    att = _Attachment(name, fd, writable, mode, foreign=True)
-                    map_fd, handed = -1, map_fd  # map() closes it, whatever happens
-                    att.map(None, handed)
-                    return att
+                if self._key is None:
+                    # A native key may name a foreign object: look before locking it.
+                    cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), object_size)
+                    if cb is None:
+                        att = _Attachment(name, fd, writable, mode, foreign=True)
+                        map_fd, handed = -1, map_fd  # map() closes it, whatever happens
+                        att.map(None, handed)
+                        return att
                 # Shared first: this waits out a destroyer holding the byte exclusively.
+                # Then one read gives the control block as it is now (dead flag
+                # included) and the start of the user bytes (the payload header).
                 backend.hold_liveness(fd, pid)
-                # Only the dead flag can have changed since the read above (the
-                # rest is fixed at publication): one small pread, no re-parse.
-                if backend.pread(fd, 4, _DEAD_OFFSET) != b"\0\0\0\0":
+                raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
+                cb = parse_control(raw[:PAGE_SIZE], object_size)
+                if cb is None:
+                    raise UnknownShmError(
+                        f"attach: {name!r} (for key {label!r}) is not a shmarray segment; "
+                        "remove it or use another key", self._key)
+                if cb.dead:
                     backend.close(map_fd)
-                    backend.close(fd)
+                    backend.close(fd)  # its only reference: the locks go with it
                     continue
                 if writable and not cb.persistent and not backend.others_attached(fd) and backend.try_sole(fd):
                     # Nobody else is attached: every attacher died. (try_sole fails,
@@ -578,6 +596,7 @@ class Segment:
                         f"attach: segment {label!r} was left by processes that all died; "
                         "it has been removed. create() it again", self._key)
                 att = _Attachment(name, fd, writable, mode, foreign=False)
+                att.head = raw[cb.data_offset :]
                 map_fd, handed = -1, map_fd  # map() closes it, whatever happens
                 att.map(cb, handed)
                 return att
@@ -720,6 +739,11 @@ class Segment:
         if att is None:
             raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
         return att.fd
+
+    def _head(self) -> bytes:
+        """The first bytes of the user area as read at attach (b"" when not read)."""
+        att = self._att
+        return att.head if att is not None else b""
 
     def _mapping(self) -> Any:
         """The data mmap (for layers above that build views on it)."""

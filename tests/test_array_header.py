@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import shmarray
 from shmarray import _array_format
 from shmarray._cli import describe_payload
-from shmarray._header import HEADER, Kind, pack_header
+from shmarray._header import HEADER, Kind, pack_header, parse_header
 from _procs import run
 from test_array import ALL_DTYPES
 
@@ -328,3 +328,34 @@ def test_ls_payload_column(make_key):
     from shmarray._cli import main
 
     assert main(["ls"]) == 0
+
+
+# -- the header bytes read at attach, and the mapping when they fall short -------------------------
+
+
+def test_long_descriptor_is_read_from_the_mapping(key):
+    """attach() reads the control block and the first HEAD_BYTES of the user area in one pread; a
+    descriptor longer than that (many structured fields) is read through the mapping instead."""
+    from shmarray._segment import HEAD_BYTES
+
+    dt = np.dtype([(f"field_{i:03d}", "<f4") for i in range(40)])
+    a = shmarray.share(key, np.arange(3 * 40, dtype="<f4").view(dt))
+    b = shmarray.attach(key)
+    assert len(b.segment._head()) == HEAD_BYTES
+    hdr = parse_header(b.segment._head(), b.segment.size)
+    assert hdr.descriptor_offset + hdr.descriptor_length > HEAD_BYTES  # the fallback is what ran
+    assert b.dtype == dt and b.tobytes() == a.tobytes()
+
+
+def test_header_from_short_or_unready_bytes():
+    from shmarray._header import header_from
+
+    user = _user_bytes(_npy(_dict()), 24)
+    hdr, desc = header_from(user[:200], len(user), expect=Kind.NDARRAY)
+    assert desc == _npy(_dict()) and hdr.payload_length == 24
+    assert header_from(user[:HEADER.size + 10], len(user), expect=Kind.NDARRAY) is None
+    assert header_from(b"", len(user), expect=Kind.NDARRAY) is None
+    unready = pack_header(Kind.NDARRAY, _npy(_dict()), 192, 24, ready=False)
+    assert header_from(unready, 192 + 24, expect=Kind.NDARRAY) is None
+    with pytest.raises(shmarray.HeaderError, match="arrow table"):
+        header_from(_user_bytes(b"{}", 10, kind=Kind.ARROW), 200, expect=Kind.NDARRAY)
