@@ -30,10 +30,9 @@ naming what is wrong, never a wrong view.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import HeaderError, NotFoundError
 from ._lock import poll_until
@@ -77,9 +76,8 @@ class Kind(enum.IntEnum):
         return {1: "ndarray", 2: "arrow table", 3: "batch ring"}[self.value]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PayloadHeader:
-    """A parsed, validated payload header."""
+class PayloadHeader(NamedTuple):
+    """A parsed, validated payload header (a NamedTuple: every attach makes one)."""
 
     kind: Kind
     ready: bool

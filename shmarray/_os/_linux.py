@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import struct
@@ -278,15 +279,21 @@ def ofd_held_elsewhere(fd: int, start: int) -> bool:
     return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
 
+@functools.lru_cache(maxsize=64)
+def _pid_marker(pid: int) -> tuple[bytes, bytes]:
+    """(take, release) structs for a pid's marker byte: packed once per process (and fork)."""
+    return (_flock_struct(fcntl.F_RDLCK, PID_BASE + pid), _flock_struct(fcntl.F_UNLCK, PID_BASE + pid))
+
+
 def hold_liveness(fd: int, pid: int) -> None:
     """Take the shared liveness lock and the pid marker of one attachment."""
     fcntl.fcntl(fd, _F_OFD_SETLKW, _SHARED_LIVENESS)
-    ofd_lock(fd, PID_BASE + pid, exclusive=False, wait=True)
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _pid_marker(pid)[0])
 
 
 def drop_liveness(fd: int, pid: int) -> None:
     """Release what hold_liveness took (needed: mmap's dup'd fds keep the description alive)."""
-    ofd_unlock(fd, PID_BASE + pid)
+    fcntl.fcntl(fd, _F_OFD_SETLK, _pid_marker(pid)[1])
     fcntl.fcntl(fd, _F_OFD_SETLK, _UNLOCK_LIVENESS)
 
 

@@ -14,6 +14,7 @@ characters, far under NAME_MAX, and holds no ``/``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -47,6 +48,7 @@ def check_key(key: object) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=1024)  # a worker attaches the same few keys task after task
 def native_key_for(key: str) -> str:
     """The POSIX shm name (without leading '/') that *key* maps to."""
     raw = key.encode("utf-8", "surrogatepass")
