@@ -14,7 +14,6 @@ cannot be unmapped while it is registered; ``release()`` unregisters it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from typing import Any
 
@@ -100,6 +99,8 @@ class _Ctypes(_Runtime):
     name = "libcudart"
 
     def __init__(self) -> None:
+        import ctypes.util  # here, not at import: it pulls in subprocess and shutil (~6 ms)
+
         found = ctypes.util.find_library("cudart")
         names = ((found,) if found else ()) + _CUDART_NAMES
         lib = None

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import operator
-import secrets
 import struct
 import threading
 import time
@@ -499,7 +498,7 @@ class Segment:
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
         pid = backend.getpid()
-        temp = f"{TEMP_PREFIX}{pid}-{secrets.token_hex(6)}"
+        temp = f"{TEMP_PREFIX}{pid}-{backend.token_hex(6)}"
         fd = backend.create_exclusive(temp, permissions)
         published = False
         try:

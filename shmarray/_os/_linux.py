@@ -360,6 +360,11 @@ def register_after_fork_in_child(func: "object") -> None:
     os.register_at_fork(after_in_child=func)  # type: ignore[arg-type]
 
 
+def token_hex(nbytes: int) -> str:
+    """A random hex string for private names (os.urandom: the secrets module costs ~2 ms to import)."""
+    return os.urandom(nbytes).hex()
+
+
 def getpid() -> int:
     """This process's id."""
     return os.getpid()
