@@ -25,7 +25,9 @@ attach_samples
     in a *fresh* process -- a spawned multiprocessing child (which inherits
     the parent's resource tracker) and a new interpreter (which starts its
     own) -- and the steady state in a warm process, for several sizes.
-    Peer: stdlib ``SharedMemory(name)`` + ``np.ndarray``.
+    Peers: stdlib ``SharedMemory(name)`` + ``np.ndarray``, and SharedArray's C
+    attach when it is installed. A new interpreter's sample is also reported
+    with the library's import included (numpy is imported before the clock).
 write_path_samples
     the write paths share() and create(fill=) chose among (see there).
 """
@@ -124,6 +126,12 @@ def _attach_only(method: str, name: str, shape: tuple[int, ...], dtype: str) -> 
         arr = shmarray.attach(name)
         t1 = time.perf_counter()
         arr.close()
+    elif method == "sharedarray":
+        import SharedArray
+
+        arr = SharedArray.attach(f"shm://{name}")
+        t1 = time.perf_counter()
+        del arr
     else:
         from multiprocessing import shared_memory
 
@@ -135,23 +143,33 @@ def _attach_only(method: str, name: str, shape: tuple[int, ...], dtype: str) -> 
     return t1 - t0
 
 
+# One attach in a new interpreter, printed as two numbers: the attach alone
+# (numpy and the library imported before the clock starts) and the library's
+# import plus the attach (numpy, which every method needs, still before it).
 _FRESH = r"""
 import sys, time
 import numpy as np
-import shmarray
-from multiprocessing import resource_tracker, shared_memory
 method, name, dtype = sys.argv[1], sys.argv[2], sys.argv[4]
 shape = tuple(int(x) for x in sys.argv[3].split(",") if x)
+t_import = time.perf_counter()
+if method == "shmarray":
+    import shmarray
+elif method == "sharedarray":
+    import SharedArray
+else:
+    from multiprocessing import resource_tracker, shared_memory
 t0 = time.perf_counter()
 if method == "shmarray":
     arr = shmarray.attach(name)
+elif method == "sharedarray":
+    arr = SharedArray.attach("shm://" + name)
 else:
     shm = shared_memory.SharedMemory(name)
     arr = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
 t1 = time.perf_counter()
-if method != "shmarray":
+if method == "stdlib":
     resource_tracker.unregister(shm._name, "shared_memory")
-print(t1 - t0)
+print(t1 - t0, t1 - t_import)
 """
 
 
@@ -159,7 +177,7 @@ print(t1 - t0)
 
 
 class _Made:
-    """A producer's segment of either kind; ``release()`` removes it."""
+    """A producer's segment of any method; ``release()`` removes it."""
 
     def __init__(self, method: str, name: str, src: np.ndarray | None, shape: tuple[int, ...]) -> None:
         self.method = method
@@ -168,6 +186,13 @@ class _Made:
             import shmarray
 
             self.hold: Any = shmarray.share(name, src) if src is not None else shmarray.create(name, shape)
+        elif method == "sharedarray":
+            import SharedArray
+
+            arr = SharedArray.create(f"shm://{name}", shape, np.float64)
+            if src is not None:
+                arr[...] = src
+            self.hold = arr
         else:
             from multiprocessing import shared_memory
 
@@ -186,6 +211,10 @@ class _Made:
                 shmarray.unlink(self.name)
             except shmarray.NotFoundError:
                 pass
+        elif self.method == "sharedarray":
+            import SharedArray
+
+            SharedArray.delete(self.name)
         else:
             self.hold.close()
             self.hold.unlink()
@@ -333,50 +362,70 @@ def create_samples(size: int, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def _have_sharedarray() -> bool:
+    try:
+        import SharedArray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int], list[float]]:
-    """{(variant, method, size): seconds}: name in, ndarray out, timed in the attaching process."""
+    """{(variant, method, size): seconds}: name in, ndarray out, timed in the attaching process.
+
+    Methods: shmarray, stdlib, and sharedarray when SharedArray is installed.
+    Variants: "spawned child", "new interpreter", "new interpreter, import
+    included" (the library's import plus the attach) and "warm process".
+    """
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # as in any program that uses multiprocessing: children inherit it
+    kinds = ["shmarray", "stdlib"] + (["sharedarray"] if _have_sharedarray() else [])
     out: dict[tuple[str, str, int], list[float]] = {}
     warm = _worker()
     try:
+        warm.call(_import, "SharedArray")
         for size in sizes:
             shape = (size // 8,)
             shape_arg = ",".join(map(str, shape))
-            made = {m: _Made(m, _tag(f"att{m[:3]}"), None, shape) for m in ("shmarray", "stdlib")}
+            made = {m: _Made(m, _tag(f"att{m[:3]}"), None, shape) for m in kinds}
             try:
                 def spawned(m: str) -> Callable[[], float]:
                     def one() -> float:
                         from ._harness import Worker
 
                         with Worker() as fresh:
-                            fresh.call(_import, "numpy", "shmarray", "multiprocessing.shared_memory")
+                            fresh.call(_import, "numpy", "shmarray", "multiprocessing.shared_memory", "SharedArray")
                             return float(fresh.call(_attach_only, m, made[m].name, shape, "<f8"))
                     return one
 
-                def interpreter(m: str) -> Callable[[], float]:
-                    def one() -> float:
+                def interpreter(m: str) -> Callable[[], tuple[float, float]]:
+                    def one() -> tuple[float, float]:
                         r = subprocess.run([sys.executable, "-c", _FRESH, m, made[m].name, shape_arg, "<f8"],
                                            capture_output=True, text=True, timeout=60)
                         if r.returncode:
                             raise RuntimeError(r.stderr[-2000:])
-                        return float(r.stdout.split()[0])
+                        alone, with_import = r.stdout.split()[:2]
+                        return float(alone), float(with_import)
                     return one
 
                 def steady(m: str) -> Callable[[], float]:
                     return lambda: float(warm.call(_attach_only, m, made[m].name, shape, "<f8"))
 
-                methods: dict[str, Callable[[], float]] = {}
-                for m in ("shmarray", "stdlib"):
+                methods: dict[str, Callable[[], Any]] = {}
+                for m in kinds:
                     methods[f"spawned child|{m}"] = spawned(m)
                     methods[f"new interpreter|{m}"] = interpreter(m)
-                for m in ("shmarray", "stdlib"):
+                for m in kinds:
                     methods[f"warm process|{m}"] = steady(m)
                 res = _interleave(methods, repeats)
                 for k, v in res.items():
                     variant, m = k.split("|")
-                    out[(variant, m, size)] = v
+                    if variant == "new interpreter":
+                        out[(variant, m, size)] = [a for a, _ in v]
+                        out[("new interpreter, import included", m, size)] = [b for _, b in v]
+                    else:
+                        out[(variant, m, size)] = v
             finally:
                 for mk in made.values():
                     mk.release()
@@ -533,12 +582,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) << 20 for s in args.attach_sizes_mb.split(",")]
         print("\nattach: name in, ndarray out (timed in the attaching process)")
         res2 = attach_samples(sizes, args.repeats)
-        for variant in ("spawned child", "new interpreter", "warm process"):
+        for variant in ("spawned child", "new interpreter", "new interpreter, import included", "warm process"):
             for s in sizes:
                 a = _med(res2[(variant, "shmarray", s)])
                 b = _med(res2[(variant, "stdlib", s)])
-                print(f"  {variant:16s} {s >> 20:5d} MiB  shmarray {_ms(a)}   stdlib {_ms(b)}   "
-                      f"stdlib/shmarray {b / a:5.2f}x")
+                line = (f"  {variant:32s} {s >> 20:5d} MiB  shmarray {_ms(a)}   stdlib {_ms(b)}   "
+                        f"stdlib/shmarray {b / a:5.2f}x")
+                c = res2.get((variant, "sharedarray", s))
+                if c:
+                    line += f"   SharedArray {_ms(_med(c))}   shmarray/SharedArray {a / _med(c):5.2f}x"
+                print(line)
     return 0
 
 
