@@ -47,7 +47,7 @@ from ._array_format import (
     parse_descriptor,
 )
 from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
-from ._header import Kind, header_from, layout, pack_header, read_header
+from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._os import backend
 from ._progress import check_progress, label, reporting
 from ._segment import PAGE_SIZE, Segment, _human
@@ -262,18 +262,23 @@ def _attach_segment(key: str, readonly: bool) -> Segment:
     return Segment(key).attach(AccessMode.ReadOnly if readonly else AccessMode.ReadWrite)
 
 
-def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
-    """The validated (spec, payload offset) of an attached array segment."""
+def _array_header(seg: Segment, key: str) -> tuple[PayloadHeader, bytes]:
+    """The validated payload header and descriptor of an attached array segment."""
     # Arrays are published complete and never rewritten, so the header bytes
     # read at attach are the header; the mapping is read only when they fall short.
     got = header_from(seg._head(), seg.size, expect=Kind.NDARRAY, key=key)
-    if got is None:
-        data = seg.const_data
-        if data is None:  # pragma: no cover - attached just before
-            raise HeaderError(f"segment {key!r} is not attached", key)
-        # No wait for 'ready': an array is published complete or not at all.
-        got = read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
-    hdr, descriptor = got
+    if got is not None:
+        return got
+    data = seg.const_data
+    if data is None:  # pragma: no cover - attached just before
+        raise HeaderError(f"segment {key!r} is not attached", key)
+    # No wait for 'ready': an array is published complete or not at all.
+    return read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
+
+
+def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
+    """The validated (spec, payload offset) of an attached array segment."""
+    hdr, descriptor = _array_header(seg, key)
     spec = parse_descriptor(descriptor, key=key)
     if spec.nbytes != hdr.payload_length:
         raise HeaderError(
@@ -304,10 +309,7 @@ def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, 
     """Unpickle a SharedArray: attach *key* and rebuild the view, checked against the segment."""
     seg = _attach_segment(key, readonly)
     try:
-        data = seg.const_data
-        if data is None:  # pragma: no cover
-            raise HeaderError(f"segment {key!r} is not attached", key)
-        hdr, _ = read_header(data, expect=Kind.NDARRAY, key=key, wait=0.0)
+        hdr, _ = _array_header(seg, key)
         lo, hi = _extent(offset, shape, strides, dtype.itemsize)
         if lo < hdr.payload_offset or hi > hdr.payload_offset + hdr.payload_length:
             raise HeaderError(
