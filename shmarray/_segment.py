@@ -255,6 +255,10 @@ class _Attachment:
         except OSError:  # pragma: no cover - the fd is ours; nothing sensible to report at exit
             pass
         finally:
+            # Views may outlive the detach; the mapping is unmapped when the last goes.
+            data = self.ctl if isinstance(self.data_map, memoryview) else self.data_map
+            if data is not None:
+                backend.unmap_without_recency(data)
             if self.marks is not None:
                 self.marks.release()
                 self.marks = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 
 import shmarray
@@ -188,3 +189,52 @@ def _create_and_exit(key: str) -> None:
 def test_exit_of_the_last_user_destroys(key):
     run(_create_and_exit, key)
     assert not _exists(shmarray._os.native_key_for(key))
+
+
+# -- the unmap after share(): no LRU activation -------------------------------------------------------
+
+
+def _vmstat(name: str) -> int:
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k == name:
+                return int(v)
+    raise KeyError(name)
+
+
+def _attach_sum_close_activations(key: str) -> tuple[float, int]:
+    a = shmarray.attach(key)
+    total = float(a.sum())
+    before = _vmstat("pgactivate")
+    a.close()
+    del a
+    return total, _vmstat("pgactivate") - before
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+@pytest.mark.skipif(not _kernel_at_least(6, 3), reason="the unmap honours MADV_SEQUENTIAL from Linux 6.3")
+def test_detach_after_share_does_not_activate_every_page(key):
+    """share() writes with pwrite, which marks pages referenced; a reader's unmap would then move every
+    page to the active LRU list (~45 ms at 512 MiB here). Detach advises the mapping first, so it does not."""
+    src = np.arange(16 << 20, dtype=np.uint8)  # 4096 pages
+    a = shmarray.share(key, src)
+    total, activated = run(_attach_sum_close_activations, key)
+    assert total == float(src.sum())
+    assert activated < 4096 // 4, f"{activated} pages activated by one reader's unmap"
+    a.close()
+
+
+def test_views_keep_working_after_the_detach_advice(key):
+    a = shmarray.share(key, np.arange(1 << 16, dtype=np.int64))
+    b = shmarray.attach(key)
+    view = b[10:20]
+    b.close()
+    view[:] = -1  # the mapping is still there, only advised
+    assert list(a[10:20]) == [-1] * 10 and int(view.sum()) == -10
+    del view, b
+    a.close()

@@ -216,6 +216,21 @@ def map_region(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
 
 
+def unmap_without_recency(mapping: mmap.mmap) -> None:
+    """Tell the kernel this mapping's accesses are no recency hint before it goes.
+
+    Pages written with pwrite are marked referenced, so when the last view
+    goes the unmap would move every page to the active LRU list (~45 ms for
+    512 MiB here; /proc/vmstat pgactivate). With MADV_SEQUENTIAL the unmap
+    skips that (Linux 6.3+; harmless before). Done at detach, not at map time,
+    so reclaim still sees the accesses of a mapping in use.
+    """
+    try:
+        mapping.madvise(mmap.MADV_SEQUENTIAL)
+    except (ValueError, OSError):  # already closed, or a kernel without it: only a hint
+        pass
+
+
 def free_bytes() -> int:
     """Bytes /dev/shm can still hold."""
     st = os.statvfs(SHM_DIR)
