@@ -40,6 +40,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -382,6 +383,12 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
     resource_tracker.ensure_running()  # as in any program that uses multiprocessing: children inherit it
     kinds = ["shmarray", "stdlib"] + (["sharedarray"] if _have_sharedarray() else [])
     out: dict[tuple[str, str, int], list[float]] = {}
+    # New interpreters import from bytecode, as an installed package does: a
+    # cache of their own (the unrecorded warm-up round fills it), even where
+    # PYTHONDONTWRITEBYTECODE is set, so that no sample compiles a module.
+    pycache = tempfile.TemporaryDirectory(prefix="shmbench-pycache-")
+    fresh_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    fresh_env["PYTHONPYCACHEPREFIX"] = pycache.name
     warm = _worker()
     try:
         warm.call(_import, "SharedArray")
@@ -402,7 +409,7 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
                 def interpreter(m: str) -> Callable[[], tuple[float, float]]:
                     def one() -> tuple[float, float]:
                         r = subprocess.run([sys.executable, "-c", _FRESH, m, made[m].name, shape_arg, "<f8"],
-                                           capture_output=True, text=True, timeout=60)
+                                           capture_output=True, text=True, timeout=60, env=fresh_env)
                         if r.returncode:
                             raise RuntimeError(r.stderr[-2000:])
                         alone, with_import = r.stdout.split()[:2]
@@ -431,6 +438,7 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
                     mk.release()
     finally:
         warm.close()
+        pycache.cleanup()
     return out
 
 
