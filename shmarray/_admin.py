@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ._attachment import CONTROL, MAGIC, PAGE_SIZE, _reap_if_dead, parse_control
 from ._errors import NotFoundError, PermissionDeniedError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
-from ._segment import CONTROL, MAGIC, PAGE_SIZE, _reap_if_dead, parse_control
 
 __all__ = ["SegmentInfo", "list_segments", "segment_info", "unlink_key", "collect_garbage", "read_head"]
 

@@ -46,11 +46,12 @@ from ._array_format import (
     encode_descriptor,
     parse_descriptor,
 )
+from ._attachment import PAGE_SIZE, _human
 from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._os import backend
 from ._progress import check_progress, label, reporting
-from ._segment import PAGE_SIZE, Segment, _human
+from ._segment import Segment
 
 __all__ = ["SharedArray", "create", "share", "attach"]
 

@@ -9,9 +9,9 @@ import sys
 from typing import Sequence
 
 from ._admin import collect_garbage, segment_info, unlink_key
+from ._attachment import _human
 from ._errors import ShmError
 from ._listing import describe_payload, entry_for, ls
-from ._segment import _human
 
 __all__ = ["main", "describe_payload"]
 

@@ -13,7 +13,6 @@ cannot be unmapped while it is registered; ``release()`` unregisters it.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from typing import Any
 

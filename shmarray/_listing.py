@@ -15,9 +15,9 @@ import fnmatch
 from typing import Any, Iterable
 
 from ._admin import SegmentInfo, list_segments, read_head
+from ._attachment import _human
 from ._errors import HeaderError, ShmError
 from ._header import HEADER, Kind, describe_head, parse_header
-from ._segment import _human
 
 __all__ = ["ls", "Listing", "SegmentEntry", "describe_payload", "entry_for"]
 

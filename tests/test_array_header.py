@@ -9,15 +9,15 @@ import struct
 
 import numpy as np
 import pytest
+from _procs import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_array import ALL_DTYPES
 
 import shmarray
 from shmarray import _array_format
 from shmarray._cli import describe_payload
 from shmarray._header import HEADER, Kind, pack_header, parse_header
-from _procs import run
-from test_array import ALL_DTYPES
 
 
 def _npy(text: str | bytes, version: tuple[int, int] = (1, 0), length: int | None = None) -> bytes:
@@ -336,7 +336,7 @@ def test_ls_payload_column(make_key):
 def test_long_descriptor_is_read_from_the_mapping(key):
     """attach() reads the control block and the first HEAD_BYTES of the user area in one pread; a
     descriptor longer than that (many structured fields) is read through the mapping instead."""
-    from shmarray._segment import HEAD_BYTES
+    from shmarray._attachment import HEAD_BYTES
 
     dt = np.dtype([(f"field_{i:03d}", "<f4") for i in range(40)])
     a = shmarray.share(key, np.arange(3 * 40, dtype="<f4").view(dt))
