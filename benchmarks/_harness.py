@@ -112,6 +112,15 @@ class GroupResult:
         r = self.row(method, size, variant)
         return None if r is None else Stats.of(r.samples).median
 
+    def ratios(self, ours: str, peer: str, sizes: list[int]) -> list[tuple[int, float]]:
+        """(size, peer median / our median) at each size where both were measured."""
+        out = []
+        for s in sizes:
+            a, b = self.median(ours, s), self.median(peer, s)
+            if a is not None and b is not None and a > 0:
+                out.append((s, b / a))
+        return out
+
     def headline(self, aim: str, ratio: float | None, target: str, ok: bool | None, detail: str) -> None:
         """Record a headline ratio (an aim of the project, measured in this run)."""
         self.headlines.append(

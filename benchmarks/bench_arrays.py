@@ -46,6 +46,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._harness import Cleanup
+from .groups import _peers as P
+
 __all__ = ["share_samples", "create_samples", "attach_samples", "write_path_samples", "main"]
 
 SHM = "/dev/shm"
@@ -118,32 +121,6 @@ def _sum_tensor(t: Any) -> float:
     return total
 
 
-def _attach_only(method: str, name: str, shape: tuple[int, ...], dtype: str) -> float:
-    """Seconds from name to ndarray (dropped and closed afterwards, untimed)."""
-    t0 = time.perf_counter()
-    if method == "shmarray":
-        import shmarray
-
-        arr = shmarray.attach(name)
-        t1 = time.perf_counter()
-        arr.close()
-    elif method == "sharedarray":
-        import SharedArray
-
-        arr = SharedArray.attach(f"shm://{name}")
-        t1 = time.perf_counter()
-        del arr
-    else:
-        from multiprocessing import shared_memory
-
-        shm = shared_memory.SharedMemory(name)
-        arr = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
-        t1 = time.perf_counter()
-        del arr
-        shm.close()
-    return t1 - t0
-
-
 # One attach in a new interpreter, printed as two numbers: the attach alone
 # (numpy and the library imported before the clock starts) and the library's
 # import plus the attach (numpy, which every method needs, still before it).
@@ -155,14 +132,14 @@ shape = tuple(int(x) for x in sys.argv[3].split(",") if x)
 t_import = time.perf_counter()
 if method == "shmarray":
     import shmarray
-elif method == "sharedarray":
+elif method == "SharedArray":
     import SharedArray
 else:
     from multiprocessing import resource_tracker, shared_memory
 t0 = time.perf_counter()
 if method == "shmarray":
     arr = shmarray.attach(name)
-elif method == "sharedarray":
+elif method == "SharedArray":
     arr = SharedArray.attach("shm://" + name)
 else:
     shm = shared_memory.SharedMemory(name)
@@ -175,51 +152,6 @@ print(t1 - t0, t1 - t_import)
 
 
 # -- in this process ---------------------------------------------------------------------------------
-
-
-class _Made:
-    """A producer's segment of any method; ``release()`` removes it."""
-
-    def __init__(self, method: str, name: str, src: np.ndarray | None, shape: tuple[int, ...]) -> None:
-        self.method = method
-        self.name = name
-        if method == "shmarray":
-            import shmarray
-
-            self.hold: Any = shmarray.share(name, src) if src is not None else shmarray.create(name, shape)
-        elif method == "sharedarray":
-            import SharedArray
-
-            arr = SharedArray.create(f"shm://{name}", shape, np.float64)
-            if src is not None:
-                arr[...] = src
-            self.hold = arr
-        else:
-            from multiprocessing import shared_memory
-
-            nbytes = int(np.prod(shape)) * 8
-            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-            if src is not None:
-                np.ndarray(shape, np.float64, buffer=shm.buf)[...] = src
-            self.hold = shm
-
-    def release(self) -> None:
-        if self.method == "shmarray":
-            import shmarray
-
-            self.hold.close()
-            try:
-                shmarray.unlink(self.name)
-            except shmarray.NotFoundError:
-                pass
-        elif self.method == "sharedarray":
-            import SharedArray
-
-            SharedArray.delete(self.name)
-        else:
-            self.hold.close()
-            self.hold.unlink()
-        self.hold = None
 
 
 def _worker() -> Any:
@@ -241,11 +173,13 @@ def share_samples(size: int, repeats: int, *, torch: bool = True) -> dict[str, l
         import torch as _torch
         import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions
 
+    cleanup = Cleanup()
+
     def by_name(method: str) -> Callable[[], float]:
         def one() -> float:
-            name = _tag(method[:3])
+            name = cleanup.name(method[:3])
             t0 = time.perf_counter()
-            made = _Made(method, name, src, shape)
+            made = P.make(method, name, cleanup, src, shape, src.dtype)
             try:
                 got, _, _, _ = w.call(_attach_sum, method, name, shape, "<f8")
                 t1 = time.perf_counter()
@@ -273,8 +207,8 @@ def share_samples(size: int, repeats: int, *, torch: bool = True) -> dict[str, l
         return t1 - t0
 
     methods: dict[str, Callable[[], float]] = {
-        "shmarray.share": by_name("shmarray"),
-        "stdlib SharedMemory by hand": by_name("stdlib"),
+        "shmarray.share": by_name(P.SHMARRAY),
+        "stdlib SharedMemory by hand": by_name(P.STDLIB),
         "multiprocessing.Pipe (pickle)": pipe,
     }
     if use_torch:
@@ -283,6 +217,7 @@ def share_samples(size: int, repeats: int, *, torch: bool = True) -> dict[str, l
         return _interleave(methods, repeats)
     finally:
         w.close()
+        cleanup.sweep()
 
 
 def _fallocate(size: int) -> float:
@@ -363,25 +298,19 @@ def create_samples(size: int, repeats: int) -> dict[str, list[float]]:
     return out
 
 
-def _have_sharedarray() -> bool:
-    try:
-        import SharedArray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int], list[float]]:
     """{(variant, method, size): seconds}: name in, ndarray out, timed in the attaching process.
 
-    Methods: shmarray, stdlib, and sharedarray when SharedArray is installed.
+    Methods (groups._peers names): shmarray, stdlib, and SharedArray when it
+    is installed.
     Variants: "spawned child", "new interpreter", "new interpreter, import
     included" (the library's import plus the attach) and "warm process".
     """
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # as in any program that uses multiprocessing: children inherit it
-    kinds = ["shmarray", "stdlib"] + (["sharedarray"] if _have_sharedarray() else [])
+    kinds = [P.SHMARRAY, P.STDLIB] + ([P.SHAREDARRAY] if P.peer_missing(P.SHAREDARRAY) is None else [])
+    cleanup = Cleanup()
     out: dict[tuple[str, str, int], list[float]] = {}
     # New interpreters import from bytecode, as an installed package does: a
     # cache of their own (the unrecorded warm-up round fills it), even where
@@ -395,7 +324,9 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
         for size in sizes:
             shape = (size // 8,)
             shape_arg = ",".join(map(str, shape))
-            made = {m: _Made(m, _tag(f"att{m[:3]}"), None, shape) for m in kinds}
+            meta: P.Meta = (shape, "<f8")
+            made = {m: P.make(m, cleanup.name(f"att{m[:3]}"), cleanup, None, shape, np.dtype(np.float64))
+                    for m in kinds}
             try:
                 def spawned(m: str) -> Callable[[], float]:
                     def one() -> float:
@@ -403,7 +334,7 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
 
                         with Worker() as fresh:
                             fresh.call(_import, "numpy", "shmarray", "multiprocessing.shared_memory", "SharedArray")
-                            return float(fresh.call(_attach_only, m, made[m].name, shape, "<f8"))
+                            return float(fresh.call(P.attach_in_worker, m, made[m].name, meta))
                     return one
 
                 def interpreter(m: str) -> Callable[[], tuple[float, float]]:
@@ -417,7 +348,7 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
                     return one
 
                 def steady(m: str) -> Callable[[], float]:
-                    return lambda: float(warm.call(_attach_only, m, made[m].name, shape, "<f8"))
+                    return lambda: float(warm.call(P.attach_in_worker, m, made[m].name, meta))
 
                 methods: dict[str, Callable[[], Any]] = {}
                 for m in kinds:
@@ -439,6 +370,7 @@ def attach_samples(sizes: list[int], repeats: int) -> dict[tuple[str, str, int],
     finally:
         warm.close()
         pycache.cleanup()
+        cleanup.sweep()
     return out
 
 
@@ -592,11 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         res2 = attach_samples(sizes, args.repeats)
         for variant in ("spawned child", "new interpreter", "new interpreter, import included", "warm process"):
             for s in sizes:
-                a = _med(res2[(variant, "shmarray", s)])
-                b = _med(res2[(variant, "stdlib", s)])
+                a = _med(res2[(variant, P.SHMARRAY, s)])
+                b = _med(res2[(variant, P.STDLIB, s)])
                 line = (f"  {variant:32s} {s >> 20:5d} MiB  shmarray {_ms(a)}   stdlib {_ms(b)}   "
                         f"stdlib/shmarray {b / a:5.2f}x")
-                c = res2.get((variant, "sharedarray", s))
+                c = res2.get((variant, P.SHAREDARRAY, s))
                 if c:
                     line += f"   SharedArray {_ms(_med(c))}   shmarray/SharedArray {a / _med(c):5.2f}x"
                 print(line)

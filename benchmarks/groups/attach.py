@@ -86,7 +86,7 @@ def run(ctx: Context) -> GroupResult:
 
 
 FRESH_VARIANTS = ("spawned child", "new interpreter", "new interpreter, import included")
-_FRESH_KINDS = {"shmarray": P.SHMARRAY, "stdlib": P.STDLIB, "sharedarray": P.SHAREDARRAY}
+_FRESH_KINDS = (P.SHMARRAY, P.STDLIB, P.SHAREDARRAY)
 
 
 def _fresh_label(m: str, variant: str) -> str:
@@ -116,9 +116,9 @@ def _first_attach(ctx: Context, res: GroupResult) -> None:
                                 role=ROLES.get(m, "peer"), error=f"{type(e).__name__}: {e}"[:300]))
         return
     for variant in FRESH_VARIANTS:
-        for kind, m in _FRESH_KINDS.items():
-            samples = got.get((variant, kind, size), [])
-            if not samples and kind == "sharedarray":
+        for m in _FRESH_KINDS:
+            samples = got.get((variant, m, size), [])
+            if not samples and m == P.SHAREDARRAY:
                 continue  # not installed: reported with the warm rows
             res.rows.append(Row(_fresh_label(m, variant), list(samples), size=size,
                                 role=ROLES.get(m, "peer"), error="" if samples else "no samples"))
@@ -150,22 +150,14 @@ def _headline(res: GroupResult) -> None:
                      if ok else "SharedArray not measured")
     szs = sorted({r.size for r in res.rows if r.size is not None and r.method in LABELS.values()})
 
-    def ratios(peer: str) -> list[tuple[int, float]]:
-        out = []
-        for s in szs:
-            a, b = res.median(ours, s), res.median(peer, s)
-            if a is not None and b is not None and a > 0:
-                out.append((s, b / a))
-        return out
-
-    std = ratios(LABELS[P.STDLIB])
+    std = res.ratios(ours, LABELS[P.STDLIB], szs)
     if std:
         worst = min(std, key=lambda x: x[1])
         res.headline("attach in a warm process: stdlib time / shmarray time", worst[1], ">= 2", worst[1] >= 2,
                      f"worst size {human_size(worst[0])}; all: {_each(std)}")
     else:
         res.headline("attach in a warm process: stdlib time / shmarray time", None, ">= 2", None, "not measured")
-    sa = ratios(LABELS[P.SHAREDARRAY])
+    sa = res.ratios(ours, LABELS[P.SHAREDARRAY], szs)
     if sa:
         inv = [(s, 1 / r) for s, r in sa]  # shmarray / SharedArray
         worst = max(inv, key=lambda x: x[1])

@@ -43,7 +43,6 @@ def _noop(x: int) -> int:
 
 def run(ctx: Context) -> GroupResult:
     """Measure the job both ways through both pools."""
-    import numpy as np
     import shmarray
 
     res = GroupResult(NAME, TITLE)

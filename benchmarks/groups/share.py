@@ -100,22 +100,18 @@ class _Share:
         return self._by_name(P.SHAREDARRAY, SHAREDARRAY)
 
     def m_create(self) -> float:
-        import shmarray
-
         name = self.ctx.cleanup.name("cre")
         src = self.src
         t0 = time.perf_counter()
-        arr = shmarray.create(name, src.shape, src.dtype)
+        made = P.make(P.SHMARRAY, name, self.ctx.cleanup, None, src.shape, src.dtype)  # shmarray.create
         t1 = time.perf_counter()
-        h = self.ctx.cleanup.add(f"shmarray {name}", lambda: P._unlink_shmarray(arr, name))
         try:
-            np.copyto(arr, src)
+            np.copyto(made.hold, src)
             t2 = time.perf_counter()
             got, _ = self.w.call(P.attach_sum_in_worker, P.SHMARRAY, name, self.meta)
             t3 = time.perf_counter()
         finally:
-            del arr
-            self.ctx.cleanup.done(h)
+            made.release()
         self._check(got, CREATE)
         self.fill_s.append(t2 - t1)
         self._phase(CREATE, t1 - t0, (t3 - t0) - (t2 - t1))
@@ -274,19 +270,11 @@ def run(ctx: Context) -> GroupResult:
 def _headline(res: GroupResult) -> None:
     szs = sorted({r.size for r in res.rows if r.size is not None})
 
-    def ratios(peer: str) -> list[tuple[int, float]]:
-        out = []
-        for s in szs:
-            a, b = res.median(SHARE, s), res.median(peer, s)
-            if a is not None and b is not None and a > 0:
-                out.append((s, b / a))
-        return out
-
     # One size alone is at the mercy of the machine (the largest sizes have the fewest
     # repeats and page the most): the headline is the geometric mean over all sizes,
     # with every size listed and the worst named.
     for peer, target, limit in ((TORCH, ">= 1.0", 1.0), (STDLIB, ">= 1.5", 1.5)):
-        rs = ratios(peer)
+        rs = res.ratios(SHARE, peer, szs)
         aim = f"share(): {peer} time / shmarray.share time (geometric mean over sizes)"
         if not rs:
             res.headline(aim, None, target, None, "not measured")
