@@ -223,7 +223,8 @@ def unmap_without_recency(mapping: mmap.mmap) -> None:
     goes the unmap would move every page to the active LRU list (~45 ms for
     512 MiB here; /proc/vmstat pgactivate). With MADV_SEQUENTIAL the unmap
     skips that (Linux 6.3+; harmless before). Done at detach, not at map time,
-    so reclaim still sees the accesses of a mapping in use.
+    so reclaim still sees the accesses of a mapping in use (views that outlive
+    an explicit close() carry the advice for the rest of their life).
     """
     try:
         mapping.madvise(mmap.MADV_SEQUENTIAL)
