@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import _stash
 from ._attachment import CONTROL, MAGIC, PAGE_SIZE, _reap_if_dead, parse_control
+from ._stash import KEEP_PREFIX
 from ._errors import NotFoundError, PermissionDeniedError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 
@@ -30,11 +32,13 @@ class SegmentInfo:
     creator_pid: int
     created: float
     shmarray: bool
+    # Memory kept for reuse (a hidden name, see _stash): (owner alive, other names), else None.
+    kept: tuple[bool, int] | None = None
 
     @property
     def orphan(self) -> bool:
         """True when nobody is attached and the segment is not persistent (gc removes it)."""
-        return self.shmarray and self.attachments == 0 and not self.persistent
+        return self.shmarray and self.kept is None and self.attachments == 0 and not self.persistent
 
 
 def _read(name: str) -> SegmentInfo | None:
@@ -63,10 +67,14 @@ def _read(name: str) -> SegmentInfo | None:
 
 
 def list_segments(*, include_foreign: bool = False) -> list[SegmentInfo]:
-    """Every shmarray segment in /dev/shm (and other objects with *include_foreign*)."""
+    """Every shmarray segment in /dev/shm (and, with *include_foreign*, other objects and kept memory)."""
     out = []
+    if not include_foreign:
+        # Memory kept by processes that died goes whenever segments are listed;
+        # the full listing (--all) is the one that shows it until then.
+        _stash.reap_orphans()
     for name in sorted(backend.list_names()):
-        if name.startswith(TEMP_PREFIX):
+        if name.startswith(TEMP_PREFIX) or name.startswith(KEEP_PREFIX):
             continue
         if not include_foreign and not name.startswith(PREFIX):
             # Segments created by native key carry our magic under any name.
@@ -84,6 +92,10 @@ def list_segments(*, include_foreign: bool = False) -> list[SegmentInfo]:
         info = _read(name)
         if info is not None and (include_foreign or info.shmarray):
             out.append(info)
+    if include_foreign:
+        for name, pid, size, alive, nlink in _stash.kept_entries():
+            out.append(SegmentInfo(name, None, size, False, (), 0, None, None, pid, 0.0, True,
+                                   kept=(alive, nlink - 1)))
     return out
 
 
@@ -135,8 +147,10 @@ def collect_garbage() -> list[str]:
 
     Returns the native names removed.
     """
-    removed = []
+    removed = _stash.reap_orphans()
     for name in sorted(backend.list_names()):
+        if name.startswith(KEEP_PREFIX):
+            continue  # kept by a live process (reap_orphans freed the dead ones')
         if name.startswith(TEMP_PREFIX):
             # A creator's private object: gone when its creator is.
             try:

@@ -210,7 +210,7 @@ class SharedArray(np.ndarray):
         seg = self._shm_seg
         if seg is None or seg.key is None:
             return np.asarray(self).__reduce_ex__(protocol)
-        offset = _address(self) - _address(np.frombuffer(self._shm_map, np.uint8, count=1))
+        offset = _address(self) - _address(self._shm_map)
         return _rebuild, (seg.key, offset, self.shape, self.strides, self.dtype, not self.flags.writeable)
 
     def __reduce__(self) -> Any:
@@ -247,7 +247,7 @@ def _address(arr: np.ndarray) -> int:
 def _view(seg: Segment, shape: tuple[int, ...], dtype: np.dtype[Any], offset: int,
           strides: tuple[int, ...] | None = None, order: str = "C") -> SharedArray:
     """A SharedArray over the segment's mapping; it holds the Segment (so the segment stays attached)."""
-    mapping = seg._mapping()
+    mapping = seg._root()
     arr: SharedArray = np.ndarray.__new__(
         SharedArray, shape, dtype, buffer=mapping, offset=offset, strides=strides,
         order="F" if order == "F" else "C")

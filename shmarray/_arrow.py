@@ -399,7 +399,9 @@ def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
         raise HeaderError(f"segment {key!r} is marked as still being written, which a published "
                           "table never is; the segment is corrupt", key) from e
     desc = parse_descriptor(raw, key=key)
-    view = pa.py_buffer(data)
+    # Over the attachment's root ndarray: its death tells the segment layer
+    # that the mapping is idle and can be kept for the next table (_reuse).
+    view = pa.py_buffer(seg._root())
     holder = _Mapped(seg, view)
     whole = pa.foreign_buffer(view.address, view.size, base=holder)
     lo = view.address + hdr.payload_offset

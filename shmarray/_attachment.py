@@ -47,6 +47,7 @@ import weakref
 from typing import Any
 
 from ._errors import AccessMode, InvalidSizeError, ShmError, UnknownShmError
+from . import _reuse
 from ._lock import SegmentLock
 from ._os import backend
 
@@ -130,7 +131,8 @@ class _Attachment:
     """
 
     __slots__ = ("name", "fd", "writable_fd", "ctl", "marks", "data_map", "data_offset", "head",
-                 "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "pinned", "__weakref__")
+                 "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "pinned", "region",
+                 "ident", "root_ref", "__weakref__")
 
     def __init__(self, name: str, fd: int, writable_fd: bool, mode: AccessMode, foreign: bool) -> None:
         self.name = name
@@ -151,22 +153,51 @@ class _Attachment:
         self.lock: SegmentLock | None = None
         self.closed = False
         self.pinned: Any = None  # a _cuda.PinnedRegion while pin()ned
+        self.region: _reuse.Region | None = None  # the data mapping (shmarray segments)
+        self.ident: tuple[int, int] = (0, 0)
+        self.root_ref: Any = None  # weak reference to root()'s ndarray
 
-    def map(self, cb: ControlBlock | None, map_fd: int | None = None) -> None:
-        """Map the control block and the data through *map_fd* (closed here), a lock-free description.
+    def root(self) -> Any:
+        """One uint8 ndarray over the user bytes, the base of every array view of this attachment.
+
+        numpy keeps an ndarray base as it is (any other buffer it wraps in a
+        memoryview of its own), so the root's death says exactly when the
+        last array view of the attachment is gone: the moment its mapping
+        can be kept idle for reuse (``_reuse.release``).
+        """
+        root = self.root_ref() if self.root_ref is not None else None
+        if root is None:
+            import numpy as np
+
+            region = self.region
+            if region is None:  # a foreign segment: no reuse, a plain view
+                root = np.frombuffer(self.data_map, np.uint8)
+            else:
+                start = self.data_offset if region.offset == 0 else 0
+                root = np.frombuffer(region.mm, np.uint8, count=self.size, offset=start)
+            self.root_ref = weakref.ref(root)
+        return root
+
+    def map(self, cb: ControlBlock | None, map_fd: int | None = None,
+            region: "_reuse.Region | None" = None) -> None:
+        """Map the control block and the data through *map_fd* (kept or closed here), a lock-free description.
 
         Mappings duplicate their fd, so they must never be made from the
         description that carries this attachment's locks. When the control
         block and the data are both writable (ReadWrite, the common case) one
-        mapping covers both: one mmap instead of two on every attach.
+        mapping covers both: one mmap instead of two on every attach. The
+        data mapping is a ``_reuse`` region: an idle mapping of the same file
+        is taken when there is one (no page faults), and *region*, when
+        given, is used as it is (a creator that wrote through it).
         """
-        if map_fd is None:
+        if map_fd is None and region is None:
             map_fd = backend.reopen(self.fd, self.writable_fd)
         writable_data = self.mode == AccessMode.ReadWrite
         try:
             if writable_data and not self.writable_fd:
                 raise PermissionError(errno.EACCES, "the segment is not writable by this user")
             if cb is None:
+                assert map_fd is not None
                 self.size = backend.size_of(map_fd)
                 if self.size <= 0:
                     raise InvalidSizeError(f"attach: native segment {self.name!r} is empty (0 bytes)")
@@ -175,16 +206,29 @@ class _Attachment:
                 self.size = cb.size
                 self.data_offset = cb.data_offset
                 self.persistent = cb.persistent
+                dev, ino = self.ident
                 if writable_data:
-                    whole = backend.map_region(map_fd, 0, cb.data_offset + cb.size, True)
-                    self.ctl = whole
-                    self.data_map = memoryview(whole)[cb.data_offset:]
+                    if region is None:
+                        assert map_fd is not None
+                        fd, map_fd = map_fd, None  # the region keeps it or closes it
+                        region = _reuse.map_region(fd, dev, ino, 0, cb.data_offset + cb.size, True)
+                    self.region = region
+                    self.ctl = region.mm
+                    self.data_map = memoryview(region.mm)[cb.data_offset : cb.data_offset + cb.size]
                 else:
+                    if map_fd is None:
+                        map_fd = backend.reopen(self.fd, self.writable_fd)
                     self.ctl = backend.map_region(map_fd, 0, cb.data_offset, self.writable_fd)
-                    self.data_map = backend.map_region(map_fd, cb.data_offset, cb.size, False)
+                    if region is not None:
+                        _reuse.release(region)  # a writable one the creator wrote through
+                    fd, map_fd = map_fd, None
+                    region = _reuse.map_region(fd, dev, ino, cb.data_offset, cb.size, False)
+                    self.region = region
+                    self.data_map = memoryview(region.mm)[: cb.size]
                 self.marks = memoryview(self.ctl).cast("B")[:CONTROL.size].cast("Q")
         finally:
-            backend.close(map_fd)
+            if map_fd is not None:
+                backend.close(map_fd)
         self.lock = SegmentLock(self.fd, self.marks, self.pid) if cb is not None else None
 
     def close(self) -> None:
@@ -204,10 +248,11 @@ class _Attachment:
                     pass
             if self.lock is not None:
                 self.lock.release()
+            self._drop_mappings()
             if not self.foreign and self.pid == backend.getpid():
                 may_destroy = self.writable_fd and not self.persistent
                 if may_destroy and not backend.others_attached(self.fd) and backend.try_sole(self.fd):
-                    self._destroy()
+                    _retire(self.fd, self.name)
                     may_destroy = False
                 backend.drop_liveness(self.fd, self.pid)
                 # Two last users detaching at once each see the other's hold and
@@ -215,31 +260,34 @@ class _Attachment:
                 # finish together do this). Whoever finds itself alone once its own
                 # hold is gone destroys it; the lock taken here goes with the fd.
                 if may_destroy and not backend.others_attached(self.fd) and backend.try_sole(self.fd):
-                    self._destroy()
+                    _retire(self.fd, self.name)
         except OSError:  # pragma: no cover - the fd is ours; nothing sensible to report at exit
             pass
         finally:
-            # Views may outlive the detach; the mapping is unmapped when the last goes.
-            data = self.ctl if isinstance(self.data_map, memoryview) else self.data_map
-            if data is not None:
-                backend.unmap_without_recency(data)
-            if self.marks is not None:
-                self.marks.release()
-                self.marks = None
-            if self.ctl is not None:
-                if not isinstance(self.data_map, memoryview):
-                    self.ctl.close()  # its own mapping; one shared with the data goes with the data
-                self.ctl = None
-            # The data mapping is not closed: live views keep it, and it is
-            # unmapped when the last of them is collected.
-            self.data_map = None
+            if self.region is not None or self.ctl is not None:  # an OSError before _drop_mappings
+                self._drop_mappings()
             backend.close(self.fd)
 
-    def _destroy(self) -> None:
-        """Mark the segment dead and remove its name (the caller holds the liveness byte exclusively)."""
-        if self.ctl is not None:
-            self.ctl[_DEAD_OFFSET] = 1
-        backend.unlink_if_same(self.name, self.fd)
+    def _drop_mappings(self) -> None:
+        """Let go of this attachment's mappings: views may outlive the detach (the region decides)."""
+        if self.marks is not None:
+            self.marks.release()
+            self.marks = None
+        region, self.region = self.region, None
+        ctl, self.ctl = self.ctl, None
+        if region is not None and ctl is region.mm:
+            ctl = None
+        if ctl is not None:
+            ctl.close()  # the ReadOnly control page: ours alone
+        if region is None and self.data_map is not None:
+            backend.unmap_without_recency(self.data_map)  # a foreign segment's plain mapping
+        self.data_map = None
+        anchor, self.root_ref = self.root_ref, None
+        if region is not None:
+            if self.pid == backend.getpid():
+                _reuse.release(region, anchor)
+            else:  # pragma: no cover - a forked child that never re-marked it
+                backend.close(region.fd)
 
     def after_fork(self) -> None:
         """In a forked child: become an attachment of our own (new description, new locks)."""
@@ -259,6 +307,8 @@ class _Attachment:
         # still holds the description.
         backend.close(old)
         self.pid = pid
+        if self.region is not None:
+            _reuse.region_after_fork(self.region)
         if self.pinned is not None:
             self.pinned.forget()  # the CUDA registration is the parent's
             self.pinned = None
@@ -273,6 +323,7 @@ weakref.finalize(_LIVE, int).detach()
 
 
 def _after_fork_in_child() -> None:
+    _reuse.after_fork_in_child()
     for att in list(_LIVE):
         att.after_fork()
 
@@ -296,8 +347,7 @@ def _reap_if_dead(name: str) -> bool:
         cb = parse_control(backend.pread(fd, CONTROL.size, 0), backend.size_of(fd))
         if cb is None or (cb.persistent and not cb.dead):
             return False
-        _mark_dead(fd)
-        backend.unlink_if_same(name, fd)
+        _retire(fd, name)
         return True
     except ShmError:
         return False
@@ -307,3 +357,19 @@ def _reap_if_dead(name: str) -> bool:
 
 def _mark_dead(fd: int) -> None:
     backend.pwrite_all(fd, memoryview(b"\x01"), _DEAD_OFFSET)
+
+
+def _retire(fd: int, name: str) -> None:
+    """Destroy a segment (the caller holds its liveness byte exclusively): dead, nameless, pages freed.
+
+    The pages are freed now when no other name keeps the file (a creator's
+    hidden link keeps it for reuse, see ``_stash``) and no mapping anywhere
+    uses it: idle mappings kept for reuse in other processes would otherwise
+    hold the memory of a segment that is gone.
+    """
+    _mark_dead(fd)
+    backend.unlink_if_same(name, fd)
+    dev, ino, _, nlink = backend.fd_facts(fd)
+    if nlink == 0 and not backend.mapped_elsewhere(fd):
+        backend.release_pages(fd)
+        _reuse.forget_file(dev, ino)

@@ -64,6 +64,14 @@ def _describe_ring(head: dict[str, Any]) -> str:
 
 def _describe(info: SegmentInfo) -> tuple[str, str]:
     """(kind, one line) of what the segment holds."""
+    if info.kept is not None:
+        alive, names = info.kept
+        text = f"kept for reuse by pid {info.creator_pid}"
+        if names:
+            text += " (its segment is still in use)"
+        if not alive:
+            text += " (owner gone: the next create, ls or gc frees it)"
+        return "kept", text
     if not info.shmarray:
         return "foreign", "foreign"
     head = _payload_head(info)

@@ -15,6 +15,7 @@ import threading
 import weakref
 from typing import Any, Callable, SupportsIndex
 
+from . import _reuse, _stash
 from ._attachment import (
     _LIVE,
     HEAD_BYTES,
@@ -25,6 +26,7 @@ from ._attachment import (
     _human,
     _mark_dead,
     _reap_if_dead,
+    _retire,
     parse_control,
 )
 from ._errors import (
@@ -54,6 +56,19 @@ def _check_size(size: object, what: str) -> int:
     if value <= 0:
         raise InvalidSizeError(f"{what}: size must be > 0 bytes, got {value}")
     return value
+
+
+def _gaps(written: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of [0, size) that no (offset, length) in *written* covers."""
+    out = []
+    at = 0
+    for lo, n in sorted(written):
+        if lo > at:
+            out.append((at, lo - at))
+        at = max(at, lo + n)
+    if at < size:
+        out.append((at, size - at))
+    return out
 
 
 def _translate(e: OSError, what: str, key: str | None) -> ShmError:
@@ -208,16 +223,25 @@ class Segment:
                     f"create: this object is already attached to segment {self._label()!r}; "
                     "detach() it first", self._key))
             total = PAGE_SIZE + size
-            if total > backend.free_bytes():
-                raise self._fail(self._no_space(total))
-            try:
-                self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
-            except ShmError as e:
-                raise self._fail(e) from None
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EFBIG):
-                    raise self._fail(self._no_space(total)) from e
-                raise self._fail(_translate(e, what, self._label())) from e
+            _stash.maybe_reap()
+            free = backend.free_bytes()
+            if total > free:
+                # Memory kept for reuse gives way before a create fails for lack of room.
+                _stash.give_back(total - free)
+                if total > backend.free_bytes():
+                    raise self._fail(self._no_space(total))
+            for attempt in (1, 2):
+                try:
+                    self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
+                    break
+                except ShmError as e:
+                    raise self._fail(e) from None
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EFBIG):
+                        if attempt == 1 and _stash.give_back(total) > 0:
+                            continue
+                        raise self._fail(self._no_space(total)) from e
+                    raise self._fail(_translate(e, what, self._label())) from e
             self._arm()
             self._ok()
             return self
@@ -230,10 +254,15 @@ class Segment:
 
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
+        if not persistent:
+            taken = _stash.take(PAGE_SIZE + size)
+            if taken is not None:
+                return self._build_in(taken, name, size, mode, fill)
         pid = backend.getpid()
         temp = f"{TEMP_PREFIX}{pid}-{backend.token_hex(6)}"
         fd = backend.create_exclusive(temp, permissions)
         published = False
+        kept: str | None = None
         try:
             backend.chmod(fd, permissions)  # exactly what was asked, whatever the umask
             # Locked before anything else, so gc never mistakes it for an orphan.
@@ -250,6 +279,8 @@ class Segment:
                         raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
                     backend.pwrite_all(fd, data, PAGE_SIZE + offset)
                 fill(write)
+            if not persistent:
+                kept = _stash.keep(temp, name, total, fd)
             while not backend.link(temp, name):
                 if not _reap_if_dead(name):
                     raise AlreadyExistsError(
@@ -257,16 +288,84 @@ class Segment:
                         f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
             published = True
             att = _Attachment(name, fd, True, mode, foreign=False)
+            att.ident = backend.identity(fd)
             cb = ControlBlock(_control_bytes(size, persistent, self._key))
             att.map(cb)
             return att
         except BaseException:
             if published:
                 backend.unlink_if_same(name, fd)
+            _stash.forget(kept)
             backend.close(fd)
             raise
         finally:
             backend.unlink(temp)
+
+    def _build_in(self, taken: _stash.Taken, name: str, size: int, mode: AccessMode,
+                  fill: Callable[[Callable[[memoryview, int], None]], None] | None) -> _Attachment:
+        """Build the new segment in a recycled file (claimed: nobody attached, nobody maps it).
+
+        Writes go through this process's idle mapping of the file when it has
+        one (a memcpy into mapped pages), else through the fd into allocated
+        pages. Every byte the fill does not write is zeroed: nothing of the
+        segment that used the file before can be read in this one.
+        """
+        fd, kept = taken
+        pid = backend.getpid()
+        region = _reuse.find_idle(kept.dev, kept.ino, 0, PAGE_SIZE + size, True)
+        written: list[tuple[int, int]] = []
+        published = False
+        try:
+            control = _control_bytes(size, False, self._key)
+            raw_write: Callable[[memoryview, int], None]
+            if region is not None:
+                mm = region.mm
+
+                def raw_write(data: memoryview, at: int) -> None:
+                    backend.copy_into(mm, at, data)
+            else:
+                def raw_write(data: memoryview, at: int) -> None:
+                    backend.pwrite_all(fd, data, at)
+            # The whole control page: the old key's bytes must not linger after a shorter one.
+            raw_write(memoryview(control + bytes(PAGE_SIZE - len(control))), 0)
+            if fill is not None:
+                def write(data: memoryview, offset: int) -> None:
+                    if offset < 0 or offset + data.nbytes > size:
+                        raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
+                    raw_write(data, PAGE_SIZE + offset)
+                    written.append((offset, data.nbytes))
+                fill(write)
+            for lo, n in _gaps(written, size):
+                if region is not None:
+                    backend.zero_range(region.mm, PAGE_SIZE + lo, n)
+                else:
+                    backend.pwrite_zeros(fd, PAGE_SIZE + lo, n)
+            # Exclusive -> shared (atomic), plus this process's marker: attached.
+            backend.hold_liveness(fd, pid)
+            while not backend.link(kept.name, name):
+                if not _reap_if_dead(name):
+                    raise AlreadyExistsError(
+                        f"create: segment {self._label()!r} already exists; attach() to it, "
+                        f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
+            published = True
+            _stash.published(kept, name)
+            att = _Attachment(name, fd, True, mode, foreign=False)
+            att.ident = (kept.dev, kept.ino)
+            cb = ControlBlock(control)
+            att.map(cb, region=region)
+            return att
+        except BaseException:
+            if published:
+                backend.unlink_if_same(name, fd)
+            # Back to a dead kept file: whoever looks at it again sees it so.
+            try:
+                _mark_dead(fd)
+            except OSError:  # pragma: no cover
+                pass
+            if region is not None:
+                _reuse.release(region)
+            backend.close(fd)
+            raise
 
     def attach(self, mode: AccessMode = AccessMode.ReadWrite) -> Segment:
         """Attach to an existing segment; raises NotFoundError if there is none."""
@@ -295,7 +394,7 @@ class Segment:
         label = self._label()
         pid = backend.getpid()
         for _ in range(16):
-            fd, map_fd, writable, object_size = backend.open_pair(name)
+            fd, map_fd, writable, object_size, dev, ino = backend.open_pair(name)
             try:
                 if self._key is None:
                     # A native key may name a foreign object: look before locking it.
@@ -309,6 +408,15 @@ class Segment:
                 # Then one read gives the control block as it is now (dead flag
                 # included) and the start of the user bytes (the payload header).
                 backend.hold_liveness(fd, pid)
+                # The name must still be this file: a destroyer may have removed it
+                # (and freed its pages) while we waited, and a recycled file may
+                # hold another key's segment by now.
+                now = backend.name_facts(name)
+                if now is None or now[0] != dev or now[1] != ino:
+                    backend.close(map_fd)
+                    backend.close(fd)
+                    continue
+                object_size = now[2]
                 raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
                 cb = parse_control(raw[:PAGE_SIZE], object_size)
                 if cb is None:
@@ -322,12 +430,12 @@ class Segment:
                 if writable and not cb.persistent and not backend.others_attached(fd) and backend.try_sole(fd):
                     # Nobody else is attached: every attacher died. (try_sole fails,
                     # keeping our shared lock, if someone attached meanwhile.)
-                    _mark_dead(fd)
-                    backend.unlink_if_same(name, fd)
+                    _retire(fd, name)
                     raise NotFoundError(
                         f"attach: segment {label!r} was left by processes that all died; "
                         "it has been removed. create() it again", self._key)
                 att = _Attachment(name, fd, writable, mode, foreign=False)
+                att.ident = (dev, ino)
                 att.head = raw[cb.data_offset :]
                 map_fd, handed = -1, map_fd  # map() closes it, whatever happens
                 att.map(cb, handed)
@@ -476,6 +584,13 @@ class Segment:
         """The first bytes of the user area as read at attach (b"" when not read)."""
         att = self._att
         return att.head if att is not None else b""
+
+    def _root(self) -> Any:
+        """The uint8 ndarray over the user bytes that array views are built on (see _Attachment.root)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.root()
 
     def _mapping(self) -> Any:
         """The data mmap (for layers above that build views on it)."""

@@ -114,7 +114,8 @@ def wait_for(path: str, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-def run_with_small_dev_shm(script: str, tmp_path: "os.PathLike[str]", size: str = "64m") -> "subprocess.CompletedProcess[str]":
+def run_with_small_dev_shm(script: str, tmp_path: "os.PathLike[str]", size: str = "64m",
+                           env: "dict[str, str] | None" = None) -> "subprocess.CompletedProcess[str]":
     """Run a Python *script* with a private /dev/shm of *size* (Docker's default is 64m).
 
     Uses a private mount namespace (root and unshare(1)); skips the calling
@@ -129,7 +130,8 @@ def run_with_small_dev_shm(script: str, tmp_path: "os.PathLike[str]", size: str 
         f.write(script)
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
            f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {sys.executable} {path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                         env=None if env is None else {**os.environ, **env})
     if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
         pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
     return out

@@ -108,6 +108,10 @@ def _dev_shm_unchanged() -> Iterator[None]:
     before = set(os.listdir(SHM))
     yield
     gc.collect()
+    # Memory this process kept for reuse goes at exit; the run must leave nothing either way.
+    from shmarray import _stash
+
+    _stash.release_all()
     left = {n for n in set(os.listdir(SHM)) - before if not _another_runs(n)}
     if left:  # give a concurrent run's transient objects a moment to go
         import time

@@ -314,7 +314,7 @@ def test_failed_write_publishes_nothing(key, monkeypatch):
 
     def failing(self, data):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] >= 3:  # a full /dev/shm stays full (create retries once after giving kept memory back)
             raise OSError(28, "No space left on device")
         return real(self, data)
 

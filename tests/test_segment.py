@@ -126,7 +126,7 @@ def test_size_beyond_free_space_is_out_of_resources(key):
     free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
     seg = Segment(key)
     with pytest.raises(shmarray.OutOfResourcesError) as info:
-        seg.create(free + (1 << 30))
+        seg.create(2 * free + (1 << 30))
     msg = str(info.value)
     assert key in msg and "free" in msg and "GiB" in msg
     assert seg.error is E.OutOfResources

@@ -53,6 +53,13 @@ _FLOCK = struct.Struct("@hhqqi4x")
 # attached processes can be listed from /proc/locks (which shows -1 as the
 # pid of OFD locks).
 LIVENESS_BYTE = 0
+# Every mapping of a segment holds a shared OFD lock on MAPPED_BYTE through
+# the open file description the mapping was made from (Python's mmap keeps a
+# duplicate of that fd, so the lock lives exactly as long as the mapping, in
+# any process, and the kernel drops it with a dead process). Memory is only
+# recycled or truncated when nobody holds it: no live view can ever see
+# another segment's bytes, or lose its pages.
+MAPPED_BYTE = 1
 PID_BASE = 1 << 40
 # Batch rings (shmarray._ring) mark who holds each slot with an exclusive OFD
 # lock on SLOT_BASE + slot, and each consumer with a shared lock on
@@ -89,8 +96,8 @@ def open_for_locks(name: str) -> tuple[int, bool]:
         return open_existing(name, False), False
 
 
-def open_pair(name: str) -> tuple[int, int, bool, int]:
-    """Two descriptions of one object: (lock fd, map fd, writable, size).
+def open_pair(name: str) -> tuple[int, int, bool, int, int, int]:
+    """Two descriptions of one object: (lock fd, map fd, writable, size, st_dev, st_ino).
 
     Locks go on the first; mappings are made from the second, because a
     mapping keeps a duplicate of its fd and so its description alive (a
@@ -104,7 +111,7 @@ def open_pair(name: str) -> tuple[int, int, bool, int]:
             map_fd = open_existing(name, writable)
             st_lock, st_map = os.fstat(lock_fd), os.fstat(map_fd)
             if (st_lock.st_dev, st_lock.st_ino) == (st_map.st_dev, st_map.st_ino):
-                return lock_fd, map_fd, writable, st_lock.st_size
+                return lock_fd, map_fd, writable, st_lock.st_size, st_lock.st_dev, st_lock.st_ino
             # The name was replaced between the two opens: start again.
             os.close(map_fd)
             os.close(lock_fd)
@@ -182,6 +189,35 @@ def name_identity(name: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def name_facts(name: str) -> tuple[int, int, int] | None:
+    """(st_dev, st_ino, st_size) of the object a name refers to now, None if it does not exist."""
+    try:
+        st = os.stat(path_of(name))
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def fd_facts(fd: int) -> tuple[int, int, int, int]:
+    """(st_dev, st_ino, st_size, st_nlink) of an open object."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_nlink
+
+
+def link_fd(fd: int, name: str) -> bool:
+    """Give the object open as *fd* (which still has a name) the name *name* too; False if it exists."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", path_of(name), follow_symlinks=True)
+    except FileExistsError:
+        return False
+    return True
+
+
+def open_by_name(name: str) -> int:
+    """Open *name* read-write without following a replacement race (plain open; ENOENT raises)."""
+    return os.open(path_of(name), os.O_RDWR | _O_CLOEXEC)
+
+
 def link(temp_name: str, name: str) -> bool:
     """Give the object *temp_name* the public *name* too; False if *name* exists.
 
@@ -216,6 +252,20 @@ def map_region(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
 
 
+def close_mapping(mapping: mmap.mmap) -> bool:
+    """Unmap now; False (and nothing done) while buffers of it are still exported."""
+    try:
+        mapping.close()
+    except BufferError:
+        return False
+    return True
+
+
+def release_pages(fd: int) -> None:
+    """Free the object's pages now (truncate to 0): for objects no mapping uses and no name keeps."""
+    os.ftruncate(fd, 0)
+
+
 def unmap_without_recency(mapping: mmap.mmap) -> None:
     """Tell the kernel this mapping's accesses are no recency hint before it goes.
 
@@ -244,6 +294,12 @@ def total_bytes() -> int:
     return st.f_blocks * st.f_frsize
 
 
+def statvfs_bytes() -> tuple[int, int]:
+    """(free, total) bytes of /dev/shm."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
 def list_names() -> list[str]:
     """Names of every object in /dev/shm."""
     try:
@@ -266,6 +322,9 @@ def _flock_struct(kind: int, start: int) -> bytes:
 _SHARED_LIVENESS = _flock_struct(fcntl.F_RDLCK, LIVENESS_BYTE)
 _UNLOCK_LIVENESS = _flock_struct(fcntl.F_UNLCK, LIVENESS_BYTE)
 _PROBE_LIVENESS = _flock_struct(fcntl.F_WRLCK, LIVENESS_BYTE)
+_SHARED_MAPPED = _flock_struct(fcntl.F_RDLCK, MAPPED_BYTE)
+_UNLOCK_MAPPED = _flock_struct(fcntl.F_UNLCK, MAPPED_BYTE)
+_PROBE_MAPPED = _flock_struct(fcntl.F_WRLCK, MAPPED_BYTE)
 
 
 def ofd_lock(fd: int, start: int, *, exclusive: bool, wait: bool) -> bool:
@@ -311,6 +370,22 @@ def drop_liveness(fd: int, pid: int) -> None:
     """Release what hold_liveness took (needed: mmap's dup'd fds keep the description alive)."""
     fcntl.fcntl(fd, _F_OFD_SETLK, _pid_marker(pid)[1])
     fcntl.fcntl(fd, _F_OFD_SETLK, _UNLOCK_LIVENESS)
+
+
+def hold_mapped(fd: int) -> None:
+    """Mark the description *fd* (the one a mapping is made from) as mapping the object."""
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _SHARED_MAPPED)
+
+
+def drop_mapped(fd: int) -> None:
+    """Undo hold_mapped: the mapping made from *fd* is idle (no view of it exists)."""
+    fcntl.fcntl(fd, _F_OFD_SETLK, _UNLOCK_MAPPED)
+
+
+def mapped_elsewhere(fd: int) -> bool:
+    """True when a description other than *fd*'s holds MAPPED_BYTE: some process maps the object."""
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _PROBE_MAPPED)
+    return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
 
 def others_attached(fd: int) -> bool:
@@ -374,6 +449,34 @@ def lock_report(dev: int, ino: int) -> tuple[set[int], int, str | None, int | No
 def register_after_fork_in_child(func: "object") -> None:
     """Run *func* in every child made by os.fork()."""
     os.register_at_fork(after_in_child=func)  # type: ignore[arg-type]
+
+
+def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
+    """Copy *data* into *mapping* at *offset* (a memcpy: the pages are already touched)."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    mapping[offset : offset + view.nbytes] = view
+
+
+def pwrite_zeros(fd: int, offset: int, length: int) -> None:
+    """Write *length* zero bytes at *offset* through the fd."""
+    step = 4 << 20
+    zeros = memoryview(bytes(min(step, length)))
+    done = 0
+    while done < length:
+        n = min(step, length - done)
+        pwrite_all(fd, zeros[:n], offset + done)
+        done += n
+
+
+def zero_range(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Zero *length* bytes of *mapping* at *offset*."""
+    step = 16 << 20
+    zeros = bytes(min(step, length))
+    done = 0
+    while done < length:
+        n = min(step, length - done)
+        mapping[offset + done : offset + done + n] = zeros[:n]
+        done += n
 
 
 def token_hex(nbytes: int) -> str:

@@ -1,0 +1,285 @@
+"""Warm mappings: a process keeps its idle mappings of segments for the next hand-off.
+
+Mapping a file afresh costs a page-table fault per 4 KiB page on first
+access and a page-table teardown at unmap (together ~40-60 ms for 512 MiB
+here, more than the sum a worker computes over it). When the pages a
+mapping covers are recycled for the next segment (``_stash``), the same
+mapping of the same file already has every page-table entry: a worker that
+keeps it attaches the next array without a single fault.
+
+Rules that keep this safe:
+
+- Every mapping of a segment holds a shared OFD lock on ``MAPPED_BYTE``
+  through the open file description it was made from (the OS layer). A
+  file is recycled (rewritten for another segment) or truncated only when
+  no description holds that byte.
+- A mapping becomes *idle* only when no buffer of it is exported anywhere
+  in this process: nothing but this module references the ``mmap`` object
+  (every memoryview, ndarray and Arrow buffer of it holds a reference, so
+  the reference count says so exactly). Only then is its lock dropped and
+  the mapping kept; no user object can reach an idle mapping, so nothing a
+  user holds can see the bytes of the segment that reuses the file.
+- An idle mapping is taken again only for the same file (device and inode),
+  offset and protection, once the file covers it; it is then locked again
+  before any view is built on it.
+
+The budget (``SHMARRAY_REUSE_BYTES``) bounds the bytes of idle mappings kept
+here and the bytes of recycled files a process keeps (``_stash``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from typing import Any
+
+from ._os import backend
+
+__all__ = ["Region", "find_idle", "map_region", "release", "forget_file", "budget", "parse_bytes", "drop_idle"]
+
+# Below this a fresh segment costs well under a millisecond: not worth keeping.
+MIN_KEEP = 1 << 20
+# Idle mappings kept at most (each holds one descriptor).
+MAX_IDLE = 16
+_DEFAULT_CAP = 4 << 30
+
+_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'0', '1048576', '512M', '4G', '1.5GiB' -> bytes; ValueError otherwise."""
+    t = text.strip().lower().replace("_", "")
+    for tail in ("ib", "b"):
+        if t.endswith(tail) and len(t) > len(tail):
+            t = t[: -len(tail)]
+            break
+    unit = t[-1:] if t[-1:] in _SUFFIXES and t[-1:] != "" and not t[-1:].isdigit() else ""
+    number = t[: -1] if unit else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(
+            f"SHMARRAY_REUSE_BYTES={text!r} is not a size; use bytes (1073741824) or a suffix "
+            "(512M, 4G), or 0 to turn reuse off") from None
+    if value < 0 or value != value:
+        raise ValueError(f"SHMARRAY_REUSE_BYTES={text!r} must be >= 0 (0 turns reuse off)")
+    return int(value * _SUFFIXES[unit])
+
+
+_budget: int | None = None
+
+
+def budget() -> int:
+    """The bytes this process may keep for reuse: ``SHMARRAY_REUSE_BYTES``, else min(4 GiB, 1/4 of /dev/shm)."""
+    global _budget
+    if _budget is None:
+        raw = os.environ.get("SHMARRAY_REUSE_BYTES")
+        if raw is not None and raw.strip():
+            _budget = parse_bytes(raw)
+        else:
+            _budget = min(_DEFAULT_CAP, backend.statvfs_bytes()[1] // 4)
+    return _budget
+
+
+def set_budget(value: int | None) -> None:
+    """Set the budget for this process (None: read the environment again). For tests and benchmarks."""
+    global _budget
+    _budget = value
+    if value == 0:
+        drop_idle()
+
+
+class Region:
+    """One mapping of a segment file and the description that marks it mapped."""
+
+    __slots__ = ("mm", "fd", "dev", "ino", "offset", "length", "writable", "warm", "own", "waiter")
+
+    def __init__(self, mm: Any, fd: int, dev: int, ino: int, offset: int, length: int,
+                 writable: bool, warm: bool) -> None:
+        self.mm = mm
+        self.fd = fd
+        self.dev = dev
+        self.ino = ino
+        self.offset = offset
+        self.length = length
+        self.writable = writable
+        # True when taken from the idle list: its pages are already mapped.
+        self.warm = warm
+        # True while the mapping's own duplicate fd is of *fd*'s description
+        # (so the mark lives as long as the mapping); False after a fork.
+        self.own = True
+        self.waiter: Any = None  # a weak reference to the root ndarray, while its death is awaited
+
+
+_idle: list[Region] = []
+# Mappings re-marked in a forked child that were still in use when their
+# attachment went: their mark is on a description the mapping does not
+# hold, so it is kept (with the mapping) until they are seen idle.
+_busy: list[Region] = []
+
+
+def _discard(r: Region) -> None:
+    backend.unmap_without_recency(r.mm)
+    backend.close_mapping(r.mm)
+    backend.close(r.fd)
+
+
+def find_idle(dev: int, ino: int, offset: int, length: int, writable: bool) -> Region | None:
+    """An idle mapping of this file, offset and protection at least *length* long, marked mapped again."""
+    for i in range(len(_idle) - 1, -1, -1):
+        r = _idle[i]
+        if r.ino == ino and r.dev == dev and r.offset == offset and r.writable == writable and r.length >= length:
+            del _idle[i]
+            try:
+                # A file shrunk under an idle mapping would fault past its end.
+                if backend.size_of(r.fd) < r.offset + r.length:
+                    _discard(r)
+                    return None
+                backend.hold_mapped(r.fd)
+            except OSError:  # pragma: no cover - the fd is ours
+                _discard(r)
+                return None
+            r.warm = True
+            return r
+    return None
+
+
+def map_region(map_fd: int, dev: int, ino: int, offset: int, length: int, writable: bool) -> Region:
+    """A mapping of bytes [offset, offset + length) of the file open as *map_fd*, marked mapped.
+
+    *map_fd* is a description of its own (no attachment locks on it); it is
+    kept by the region or closed here, whatever happens. An idle mapping of
+    the same file, offset and protection that is at least as long is taken
+    instead of a new one.
+    """
+    if _idle:
+        r = find_idle(dev, ino, offset, length, writable)
+        if r is not None:
+            backend.close(map_fd)
+            return r
+    try:
+        backend.hold_mapped(map_fd)
+        mm = backend.map_region(map_fd, offset, length, writable)
+    except BaseException:
+        backend.close(map_fd)
+        raise
+    return Region(mm, map_fd, dev, ino, offset, length, writable, False)
+
+
+def release(r: Region, anchor: "weakref.ref[Any] | None" = None) -> None:
+    """The attachment that used *r* is done with it (it dropped its own references first).
+
+    Idle (nothing else in this process references the mapping): kept for
+    reuse within the budget, its mapped mark dropped. *anchor*, a weak
+    reference to the root ndarray every array view of the attachment is
+    built on, defers that decision to the root's death when views are
+    still alive (a SharedArray's segment goes just before its buffer does).
+    Otherwise the mapping stays as it is until its last view goes; the mark
+    goes with it.
+    """
+    if _busy:
+        _sweep_busy()
+    # References: r.mm, and getrefcount's argument. Any memoryview, ndarray
+    # or Arrow buffer of the mapping adds one.
+    if sys.getrefcount(r.mm) <= 2:
+        _keep_idle(r)
+        return
+    obj = anchor() if anchor is not None else None
+    if obj is not None:
+        r.waiter = weakref.ref(obj, lambda _ref, r=r: _settle(r))
+        del obj
+        return
+    _give_up(r)
+
+
+def _settle(r: Region) -> None:
+    """The root ndarray of a released region died: keep it idle if that was its last user."""
+    r.waiter = None
+    try:
+        # r.mm, getrefcount's argument, and the dying root's own buffer (a
+        # root is cleared of weak references before it lets go of its buffer).
+        if sys.getrefcount(r.mm) <= 3:
+            _keep_idle(r)
+        else:
+            _give_up(r)
+    except Exception:  # noqa: BLE001 - a weakref callback must not raise; the mapping stays marked
+        pass
+
+
+def _give_up(r: Region) -> None:
+    """Still in use: leave the mapping to its views (the mark goes with it)."""
+    if not r.own:
+        _busy.append(r)
+        return
+    backend.unmap_without_recency(r.mm)
+    backend.close(r.fd)  # the mapping's own duplicate keeps the description and its mark
+    r.mm = None
+
+
+def _keep_idle(r: Region) -> None:
+    cap = budget()
+    if cap <= 0 or r.length > cap or r.length < MIN_KEEP:
+        _discard(r)
+        return
+    try:
+        backend.drop_mapped(r.fd)
+    except OSError:  # pragma: no cover - the fd is ours
+        _discard(r)
+        return
+    _idle.append(r)
+    total = sum(x.length for x in _idle)
+    while _idle and (len(_idle) > MAX_IDLE or total > cap):
+        old = _idle.pop(0)
+        total -= old.length
+        _discard(old)
+
+
+def _sweep_busy() -> None:
+    for r in list(_busy):
+        if sys.getrefcount(r.mm) <= 2:  # r.mm and getrefcount's argument: no view left
+            _busy.remove(r)
+            _discard(r)
+
+
+def forget_file(dev: int, ino: int) -> None:
+    """Unmap idle mappings of a file whose pages were just freed (no name keeps it any more)."""
+    for r in [r for r in _idle if r.ino == ino and r.dev == dev]:
+        _idle.remove(r)
+        _discard(r)
+
+
+def drop_idle() -> None:
+    """Unmap every idle mapping (budget set to 0, exit, fork)."""
+    while _idle:
+        _discard(_idle.pop())
+
+
+def idle_bytes() -> int:
+    """Bytes of idle mappings kept now."""
+    return sum(r.length for r in _idle)
+
+
+def after_fork_in_child() -> None:
+    """A forked child keeps none of its parent's idle mappings."""
+    while _idle:
+        r = _idle.pop()
+        backend.close_mapping(r.mm)
+        backend.close(r.fd)
+    _busy.clear()  # the parent's: their marks are the parent's to drop
+
+
+def region_after_fork(r: Region) -> None:
+    """In a forked child, an attachment's mapping gets a mapped mark of its own.
+
+    The inherited description is the parent's, whose mark the parent drops
+    when its own views go; a new description marks the child's use.
+    """
+    old = r.fd
+    try:
+        r.fd = backend.reopen(old, r.writable)
+        backend.hold_mapped(r.fd)
+    except OSError:  # pragma: no cover - keep the parent's description (and its mark) then
+        r.fd = old
+        return
+    backend.close(old)

@@ -1,0 +1,389 @@
+"""Recycled pages: a creator keeps the files of its destroyed segments and builds the next ones in them.
+
+A fresh tmpfs page costs ~2 us to allocate and zero on first touch here
+(~266 ms for 512 MiB); a copy into pages that are already allocated runs at
+memory speed. So a process that creates segments (a producer sharing one
+array after another) keeps each segment's file under a hidden second name;
+once the segment is destroyed (its public name gone, nobody attached, no
+mapping of it anywhere), the next segment of a fitting size is written into
+that file and published under its own public name with ``link(2)``.
+
+Names, in the segment directory::
+
+    .shmarray-keep-<pid>-<token>       the owner: an empty file on which the keeping
+                                       process holds an exclusive OFD lock for its life
+    .shmarray-keep-<pid>-<token>.<n>   one kept file (a second name of a segment's file)
+
+No key can collide with them (keys live under ``shmarray_``) and ``shmarray
+ls`` does not list them as segments (``--all`` shows them as kept memory).
+
+Lifetime:
+
+- A kept file is reused only while its owner holds its liveness byte
+  exclusively (nobody attached), the segment is dead (its destroyer marked
+  it, or every attacher died), and no process maps it (``MAPPED_BYTE``).
+- The bytes kept are bounded by ``_reuse.budget()``. Files of segments still
+  alive count too; a new segment is kept only if it fits.
+- Before a create would fail for lack of room, this process gives back its
+  dead kept files, then every dead kept file in the directory (``give_back``).
+- At a normal exit the owner frees what it kept (truncated, so the memory is
+  back at once, even if another process keeps an idle mapping of it). When
+  the owner is killed, its lock goes with it; the next process that creates
+  or lists segments, or ``shmarray gc``, frees its files (``reap_orphans``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+from typing import NamedTuple
+
+from . import _reuse
+from ._attachment import CONTROL, parse_control
+from ._errors import ShmError
+from ._os import backend
+
+__all__ = ["KEEP_PREFIX", "keep", "forget", "take", "give_back", "reap_orphans", "maybe_reap",
+           "kept_entries", "release_all"]
+
+KEEP_PREFIX = ".shmarray-keep-"
+# A kept file is reused for a segment at least this fraction of its size.
+_MIN_FILL = 0.5
+_REAP_EVERY = 2.0  # seconds between the orphan scans made by create()
+
+
+class Kept:
+    """One file this process keeps: its hidden name, the public name it last had, its size."""
+
+    __slots__ = ("name", "public", "size", "dev", "ino", "since")
+
+    def __init__(self, name: str, public: str, size: int, dev: int, ino: int) -> None:
+        self.name = name
+        self.public = public
+        self.size = size
+        self.dev = dev
+        self.ino = ino
+        self.since = time.monotonic()
+
+
+class Taken(NamedTuple):
+    """A kept file ready to be rewritten: *fd* holds its liveness byte exclusively."""
+
+    fd: int
+    kept: Kept
+
+
+class _Owner:
+    __slots__ = ("pid", "base", "fd", "kept", "serial")
+
+    def __init__(self) -> None:
+        self.pid = backend.getpid()
+        self.base = f"{KEEP_PREFIX}{self.pid}-{backend.token_hex(6)}"
+        self.fd = backend.create_exclusive(self.base, 0o600)
+        if not backend.try_sole(self.fd):  # pragma: no cover - a fresh private name
+            backend.close(self.fd)
+            raise OSError("could not lock a fresh keep owner file")
+        self.kept: dict[str, Kept] = {}
+        self.serial = 0
+
+
+_owner: _Owner | None = None
+_last_reap = -1e9
+_exit_registered = False
+
+
+def _the_owner() -> _Owner:
+    global _owner, _exit_registered
+    if _owner is None or _owner.pid != backend.getpid():
+        _owner = _Owner()
+        if not _exit_registered:
+            atexit.register(_at_exit)
+            _exit_registered = True
+    return _owner
+
+
+def _kept_bytes(o: _Owner) -> int:
+    return sum(k.size for k in o.kept.values())
+
+
+def keep(temp: str, public: str, size: int, fd: int) -> str | None:
+    """Give the new segment file *temp* (open as *fd*) a hidden name this process keeps; None when not kept.
+
+    Kept when reuse is on and the file fits the budget (dead kept files are
+    given back, oldest first, to make room).
+    """
+    cap = _reuse.budget()
+    if cap <= 0 or size < _reuse.MIN_KEEP or size > cap:
+        return None
+    o = _the_owner()
+    if _kept_bytes(o) + size > cap:
+        _give_back_own(_kept_bytes(o) + size - cap)
+        if _kept_bytes(o) + size > cap:
+            return None
+    o.serial += 1
+    name = f"{o.base}.{o.serial}"
+    if not backend.link(temp, name):  # pragma: no cover - our own fresh name
+        return None
+    dev, ino = backend.identity(fd)
+    o.kept[name] = Kept(name, public, size, dev, ino)
+    return name
+
+
+def forget(name: str | None) -> None:
+    """Drop a kept name whose segment was never published (its creation failed)."""
+    o = _owner
+    if name is None or o is None:
+        return
+    o.kept.pop(name, None)
+    backend.unlink(name)
+
+
+def published(kept: Kept, public: str) -> None:
+    """Record that a kept file now holds the segment named *public*."""
+    kept.public = public
+
+
+def _claim(name: str) -> int | None:
+    """Open a kept file and take it: nobody attached, nobody maps it. Its fd, or None."""
+    try:
+        fd = backend.open_by_name(name)
+    except OSError:
+        return None
+    try:
+        if backend.try_sole(fd) and not backend.mapped_elsewhere(fd):
+            return fd
+    except OSError:  # pragma: no cover - the fd is ours
+        pass
+    backend.close(fd)  # its only fd: an exclusive lock taken goes with it
+    return None
+
+
+def _dead_segment(fd: int, kept: Kept) -> bool:
+    """With the file claimed: True when the segment it held is gone for every user (marked so if needed)."""
+    try:
+        cb = parse_control(backend.pread(fd, CONTROL.size, 0), backend.size_of(fd))
+    except (ShmError, OSError):
+        return False
+    if cb is None or cb.persistent:
+        return False
+    if not cb.dead:
+        # Nobody is attached (we hold the byte exclusively): every attacher died.
+        # Retire it as an attacher would, so its public name goes too.
+        from ._attachment import _mark_dead
+
+        _mark_dead(fd)
+        backend.unlink_if_same(kept.public, fd)
+    return backend.name_identity(kept.public) != (kept.dev, kept.ino)
+
+
+def take(total: int) -> Taken | None:
+    """A dead kept file of at least *total* bytes (and not much more) to build a new segment in."""
+    o = _owner
+    if o is None or o.pid != backend.getpid() or not o.kept or _reuse.budget() <= 0:
+        return None
+    fits = sorted((k for k in o.kept.values() if total <= k.size and total >= k.size * _MIN_FILL),
+                  key=lambda k: k.size)
+    for k in fits:
+        fd = _claim(k.name)
+        if fd is None:
+            if backend.name_identity(k.name) != (k.dev, k.ino):
+                o.kept.pop(k.name, None)  # removed from outside (gc of another run, rm)
+            continue
+        if backend.fd_facts(fd)[2] >= k.size and _dead_segment(fd, k):
+            return Taken(fd, k)
+        backend.close(fd)
+    return None
+
+
+def _free(name: str, fd: int | None) -> bool:
+    """Remove a kept name; its pages are freed now when no other name or mapping holds them.
+
+    *fd*, when given, has the file claimed. True when the name is gone.
+    """
+    if fd is None:
+        fd = _claim(name)
+    if fd is None:
+        # In use (attached, or mapped by a live view): only the hidden name goes;
+        # the segment lives on under its public name, if it has one.
+        return backend.unlink(name) or True
+    try:
+        dev, ino, _, nlink = backend.fd_facts(fd)
+        backend.unlink(name)
+        if nlink <= 1:
+            backend.release_pages(fd)
+            _reuse.forget_file(dev, ino)
+        return True
+    finally:
+        backend.close(fd)
+
+
+def _give_back_own(need: int | None) -> int:
+    """Free dead kept files of this process, oldest first, until *need* bytes (None: all). Bytes freed."""
+    o = _owner
+    if o is None or o.pid != backend.getpid():
+        return 0
+    freed = 0
+    for k in sorted(o.kept.values(), key=lambda k: k.since):
+        if need is not None and freed >= need:
+            break
+        fd = _claim(k.name)
+        if fd is None:
+            continue  # alive: not ours to free
+        if _dead_segment(fd, k):
+            o.kept.pop(k.name, None)
+            _free(k.name, fd)
+            freed += k.size
+        else:
+            backend.close(fd)
+    return freed
+
+
+def give_back(need: int) -> int:
+    """Free kept memory before a create fails for lack of room: ours first, then any dead kept file."""
+    freed = _give_back_own(need)
+    if freed >= need:
+        return freed
+    reap_orphans()
+    for name in backend.list_names():
+        if not name.startswith(KEEP_PREFIX) or "." not in name[len(KEEP_PREFIX):]:
+            continue
+        o = _owner
+        if o is not None and name in o.kept:
+            continue
+        fd = _claim(name)
+        if fd is None:
+            continue
+        try:
+            nlink = backend.fd_facts(fd)[3]
+            size = backend.size_of(fd)
+        except OSError:  # pragma: no cover
+            backend.close(fd)
+            continue
+        if nlink <= 1:  # only the hidden name: the segment it held is gone
+            _free(name, fd)
+            freed += size
+        else:
+            backend.close(fd)
+        if freed >= need:
+            break
+    return freed
+
+
+def _owner_of(name: str) -> str:
+    rest = name[len(KEEP_PREFIX):]
+    return KEEP_PREFIX + rest.split(".", 1)[0]
+
+
+def reap_orphans() -> list[str]:
+    """Free the kept files of processes that died (their owner file's lock is free). Names removed."""
+    global _last_reap
+    _last_reap = time.monotonic()
+    names = [n for n in backend.list_names() if n.startswith(KEEP_PREFIX)]
+    if not names:
+        return []
+    mine = _owner.base if _owner is not None and _owner.pid == backend.getpid() else None
+    owners = {n for n in names if "." not in n[len(KEEP_PREFIX):]}
+    removed: list[str] = []
+    dead_owners: dict[str, int | None] = {}
+    for base in {_owner_of(n) for n in names}:
+        if base == mine:
+            continue
+        if base not in owners:
+            dead_owners[base] = None  # its files outlived it (killed between two unlinks)
+            continue
+        try:
+            fd = backend.open_by_name(base)
+        except OSError:
+            continue
+        if backend.try_sole(fd):
+            dead_owners[base] = fd  # held until its files are gone, so two reapers never race
+        else:
+            backend.close(fd)
+    for base, fd in dead_owners.items():
+        for n in names:
+            if n != base and _owner_of(n) == base and _free(n, None):
+                removed.append(n)
+        if fd is not None:
+            backend.unlink_if_same(base, fd)
+            backend.close(fd)
+            removed.append(base)
+    return removed
+
+
+def maybe_reap() -> None:
+    """reap_orphans(), at most every few seconds per process (create() calls this)."""
+    if time.monotonic() - _last_reap >= _REAP_EVERY:
+        try:
+            reap_orphans()
+        except OSError:  # pragma: no cover - a listing race: next time
+            pass
+
+
+def kept_entries() -> list[tuple[str, int, int, bool, int]]:
+    """Every kept file in the directory: (name, owner pid, size, owner alive, links)."""
+    out = []
+    for n in sorted(backend.list_names()):
+        if not n.startswith(KEEP_PREFIX) or "." not in n[len(KEEP_PREFIX):]:
+            continue
+        try:
+            pid = int(n[len(KEEP_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            pid = 0
+        try:
+            fd = backend.open_existing(n, False)
+        except OSError:
+            continue
+        try:
+            _, _, size, nlink = backend.fd_facts(fd)
+        finally:
+            backend.close(fd)
+        base = _owner_of(n)
+        alive = base in {_owner.base} if _owner is not None and _owner.pid == backend.getpid() else False
+        if not alive:
+            try:
+                ofd = backend.open_existing(base, True)
+            except OSError:
+                ofd = None
+            if ofd is not None:
+                try:
+                    alive = backend.others_attached(ofd)
+                finally:
+                    backend.close(ofd)
+        out.append((n, pid, size, alive, nlink))
+    return out
+
+
+def release_all() -> None:
+    """Free everything this process keeps (the files and the idle mappings)."""
+    global _owner
+    o = _owner
+    _reuse.drop_idle()
+    if o is None or o.pid != backend.getpid():
+        return
+    for k in list(o.kept.values()):
+        o.kept.pop(k.name, None)
+        try:
+            _free(k.name, None)
+        except OSError:  # pragma: no cover - at exit: nothing better to do
+            pass
+    backend.unlink_if_same(o.base, o.fd)
+    backend.close(o.fd)
+    _owner = None
+
+
+def _at_exit() -> None:
+    # Segments still attached here keep their public names: only the hidden
+    # names go now, and the detaches at exit (weakref finalizers, after this
+    # hook) destroy them as usual, freeing the pages of any nameless file.
+    release_all()
+
+
+def _after_fork_in_child() -> None:
+    global _owner
+    o = _owner
+    if o is not None:
+        backend.close(o.fd)  # the parent's lock stays: the parent holds the description
+        _owner = None
+
+
+backend.register_after_fork_in_child(_after_fork_in_child)
