@@ -1,0 +1,302 @@
+"""handoff: the pipeline pattern, one array (or table) after another to a warm worker.
+
+Each sample starts with a plain ndarray (or pa.Table) in this process and
+ends when a warm worker's answer (the array's sum, or a column's sum of the
+table) is back here. The producer hands over a new array every time, under
+a new key, and drops it once the answer is back, as a pipeline does; so
+from the second sample on, shmarray's recycled memory is warm (``_stash``,
+``_reuse``), and so is Ray's object store.
+
+Methods:
+
+- ``shmarray.share`` + a ``multiprocessing.Pool`` task given the SharedArray
+  (it travels by reference), with memory reuse on (the default) and off
+  (``SHMARRAY_REUSE_BYTES=0``: fresh pages every time, as before reuse);
+- the floor: ``np.copyto`` into one segment made once and kept mapped, then
+  the same task (the worker attaches it each time);
+- Ray: ``ray.put`` + a task that sums it (``ray.get``);
+- Dask: ``client.scatter`` + ``client.submit`` on a LocalCluster worker process;
+- tables: ``share_table`` + a Pool task that ``attach_table``\\s it, against
+  ``ray.put`` + a task.
+
+Ray and Dask are measured when installed (they are not test dependencies;
+Ray is large) and skipped with a note otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .._harness import MP, Context, GroupResult, Row, have, interleave, mem_available
+from . import _peers as P
+
+NAME = "handoff"
+TITLE = "Hand-off: a new array each time to a warm worker that sums it"
+
+REUSE = "shmarray.share + Pool task (reuse on)"
+NOREUSE = "shmarray.share + Pool task (reuse off)"
+FLOOR = "floor: np.copyto into a reused, mapped segment + the same task"
+RAY = "Ray ray.put + task"
+DASK = "Dask scatter + submit"
+T_REUSE = "shmarray.share_table + Pool task attach_table (reuse on)"
+T_RAY = "Ray ray.put(table) + task"
+
+
+def array_sum(a: Any) -> float:
+    """The worker's task: the sum of the array it was given."""
+    return float(np.asarray(a).sum())
+
+
+def table_sum(key: str) -> tuple[int, float]:
+    """The worker's task for tables: attach, read a column, answer."""
+    import pyarrow.compute as pc
+
+    import shmarray
+
+    t = shmarray.attach_table(key)
+    return t.num_rows, float(pc.sum(t.column("px")).as_py())
+
+
+def _warm(_: int) -> int:
+    import pyarrow  # noqa: F401 - warm the worker's imports
+
+    import shmarray  # noqa: F401
+
+    return os.getpid()
+
+
+def _set_budget(value: int | None) -> int:
+    from shmarray import _reuse
+
+    _reuse.set_budget(value)
+    return os.getpid()
+
+
+def _table(rows: int) -> Any:
+    import pyarrow as pa
+
+    rng = np.random.default_rng(5)
+    return pa.table({
+        "id": np.arange(rows, dtype=np.int64),
+        "px": rng.random(rows),
+        "sym": pa.array(np.array(["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"])[rng.integers(0, 5, rows)]),
+    })
+
+
+def run(ctx: Context) -> GroupResult:
+    """Measure every way of handing an array, then a table, to one warm worker."""
+    import shmarray
+    from shmarray import _reuse
+
+    res = GroupResult(NAME, TITLE)
+    size = (32 << 20) if ctx.quick else (512 << 20)
+    if 6 * size > mem_available():
+        size = 64 << 20
+        res.notes.append("Not enough free memory for 512 MiB: measured at 64 MiB.")
+    rows = 200_000 if ctx.quick else 5_000_000
+    src = P.source_array(size)
+    want = float(src.sum())
+    variant = f"{size >> 20} MiB float64"
+    t_variant = f"{rows:,} rows (int64, float64, string)"
+    missing = P.shmarray_missing()
+    pool = MP.Pool(1)
+    floor_key = ctx.cleanup.name("hfloor")
+    floor_h = ctx.cleanup.add(f"shmarray {floor_key}", lambda: _unlink(floor_key))
+    ray_mod: Any = None
+    client: Any = None
+    cluster: Any = None
+    methods: dict[str, Callable[[], float]] = {}
+    t_methods: dict[str, Callable[[], float]] = {}
+    roles = {REUSE: "shmarray", NOREUSE: "shmarray", FLOOR: "floor", T_REUSE: "shmarray"}
+    try:
+        pool.map(_warm, range(2))
+
+        def check(got: float, label: str) -> None:
+            if not P.close_enough(got, want):
+                raise RuntimeError(f"{label}: the worker summed {got!r}, expected {want!r}")
+
+        def share_task(label: str) -> float:
+            key = ctx.cleanup.name("ho")
+            h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
+            try:
+                t0 = time.perf_counter()
+                a = shmarray.share(key, src)
+                got = pool.apply(array_sum, (a,))
+                t1 = time.perf_counter()
+                del a
+            finally:
+                ctx.cleanup.done(h)
+            check(got, label)
+            return t1 - t0
+
+        def reuse_on() -> float:
+            _reuse.set_budget(None)
+            return share_task(REUSE)
+
+        def reuse_off() -> float:
+            _reuse.set_budget(0)
+            try:
+                return share_task(NOREUSE)
+            finally:
+                _reuse.set_budget(None)
+
+        floor_arr = shmarray.create(floor_key, src.shape, src.dtype)
+
+        def floor() -> float:
+            t0 = time.perf_counter()
+            np.copyto(floor_arr, src)
+            got = pool.apply(array_sum, (floor_arr,))
+            t1 = time.perf_counter()
+            check(got, FLOOR)
+            return t1 - t0
+
+        if missing is None:
+            methods[REUSE] = reuse_on
+            methods[NOREUSE] = reuse_off
+            methods[FLOOR] = floor
+
+        if have("ray"):
+            import ray
+
+            ray_mod = ray
+            ray.init(num_cpus=2, object_store_memory=max(4 * size, 1 << 30), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            ray_sum = ray.remote(array_sum)
+            ray.get(ray_sum.remote(ray.put(src[:1000])))
+
+            def by_ray() -> float:
+                t0 = time.perf_counter()
+                ref = ray.put(src)
+                got = ray.get(ray_sum.remote(ref))
+                t1 = time.perf_counter()
+                del ref
+                check(got, RAY)
+                return t1 - t0
+
+            methods[RAY] = by_ray
+        else:
+            res.skipped.append(f"{RAY}: ray is not installed (pip install ray; not a test dependency)")
+
+        if have("distributed"):
+            from distributed import Client, LocalCluster
+
+            cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, memory_limit=0)
+            client = Client(cluster)
+            client.submit(array_sum, src[:1000]).result()
+
+            def by_dask() -> float:
+                t0 = time.perf_counter()
+                fut = client.scatter(src, direct=True)
+                got = client.submit(array_sum, fut).result()
+                t1 = time.perf_counter()
+                del fut
+                check(got, DASK)
+                return t1 - t0
+
+            methods[DASK] = by_dask
+        else:
+            res.skipped.append(f"{DASK}: dask[distributed] is not installed (pip install 'dask[distributed]')")
+
+        reps = ctx.reps(9, 3)
+        ctx.log(f"  {variant}: {len(methods)} methods x {reps}")
+        samples, errors = interleave(ctx, methods, reps=reps, warmup=1)
+        del floor_arr
+        ctx.cleanup.done(floor_h)
+
+        # -- tables ----------------------------------------------------------------------
+        table = _table(rows)
+        t_want = (table.num_rows, float(__import__("pyarrow.compute").compute.sum(table.column("px")).as_py()))
+
+        def t_check(got: tuple[int, float], label: str) -> None:
+            if got[0] != t_want[0] or not P.close_enough(got[1], t_want[1]):
+                raise RuntimeError(f"{label}: the worker answered {got!r}, expected {t_want!r}")
+
+        def t_share() -> float:
+            key = ctx.cleanup.name("ht")
+            h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
+            try:
+                t0 = time.perf_counter()
+                t = shmarray.share_table(key, table)
+                got = pool.apply(table_sum, (key,))
+                t1 = time.perf_counter()
+                del t
+            finally:
+                ctx.cleanup.done(h)
+            t_check(got, T_REUSE)
+            return t1 - t0
+
+        if missing is None:
+            t_methods[T_REUSE] = t_share
+        if ray_mod is not None:
+            def ray_table_sum(t: Any) -> tuple[int, float]:
+                import pyarrow.compute as pc
+
+                return t.num_rows, float(pc.sum(t.column("px")).as_py())
+
+            r_tsum = ray_mod.remote(ray_table_sum)
+
+            def t_ray() -> float:
+                t0 = time.perf_counter()
+                ref = ray_mod.put(table)
+                got = ray_mod.get(r_tsum.remote(ref))
+                t1 = time.perf_counter()
+                del ref
+                t_check(got, T_RAY)
+                return t1 - t0
+
+            t_methods[T_RAY] = t_ray
+        ctx.log(f"  {t_variant}: {len(t_methods)} methods x {reps}")
+        t_samples, t_errors = interleave(ctx, t_methods, reps=reps, warmup=1)
+    finally:
+        pool.terminate()
+        pool.join()
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+        if ray_mod is not None:
+            ray_mod.shutdown()
+        _reuse.set_budget(None)
+        ctx.cleanup.done(floor_h)
+    for label in methods:
+        res.rows.append(Row(label, samples[label], variant=variant, role=roles.get(label, "peer"),
+                            error=errors.get(label, "")))
+    for label in t_methods:
+        res.rows.append(Row(label, t_samples[label], variant=t_variant, role=roles.get(label, "peer"),
+                            error=t_errors.get(label, "")))
+    res.notes.append(
+        "Each sample: a plain ndarray (or pa.Table) here -> a warm worker's answer back here, a new key "
+        "every time, dropped after the answer. One spawn Pool worker; Ray with num_cpus=2; Dask a "
+        "LocalCluster of one worker process.")
+    ours = res.median(REUSE, variant=variant)
+    for peer, aim, target in ((RAY, "hand-off: Ray put+task time / shmarray share+task time", ">= 1"),
+                              (FLOOR, "hand-off: floor time / shmarray share+task time", ">= 0.77"),
+                              (NOREUSE, "hand-off: reuse off / reuse on", "> 1"),
+                              (DASK, "hand-off: Dask scatter+submit / shmarray share+task", "> 1")):
+        theirs = res.median(peer, variant=variant)
+        if ours is not None and theirs is not None:
+            ratio = theirs / ours
+            limit = 1 / 1.3 if peer == FLOOR else 1.0
+            ok = ratio >= limit if peer in (RAY, FLOOR) else ratio > 1
+            res.headline(aim, ratio, target, ok,
+                         f"{variant}: shmarray {ours * 1e3:.0f} ms vs {peer} {theirs * 1e3:.0f} ms")
+    t_ours, t_theirs = res.median(T_REUSE, variant=t_variant), res.median(T_RAY, variant=t_variant)
+    if t_ours is not None and t_theirs is not None:
+        res.headline("table hand-off: Ray put+task / shmarray share_table+attach_table", t_theirs / t_ours,
+                     ">= 1", t_theirs >= t_ours,
+                     f"{t_variant}: shmarray {t_ours * 1e3:.0f} ms vs Ray {t_theirs * 1e3:.0f} ms")
+    return res
+
+
+def _unlink(key: str) -> None:
+    import shmarray
+
+    try:
+        shmarray.unlink(key)
+    except shmarray.NotFoundError:
+        pass
