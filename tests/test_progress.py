@@ -119,7 +119,7 @@ def test_failed_write_leaves_no_segment_and_closes_the_bar(key, capsys, monkeypa
     def failing(write, total, desc, enabled):
         def broken(data, offset):
             calls.append(offset)
-            if len(calls) == 3:
+            if len(calls) >= 3:  # a full /dev/shm stays full (create retries once after giving kept memory back)
                 raise OSError(28, "No space left on device")
             write(data, offset)
         return real(broken, total, desc, enabled)
