@@ -83,11 +83,13 @@ def budget() -> int:
 
 
 def set_budget(value: int | None) -> None:
-    """Set the budget for this process (None: read the environment again). For tests and benchmarks."""
+    """Set the budget for this process (None: read the environment again). For tests and benchmarks.
+
+    What is kept already stays (a budget of 0 keeps nothing new and reuses
+    nothing); ``_stash.release_all()`` frees it.
+    """
     global _budget
     _budget = value
-    if value == 0:
-        drop_idle()
 
 
 class Region:

@@ -451,10 +451,32 @@ def register_after_fork_in_child(func: "object") -> None:
     os.register_at_fork(after_in_child=func)  # type: ignore[arg-type]
 
 
+# Copies at least this large are split between two threads (numpy's copy
+# releases the GIL): 512 MiB into touched pages 64 -> 53 ms here.
+_SPLIT_COPY = 64 << 20
+
+
 def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
     """Copy *data* into *mapping* at *offset* (a memcpy: the pages are already touched)."""
     view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    mapping[offset : offset + view.nbytes] = view
+    n = view.nbytes
+    if n < _SPLIT_COPY or (os.cpu_count() or 1) < 2:
+        mapping[offset : offset + n] = view
+        return
+    import threading
+
+    import numpy as np
+
+    dst = np.frombuffer(mapping, np.uint8, count=n, offset=offset)
+    src = np.frombuffer(view, np.uint8)
+    half = (n // 2) & ~4095
+    helper = threading.Thread(target=np.copyto, args=(dst[half:], src[half:]), daemon=True)
+    helper.start()
+    try:
+        np.copyto(dst[:half], src[:half])
+    finally:
+        helper.join()
+        del dst, src
 
 
 def pwrite_zeros(fd: int, offset: int, length: int) -> None:
