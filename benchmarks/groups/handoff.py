@@ -34,6 +34,7 @@ import numpy as np
 
 from .._harness import MP, Context, GroupResult, Row, have, interleave, mem_available
 from . import _peers as P
+from .pool import _unlink
 
 NAME = "handoff"
 TITLE = "Hand-off: a new array each time to a warm worker that sums it"
@@ -121,22 +122,9 @@ def run(ctx: Context) -> GroupResult:
                 raise RuntimeError(f"{label}: the worker summed {got!r}, expected {want!r}")
 
         def share_task(label: str) -> float:
-            key = ctx.cleanup.name("ho")
-            h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
-            try:
-                t0 = time.perf_counter()
-                a = shmarray.share(key, src)
-                got = pool.apply(array_sum, (a,))
-                t1 = time.perf_counter()
-                del a
-                # Pool's task-handler thread holds the last task's arguments until the
-                # next task: flush it (outside the clock) so the array goes now, as it
-                # would in a pipeline that drops each array once its answer is back.
-                pool.apply(_warm, (0,))
-            finally:
-                ctx.cleanup.done(h)
+            got, took = _one_handoff(ctx, pool, lambda key: shmarray.share(key, src), array_sum, True)
             check(got, label)
-            return t1 - t0
+            return took
 
         def reuse_on() -> float:
             _reuse.set_budget(None)
@@ -224,19 +212,9 @@ def run(ctx: Context) -> GroupResult:
                 raise RuntimeError(f"{label}: the worker answered {got!r}, expected {t_want!r}")
 
         def t_share() -> float:
-            key = ctx.cleanup.name("ht")
-            h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
-            try:
-                t0 = time.perf_counter()
-                t = shmarray.share_table(key, table)
-                got = pool.apply(table_sum, (key,))
-                t1 = time.perf_counter()
-                del t
-                pool.apply(_warm, (0,))
-            finally:
-                ctx.cleanup.done(h)
+            got, took = _one_handoff(ctx, pool, lambda key: shmarray.share_table(key, table), table_sum, False)
             t_check(got, T_REUSE)
-            return t1 - t0
+            return took
 
         if missing is None:
             t_methods[T_REUSE] = t_share
@@ -301,10 +279,21 @@ def run(ctx: Context) -> GroupResult:
     return res
 
 
-def _unlink(key: str) -> None:
-    import shmarray
-
+def _one_handoff(ctx: Context, pool: Any, make: Callable[[str], Any], task: Callable[..., Any],
+                 by_object: bool) -> tuple[Any, float]:
+    """Share under a new key, run *task* on it (given the object, or its key), drop it: (answer, seconds)."""
+    key = ctx.cleanup.name("ho")
+    h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
     try:
-        shmarray.unlink(key)
-    except shmarray.NotFoundError:
-        pass
+        t0 = time.perf_counter()
+        obj = make(key)
+        got = pool.apply(task, (obj if by_object else key,))
+        t1 = time.perf_counter()
+        del obj
+        # Pool's task-handler thread holds the last task's arguments until the
+        # next task: flush it (outside the clock) so the array goes now, as it
+        # would in a pipeline that drops each array once its answer is back.
+        pool.apply(_warm, (0,))
+    finally:
+        ctx.cleanup.done(h)
+    return got, t1 - t0
