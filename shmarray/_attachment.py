@@ -322,13 +322,48 @@ _LIVE: "weakref.WeakSet[_Attachment]" = weakref.WeakSet()
 weakref.finalize(_LIVE, int).detach()
 
 
+# Between fork() and the child's own locks (its after-fork hook) the parent
+# could detach, destroy and even recycle a segment the child inherited. Before
+# each fork, one description per attachment holds liveness and mapped locks
+# for the child: the parent closes its copy right after the fork, the child
+# once it holds locks of its own.
+_FORK_GUARDS: list[int] = []
+
+
+def _before_fork() -> None:
+    pid = backend.getpid()
+    for att in list(_LIVE):
+        if att.closed or att.foreign or att.pid != pid:
+            continue
+        try:
+            guard = backend.reopen(att.fd, att.writable_fd)
+        except OSError:  # pragma: no cover - out of descriptors: the child reopens as before
+            continue
+        try:
+            backend.hold_guard(guard)
+        except OSError:  # pragma: no cover
+            backend.close(guard)
+            continue
+        _FORK_GUARDS.append(guard)
+
+
+def _after_fork_in_parent() -> None:
+    while _FORK_GUARDS:
+        backend.close(_FORK_GUARDS.pop())
+
+
 def _after_fork_in_child() -> None:
+    guards = list(_FORK_GUARDS)
+    _FORK_GUARDS.clear()
     _reuse.after_fork_in_child()
     for att in list(_LIVE):
         att.after_fork()
+    for guard in guards:
+        backend.close(guard)
 
 
 backend.register_after_fork_in_child(_after_fork_in_child)
+backend.register_fork_hooks(_before_fork, _after_fork_in_parent)
 
 
 def _reap_if_dead(name: str) -> bool:

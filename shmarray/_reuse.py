@@ -189,7 +189,10 @@ def release(r: Region, anchor: "weakref.ref[Any] | None" = None) -> None:
         return
     obj = anchor() if anchor is not None else None
     if obj is not None:
-        r.waiter = weakref.ref(obj, lambda _ref, r=r: _settle(r))
+        def on_death(_ref: "weakref.ref[Any]", r: Region = r) -> None:
+            _settle(r)
+
+        r.waiter = weakref.ref(obj, on_death)
         del obj
         return
     _give_up(r)

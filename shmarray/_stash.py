@@ -299,13 +299,13 @@ def reap_orphans() -> list[str]:
             dead_owners[base] = fd  # held until its files are gone, so two reapers never race
         else:
             backend.close(fd)
-    for base, fd in dead_owners.items():
+    for base, owner_fd in dead_owners.items():
         for n in names:
             if n != base and _owner_of(n) == base and _free(n, None):
                 removed.append(n)
-        if fd is not None:
-            backend.unlink_if_same(base, fd)
-            backend.close(fd)
+        if owner_fd is not None:
+            backend.unlink_if_same(base, owner_fd)
+            backend.close(owner_fd)
             removed.append(base)
     return removed
 

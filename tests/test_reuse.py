@@ -342,3 +342,29 @@ def _share_in_child(key: str) -> float:
     del b
     _stash.release_all()
     return s
+
+
+def test_a_forked_childs_inherited_view_is_never_recycled(make_key):
+    """The parent drops its array right after fork() and shares another: the child's view keeps its bytes."""
+    k1, k2 = make_key(), make_key()
+    a = shmarray.share(k1, np.full(1 << 20, 3.0))
+    view = a[::2]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait until the parent has tried to recycle, then read
+        code = 1
+        try:
+            os.close(w)
+            os.read(r, 1)
+            code = 0 if float(view.sum()) == 3.0 * (1 << 19) else 2
+        finally:
+            os._exit(code)
+    os.close(r)
+    del view, a
+    gc.collect()
+    b = shmarray.share(k2, np.full(1 << 20, 7.0))
+    os.write(w, b"x")
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert float(b.sum()) == 7.0 * (1 << 20)

@@ -451,6 +451,17 @@ def register_after_fork_in_child(func: "object") -> None:
     os.register_at_fork(after_in_child=func)  # type: ignore[arg-type]
 
 
+def register_fork_hooks(before: "object", after_in_parent: "object") -> None:
+    """Run *before* in the parent just before os.fork(), *after_in_parent* just after."""
+    os.register_at_fork(before=before, after_in_parent=after_in_parent)  # type: ignore[arg-type]
+
+
+def hold_guard(fd: int) -> None:
+    """Shared liveness and mapped locks on *fd*: a description that stands for a process about to exist."""
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _SHARED_LIVENESS)
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _SHARED_MAPPED)
+
+
 # Copies at least this large are split between two threads (numpy's copy
 # releases the GIL): 512 MiB into touched pages 64 -> 53 ms here.
 _SPLIT_COPY = 64 << 20
