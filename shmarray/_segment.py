@@ -319,10 +319,12 @@ class Segment:
             control = _control_bytes(size, False, self._key)
             raw_write: Callable[[memoryview, int], None]
             if region is not None:
-                mm = region.mm
+                warm = region
 
                 def raw_write(data: memoryview, at: int) -> None:
-                    backend.copy_into(mm, at, data)
+                    # Through the region, so that no reference to the mmap outlives
+                    # the build (a ReadOnly creator hands it back idle).
+                    backend.copy_into(warm.mm, at, data)
             else:
                 def raw_write(data: memoryview, at: int) -> None:
                     backend.pwrite_all(fd, data, at)

@@ -338,7 +338,7 @@ def kept_entries() -> list[tuple[str, int, int, bool, int]]:
         finally:
             backend.close(fd)
         base = _owner_of(n)
-        alive = base in {_owner.base} if _owner is not None and _owner.pid == backend.getpid() else False
+        alive = _owner is not None and _owner.pid == backend.getpid() and base == _owner.base
         if not alive:
             try:
                 ofd = backend.open_existing(base, True)
