@@ -71,6 +71,26 @@ def _gaps(written: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     return out
 
 
+# Gaps a recycled segment's fill did not write are zeroed in pieces of this size.
+_ZERO_CHUNK = 4 << 20
+
+
+def _user_writer(size: int, raw: Callable[[memoryview, int], None],
+                 written: list[tuple[int, int]] | None = None) -> Callable[[memoryview, int], None]:
+    """The ``write(data, offset)`` a fill gets: user offsets, bounds-checked, onto *raw* (file offsets).
+
+    *written*, when given, records each (offset, length), so the bytes no
+    write covered can be zeroed.
+    """
+    def write(data: memoryview, offset: int) -> None:
+        if offset < 0 or offset + data.nbytes > size:
+            raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
+        raw(data, PAGE_SIZE + offset)
+        if written is not None:
+            written.append((offset, data.nbytes))
+    return write
+
+
 def _translate(e: OSError, what: str, key: str | None) -> ShmError:
     """An OSError from the OS layer as the ShmError a user should see."""
     code = e.errno
@@ -274,18 +294,10 @@ class Segment:
                 backend.truncate(fd, total)
             backend.pwrite_all(fd, memoryview(_control_bytes(size, persistent, self._key)), 0)
             if fill is not None:
-                def write(data: memoryview, offset: int) -> None:
-                    if offset < 0 or offset + data.nbytes > size:
-                        raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
-                    backend.pwrite_all(fd, data, PAGE_SIZE + offset)
-                fill(write)
+                fill(_user_writer(size, lambda data, at: backend.pwrite_all(fd, data, at)))
             if not persistent:
                 kept = _stash.keep(temp, name, total, fd)
-            while not backend.link(temp, name):
-                if not _reap_if_dead(name):
-                    raise AlreadyExistsError(
-                        f"create: segment {self._label()!r} already exists; attach() to it, "
-                        f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
+            self._publish(temp, name)
             published = True
             att = _Attachment(name, fd, True, mode, foreign=False)
             att.ident = backend.identity(fd)
@@ -331,24 +343,16 @@ class Segment:
             # The whole control page: the old key's bytes must not linger after a shorter one.
             raw_write(memoryview(control + bytes(PAGE_SIZE - len(control))), 0)
             if fill is not None:
-                def write(data: memoryview, offset: int) -> None:
-                    if offset < 0 or offset + data.nbytes > size:
-                        raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
-                    raw_write(data, PAGE_SIZE + offset)
-                    written.append((offset, data.nbytes))
-                fill(write)
-            for lo, n in _gaps(written, size):
-                if region is not None:
-                    backend.zero_range(region.mm, PAGE_SIZE + lo, n)
-                else:
-                    backend.pwrite_zeros(fd, PAGE_SIZE + lo, n)
+                fill(_user_writer(size, raw_write, written))
+            gaps = _gaps(written, size)
+            zeros = memoryview(bytes(min(_ZERO_CHUNK, max(n for _, n in gaps)))) if gaps else None
+            for lo, n in gaps:
+                assert zeros is not None
+                for at in range(lo, lo + n, _ZERO_CHUNK):
+                    raw_write(zeros[: min(_ZERO_CHUNK, lo + n - at)], PAGE_SIZE + at)
             # Exclusive -> shared (atomic), plus this process's marker: attached.
             backend.hold_liveness(fd, pid)
-            while not backend.link(kept.name, name):
-                if not _reap_if_dead(name):
-                    raise AlreadyExistsError(
-                        f"create: segment {self._label()!r} already exists; attach() to it, "
-                        f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
+            self._publish(kept.name, name)
             published = True
             _stash.published(kept, name)
             att = _Attachment(name, fd, True, mode, foreign=False)
@@ -368,6 +372,14 @@ class Segment:
                 _reuse.release(region)
             backend.close(fd)
             raise
+
+    def _publish(self, source: str, name: str) -> None:
+        """Give the built file *source* its public *name* (link(2): of racing creators one wins)."""
+        while not backend.link(source, name):
+            if not _reap_if_dead(name):
+                raise AlreadyExistsError(
+                    f"create: segment {self._label()!r} already exists; attach() to it, "
+                    f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
 
     def attach(self, mode: AccessMode = AccessMode.ReadWrite) -> Segment:
         """Attach to an existing segment; raises NotFoundError if there is none."""

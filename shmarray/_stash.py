@@ -39,7 +39,7 @@ import time
 from typing import NamedTuple
 
 from . import _reuse
-from ._attachment import CONTROL, parse_control
+from ._attachment import CONTROL, _retire, parse_control
 from ._errors import ShmError
 from ._os import backend
 
@@ -169,10 +169,7 @@ def _dead_segment(fd: int, kept: Kept) -> bool:
     if not cb.dead:
         # Nobody is attached (we hold the byte exclusively): every attacher died.
         # Retire it as an attacher would, so its public name goes too.
-        from ._attachment import _mark_dead
-
-        _mark_dead(fd)
-        backend.unlink_if_same(kept.public, fd)
+        _retire(fd, kept.public)
     return backend.name_identity(kept.public) != (kept.dev, kept.ino)
 
 
@@ -322,6 +319,7 @@ def maybe_reap() -> None:
 def kept_entries() -> list[tuple[str, int, int, bool, int]]:
     """Every kept file in the directory: (name, owner pid, size, owner alive, links)."""
     out = []
+    owners_alive: dict[str, bool] = {}
     for n in sorted(backend.list_names()):
         if not n.startswith(KEEP_PREFIX) or "." not in n[len(KEEP_PREFIX):]:
             continue
@@ -338,19 +336,24 @@ def kept_entries() -> list[tuple[str, int, int, bool, int]]:
         finally:
             backend.close(fd)
         base = _owner_of(n)
-        alive = _owner is not None and _owner.pid == backend.getpid() and base == _owner.base
-        if not alive:
-            try:
-                ofd = backend.open_existing(base, True)
-            except OSError:
-                ofd = None
-            if ofd is not None:
-                try:
-                    alive = backend.others_attached(ofd)
-                finally:
-                    backend.close(ofd)
-        out.append((n, pid, size, alive, nlink))
+        if base not in owners_alive:
+            owners_alive[base] = _owner_alive(base)
+        out.append((n, pid, size, owners_alive[base], nlink))
     return out
+
+
+def _owner_alive(base: str) -> bool:
+    """True while the process that owns the kept files under *base* holds its owner file's lock."""
+    if _owner is not None and _owner.pid == backend.getpid() and base == _owner.base:
+        return True
+    try:
+        fd = backend.open_existing(base, True)
+    except OSError:
+        return False
+    try:
+        return backend.others_attached(fd)
+    finally:
+        backend.close(fd)
 
 
 def release_all() -> None:

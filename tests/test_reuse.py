@@ -185,8 +185,21 @@ def test_kept_memory_is_hidden_from_ls_and_shown_by_ls_all(make_key):
     assert rows and rows[0]["size"] >= 2 * MiB
 
 
-def test_kept_names_cannot_collide_with_keys():
-    assert not native_key_for(_stash.KEEP_PREFIX + "1-abc.1").startswith(".")
+def test_a_key_spelled_like_a_kept_name_does_not_touch_kept_memory(make_key):
+    k = make_key()
+    a = shmarray.share(k, np.ones(1 << 18))
+    del a
+    kept = [n for n in _kept_of(os.getpid()) if "." in n[len(_stash.KEEP_PREFIX):]]
+    assert kept
+    inos = {n: os.stat(os.path.join(SHM, n)).st_ino for n in kept}
+    for name in kept:
+        with pytest.raises(shmarray.NotFoundError):
+            shmarray.attach(name)  # a key, not a kept file
+        b = shmarray.create(name, 8)  # its own segment, under its own native name
+        assert b.segment.native_key != name and (np.asarray(b) == 0).all()
+        b.close()
+        del b
+    assert {n: os.stat(os.path.join(SHM, n)).st_ino for n in kept} == inos
 
 
 # -- the budget ------------------------------------------------------------------------

@@ -26,7 +26,6 @@ Ray is large) and skipped with a note otherwise.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ import numpy as np
 
 from .._harness import MP, Context, GroupResult, Row, have, interleave, mem_available
 from . import _peers as P
-from .pool import _unlink
+from .pool import _noop, _unlink
 
 NAME = "handoff"
 TITLE = "Hand-off: a new array each time to a warm worker that sums it"
@@ -61,21 +60,6 @@ def table_sum(key: str) -> tuple[int, float]:
 
     t = shmarray.attach_table(key)
     return t.num_rows, float(pc.sum(t.column("px")).as_py())
-
-
-def _warm(_: int) -> int:
-    import pyarrow  # noqa: F401 - warm the worker's imports
-
-    import shmarray  # noqa: F401
-
-    return os.getpid()
-
-
-def _set_budget(value: int | None) -> int:
-    from shmarray import _reuse
-
-    _reuse.set_budget(value)
-    return os.getpid()
 
 
 def _table(rows: int) -> Any:
@@ -115,7 +99,7 @@ def run(ctx: Context) -> GroupResult:
     t_methods: dict[str, Callable[[], float]] = {}
     roles = {REUSE: "shmarray", NOREUSE: "shmarray", FLOOR: "floor", T_REUSE: "shmarray"}
     try:
-        pool.map(_warm, range(2))
+        pool.map(_noop, range(2))
 
         def check(got: float, label: str) -> None:
             if not P.close_enough(got, want):
@@ -164,13 +148,9 @@ def run(ctx: Context) -> GroupResult:
             ray.get(ray_sum.remote(ray.put(src[:1000])))
 
             def by_ray() -> float:
-                t0 = time.perf_counter()
-                ref = ray.put(src)
-                got = ray.get(ray_sum.remote(ref))
-                t1 = time.perf_counter()
-                del ref
+                got, took = _one_ray(ray, src, ray_sum)
                 check(got, RAY)
-                return t1 - t0
+                return took
 
             methods[RAY] = by_ray
         else:
@@ -227,13 +207,9 @@ def run(ctx: Context) -> GroupResult:
             r_tsum = ray_mod.remote(ray_table_sum)
 
             def t_ray() -> float:
-                t0 = time.perf_counter()
-                ref = ray_mod.put(table)
-                got = ray_mod.get(r_tsum.remote(ref))
-                t1 = time.perf_counter()
-                del ref
+                got, took = _one_ray(ray_mod, table, r_tsum)
                 t_check(got, T_RAY)
-                return t1 - t0
+                return took
 
             t_methods[T_RAY] = t_ray
         ctx.log(f"  {t_variant}: {len(t_methods)} methods x {reps}")
@@ -279,6 +255,16 @@ def run(ctx: Context) -> GroupResult:
     return res
 
 
+def _one_ray(ray: Any, obj: Any, remote: Any) -> tuple[Any, float]:
+    """ray.put(obj) and a task on it: (answer, seconds)."""
+    t0 = time.perf_counter()
+    ref = ray.put(obj)
+    got = ray.get(remote.remote(ref))
+    t1 = time.perf_counter()
+    del ref
+    return got, t1 - t0
+
+
 def _one_handoff(ctx: Context, pool: Any, make: Callable[[str], Any], task: Callable[..., Any],
                  by_object: bool) -> tuple[Any, float]:
     """Share under a new key, run *task* on it (given the object, or its key), drop it: (answer, seconds)."""
@@ -293,7 +279,7 @@ def _one_handoff(ctx: Context, pool: Any, make: Callable[[str], Any], task: Call
         # Pool's task-handler thread holds the last task's arguments until the
         # next task: flush it (outside the clock) so the array goes now, as it
         # would in a pipeline that drops each array once its answer is back.
-        pool.apply(_warm, (0,))
+        pool.apply(_noop, (0,))
     finally:
         ctx.cleanup.done(h)
     return got, t1 - t0

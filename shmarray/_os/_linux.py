@@ -182,11 +182,8 @@ def identity(fd: int) -> tuple[int, int]:
 
 def name_identity(name: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the object a name refers to now, None if it does not exist."""
-    try:
-        st = os.stat(path_of(name))
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
+    facts = name_facts(name)
+    return None if facts is None else facts[:2]
 
 
 def name_facts(name: str) -> tuple[int, int, int] | None:
@@ -488,28 +485,6 @@ def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
     finally:
         helper.join()
         del dst, src
-
-
-def pwrite_zeros(fd: int, offset: int, length: int) -> None:
-    """Write *length* zero bytes at *offset* through the fd."""
-    step = 4 << 20
-    zeros = memoryview(bytes(min(step, length)))
-    done = 0
-    while done < length:
-        n = min(step, length - done)
-        pwrite_all(fd, zeros[:n], offset + done)
-        done += n
-
-
-def zero_range(mapping: mmap.mmap, offset: int, length: int) -> None:
-    """Zero *length* bytes of *mapping* at *offset*."""
-    step = 16 << 20
-    zeros = bytes(min(step, length))
-    done = 0
-    while done < length:
-        n = min(step, length - done)
-        mapping[offset + done : offset + done + n] = zeros[:n]
-        done += n
 
 
 def token_hex(nbytes: int) -> str:
