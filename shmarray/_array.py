@@ -33,8 +33,12 @@ header, then every field of the descriptor, then that shape x itemsize equals
 the payload length, before it builds the view.
 
 A pickled SharedArray is a reference: ``(key, offset of its first element
-from user byte 0, shape, strides, dtype, readonly)``. Unpickling attaches the
-segment and checks that the view lies inside the segment's data.
+from user byte 0, shape, strides, dtype, readonly, host, incarnation)``: it
+names the segment instance (``Segment._of_instance``), so a reference to a
+segment that was replaced never reads its successor, and one that reached
+another host says so. Unpickling in a process that holds the segment opens
+and maps nothing; elsewhere it attaches once for the process. Either way it
+checks that the view lies inside the segment's data.
 """
 
 from __future__ import annotations
@@ -216,7 +220,9 @@ class SharedArray(np.ndarray):
         if seg is None or seg.key is None:
             return np.asarray(self).__reduce_ex__(protocol)
         offset = _address(self) - _address(self._shm_map)
-        return _rebuild, (seg.key, offset, self.shape, self.strides, self.dtype, not self.flags.writeable)
+        host, incarnation = seg._reference()
+        return _rebuild, (seg.key, offset, self.shape, self.strides, self.dtype, not self.flags.writeable,
+                          host, incarnation)
 
     def __reduce__(self) -> Any:
         return self.__reduce_ex__(2)
@@ -310,18 +316,29 @@ def attach(key: str, *, readonly: bool = False) -> SharedArray:
         raise
 
 
-def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
-             dtype: np.dtype[Any], readonly: bool) -> SharedArray:
-    """Unpickle a SharedArray: attach *key* and rebuild the view, checked against the segment."""
-    seg = _attach_segment(key, readonly)
-    try:
+def _payload(seg: Segment, key: str) -> tuple[int, int]:
+    """(offset, length) of the array data in an attached array segment, parsed once per attachment."""
+    cache = seg._cache()
+    got = cache.get("array")
+    if got is None:
         hdr, _ = _array_header(seg, key)
+        got = cache["array"] = (hdr.payload_offset, hdr.payload_length)
+    return got
+
+
+def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
+             dtype: np.dtype[Any], readonly: bool, host: int = 0, incarnation: int = 0) -> SharedArray:
+    """Unpickle a SharedArray: the segment instance the reference names, and the view, checked against it."""
+    seg = Segment._of_instance(key, None, AccessMode.ReadOnly if readonly else AccessMode.ReadWrite,
+                               host, incarnation)
+    try:
+        p_off, p_len = _payload(seg, key)
         lo, hi = _extent(offset, shape, strides, dtype.itemsize)
-        if lo < hdr.payload_offset or hi > hdr.payload_offset + hdr.payload_length:
+        if lo < p_off or hi > p_off + p_len:
             raise HeaderError(
                 f"segment {key!r}: the pickled view (bytes {lo}..{hi}) does not lie inside the array "
-                f"(bytes {hdr.payload_offset}..{hdr.payload_offset + hdr.payload_length}); the segment "
-                "was replaced since the array was pickled", key)
+                f"(bytes {p_off}..{p_off + p_len}); the segment was replaced since the array was pickled",
+                key)
         return _view(seg, shape, dtype, offset, strides=strides)
     except BaseException:
         seg.detach()

@@ -9,7 +9,7 @@ Control block, little-endian::
 
     offset  size  field
     0       8     magic b"SHMARRAY"
-    8       4     version (1)
+    8       4     version (2; version 1 had no incarnation, its key at 64)
     12      4     flags: bit 0 persistent
     16      8     size: usable bytes, what every attacher's .size reports
     24      8     data offset (the page size of the creating machine)
@@ -19,7 +19,9 @@ Control block, little-endian::
     48      8     creation time (float64, UNIX seconds)
     56      4     key length in bytes (UTF-8; 0 when created by native key)
     60      4     reserved (0)
-    64      ...   the key (cut to fit the page; for listings only)
+    64      8     incarnation: a random nonzero number drawn at creation, so that a
+                  reference names this segment and not whatever holds its key later
+    72      ...   the key (cut to fit the page; for listings only)
 
 Lifetime. Every attachment holds a shared OFD lock on byte 0 of its own open
 file description. The kernel drops it when the attachment's process dies. A
@@ -35,30 +37,47 @@ pread returns the control block, with the dead flag as it is now, and the
 first HEAD_BYTES of the user area (the payload header). Mappings are made
 from a second open file description that carries no lock: a mapping keeps a
 duplicate of its fd, and a forked child's inherited mapping must never keep
-this attachment's locks alive.
+this attachment's locks alive. One mapping covers the control block and the
+data (read-only for ReadOnly, where the lock mark is written through the fd).
+
+One attachment per process. A process attaches a segment once per access
+mode: every Segment object, SharedArray, table and unpickled reference of
+it in this process uses that attachment (two descriptors, one mapping) and
+counts as one of its users; the last user to go detaches. The registry
+below finds an attachment by name (checked against the name's inode, so a
+replaced segment is attached afresh) and by incarnation (what references
+name).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+import threading
 import time
 import weakref
 from typing import Any
 
 from ._errors import AccessMode, InvalidSizeError, ShmError, UnknownShmError
 from . import _reuse
-from ._lock import SegmentLock
+from ._lock import LockGate
 from ._os import backend
 
-__all__ = ["MAGIC", "CONTROL", "PAGE_SIZE", "HEAD_BYTES", "ControlBlock", "parse_control"]
+__all__ = ["MAGIC", "CONTROL", "PAGE_SIZE", "HEAD_BYTES", "ControlBlock", "parse_control", "register",
+           "share_named", "share_instance", "held_instance", "release_user", "new_incarnation"]
 
 MAGIC = b"SHMARRAY"
-VERSION = 1
+VERSION = 2
+# Segments an earlier shmarray made (no incarnation) are still read.
+_READABLE = (1, 2)
 FLAG_PERSISTENT = 1
-CONTROL = struct.Struct("<8sIIQQQIIdII")  # fields up to the key; 64 bytes
+CONTROL = struct.Struct("<8sIIQQQIIdII")  # fields up to the incarnation; 64 bytes
+_INCARNATION = struct.Struct("<Q")
+_INCARNATION_OFFSET = 64
 _DEAD_OFFSET = 40
-_KEY_OFFSET = 64
+_KEY_OFFSET = 72
+_KEY_OFFSET_V1 = 64
+_MARK_OFFSET = 32
 PAGE_SIZE = backend.PAGE_SIZE
 # How much of the user area attach() reads with the control block: a payload
 # header and a typical descriptor (an .npy header is 128 bytes), no more.
@@ -68,14 +87,22 @@ HEAD_BYTES = 448
 class ControlBlock:
     """The parsed control block of a shmarray segment."""
 
-    __slots__ = ("version", "flags", "size", "data_offset", "mark", "dead", "creator", "created", "key")
+    __slots__ = ("version", "flags", "size", "data_offset", "mark", "dead", "creator", "created", "key",
+                 "incarnation")
 
     def __init__(self, raw: bytes) -> None:
         (magic, self.version, self.flags, self.size, self.data_offset, self.mark, self.dead,
          self.creator, self.created, keylen, _) = CONTROL.unpack_from(raw, 0)
-        keylen = min(keylen, max(0, len(raw) - _KEY_OFFSET))
+        key_at = _KEY_OFFSET_V1
+        # 0: not known (a version-1 segment, or the control block was read short).
+        self.incarnation = 0
+        if self.version >= 2:
+            key_at = _KEY_OFFSET
+            if len(raw) >= _KEY_OFFSET:
+                self.incarnation = _INCARNATION.unpack_from(raw, _INCARNATION_OFFSET)[0]
+        keylen = min(keylen, max(0, len(raw) - key_at))
         self.key: str | None = (
-            raw[_KEY_OFFSET : _KEY_OFFSET + keylen].decode("utf-8", "replace") if keylen else None
+            raw[key_at : key_at + keylen].decode("utf-8", "replace") if keylen else None
         )
 
     @property
@@ -93,9 +120,10 @@ def parse_control(raw: bytes, object_size: int) -> ControlBlock | None:
     if len(raw) < CONTROL.size or raw[:8] != MAGIC:
         return None
     cb = ControlBlock(raw)
-    if cb.version != VERSION:
+    if cb.version not in _READABLE:
         raise UnknownShmError(
-            f"segment control block has version {cb.version}; this shmarray reads version {VERSION}"
+            f"segment control block has version {cb.version}; this shmarray reads versions "
+            f"{', '.join(map(str, _READABLE))}: it was made by a newer shmarray, so attach it with that one"
         )
     if cb.data_offset < CONTROL.size or cb.data_offset % 64 or cb.data_offset + cb.size > object_size:
         raise UnknownShmError(
@@ -105,13 +133,18 @@ def parse_control(raw: bytes, object_size: int) -> ControlBlock | None:
     return cb
 
 
-def _control_bytes(size: int, persistent: bool, key: str | None) -> bytes:
+def _control_bytes(size: int, persistent: bool, key: str | None, incarnation: int) -> bytes:
     raw_key = b"" if key is None else key.encode("utf-8", "surrogatepass")[: PAGE_SIZE - _KEY_OFFSET]
     head = CONTROL.pack(
         MAGIC, VERSION, FLAG_PERSISTENT if persistent else 0, size, PAGE_SIZE, 0, 0,
         backend.getpid() & 0xFFFFFFFF, time.time(), len(raw_key), 0,
     )
-    return head + raw_key
+    return head + _INCARNATION.pack(incarnation) + raw_key
+
+
+def new_incarnation() -> int:
+    """A random nonzero 64-bit number for a new segment's control block."""
+    return int(backend.token_hex(8), 16) or 1
 
 
 def _human(n: int) -> str:
@@ -126,13 +159,14 @@ def _human(n: int) -> str:
 class _Attachment:
     """The OS resources of one attachment; closing it is the detach.
 
-    It holds no reference to its Segment, so a weakref finalizer can close it
-    when the Segment is collected or the interpreter exits.
+    Shared by every user of the segment in this process (``users`` counts
+    them; see the registry below). It holds no reference to any Segment, so
+    it can be closed when the last user goes or the interpreter exits.
     """
 
     __slots__ = ("name", "fd", "writable_fd", "ctl", "marks", "data_map", "data_offset", "head",
-                 "size", "mode", "foreign", "persistent", "pid", "lock", "closed", "pinned", "region",
-                 "ident", "root_ref", "__weakref__")
+                 "size", "mode", "foreign", "persistent", "pid", "gate", "closed", "pinned", "region",
+                 "ident", "root_ref", "incarnation", "users", "finalizer", "cache", "__weakref__")
 
     def __init__(self, name: str, fd: int, writable_fd: bool, mode: AccessMode, foreign: bool) -> None:
         self.name = name
@@ -150,12 +184,17 @@ class _Attachment:
         self.size = 0
         self.persistent = False
         self.pid = backend.getpid()
-        self.lock: SegmentLock | None = None
+        self.gate: LockGate | None = None
         self.closed = False
         self.pinned: Any = None  # a _cuda.PinnedRegion while pin()ned
-        self.region: _reuse.Region | None = None  # the data mapping (shmarray segments)
+        self.region: _reuse.Region | None = None  # the mapping (shmarray segments)
         self.ident: tuple[int, int] = (0, 0)
         self.root_ref: Any = None  # weak reference to root()'s ndarray
+        self.incarnation = 0
+        self.users = 0
+        self.finalizer: Any = None
+        # What the payload layers derive once per attachment (a parsed header).
+        self.cache: dict[str, Any] = {}
 
     def root(self) -> Any:
         """One uint8 ndarray over the user bytes, the base of every array view of this attachment.
@@ -178,17 +217,26 @@ class _Attachment:
             self.root_ref = weakref.ref(root)
         return root
 
+    def is_dead(self) -> bool:
+        """True once a destroyer has marked the segment dead (read from the mapped control block)."""
+        marks = self.marks
+        return marks is not None and (marks[_DEAD_OFFSET // 8] & 0xFFFFFFFF) != 0
+
+    def _write_mark(self, value: int) -> None:
+        backend.pwrite_all(self.fd, memoryview(_INCARNATION.pack(value)), _MARK_OFFSET)
+
     def map(self, cb: ControlBlock | None, map_fd: int | None = None,
             region: "_reuse.Region | None" = None) -> None:
         """Map the control block and the data through *map_fd* (kept or closed here), a lock-free description.
 
         Mappings duplicate their fd, so they must never be made from the
-        description that carries this attachment's locks. When the control
-        block and the data are both writable (ReadWrite, the common case) one
-        mapping covers both: one mmap instead of two on every attach. The
-        data mapping is a ``_reuse`` region: an idle mapping of the same file
-        is taken when there is one (no page faults), and *region*, when
-        given, is used as it is (a creator that wrote through it).
+        description that carries this attachment's locks. One mapping
+        covers the control block and the data: writable for ReadWrite,
+        read-only for ReadOnly (the lock mark is then written through the
+        lock descriptor, when the user may write the segment). The mapping
+        is a ``_reuse`` region: an idle mapping of the same file is taken
+        when there is one (no page faults), and *region*, when given, is
+        used as it is (a creator that wrote through it).
         """
         if map_fd is None and region is None:
             map_fd = backend.reopen(self.fd, self.writable_fd)
@@ -206,37 +254,33 @@ class _Attachment:
                 self.size = cb.size
                 self.data_offset = cb.data_offset
                 self.persistent = cb.persistent
+                self.incarnation = cb.incarnation
                 dev, ino = self.ident
-                if writable_data:
-                    if region is None:
-                        assert map_fd is not None
-                        fd, map_fd = map_fd, None  # the region keeps it or closes it
-                        region = _reuse.map_region(fd, dev, ino, 0, cb.data_offset + cb.size, True)
-                    self.region = region
-                    self.ctl = region.mm
-                    self.data_map = memoryview(region.mm)[cb.data_offset : cb.data_offset + cb.size]
-                else:
+                if region is not None and not writable_data:
+                    _reuse.release(region)  # a writable one the creator wrote through
+                    region = None
+                if region is None:
                     if map_fd is None:
                         map_fd = backend.reopen(self.fd, self.writable_fd)
-                    self.ctl = backend.map_region(map_fd, 0, cb.data_offset, self.writable_fd)
-                    if region is not None:
-                        _reuse.release(region)  # a writable one the creator wrote through
-                    fd, map_fd = map_fd, None
-                    region = _reuse.map_region(fd, dev, ino, cb.data_offset, cb.size, False)
-                    self.region = region
-                    self.data_map = memoryview(region.mm)[: cb.size]
-                self.marks = memoryview(self.ctl).cast("B")[:CONTROL.size].cast("Q")
+                    fd, map_fd = map_fd, None  # the region keeps it or closes it
+                    region = _reuse.map_region(fd, dev, ino, 0, cb.data_offset + cb.size, writable_data)
+                self.region = region
+                self.ctl = region.mm
+                self.data_map = memoryview(region.mm)[cb.data_offset : cb.data_offset + cb.size]
+                self.marks = memoryview(region.mm)[:CONTROL.size].cast("Q")
         finally:
             if map_fd is not None:
                 backend.close(map_fd)
-        self.lock = SegmentLock(self.fd, self.marks, self.pid) if cb is not None else None
+        if cb is not None:
+            write = self._write_mark if not writable_data and self.writable_fd else None
+            self.gate = LockGate(self.fd, self.marks, self.pid, write)
 
     def close(self) -> None:
         """Release locks, destroy the segment if this was its last attachment, close the fd."""
         if self.closed:
             return
         self.closed = True
-        _LIVE.discard(self)
+        _unregister(self)
         try:
             if self.pinned is not None and self.pid == backend.getpid():
                 # Unregister while the region still holds the mapping: it must
@@ -246,8 +290,9 @@ class _Attachment:
                     pinned.release()
                 except Exception:  # noqa: BLE001 - at exit the CUDA runtime may be gone already
                     pass
-            if self.lock is not None:
-                self.lock.release()
+            gate = self.gate
+            if gate is not None and gate.owner is not None and self.pid == backend.getpid():
+                gate.owner.release()  # clears the holder mark: nobody died holding it
             self._drop_mappings()
             if not self.foreign and self.pid == backend.getpid():
                 may_destroy = self.writable_fd and not self.persistent
@@ -274,20 +319,18 @@ class _Attachment:
             self.marks.release()
             self.marks = None
         region, self.region = self.region, None
-        ctl, self.ctl = self.ctl, None
-        if region is not None and ctl is region.mm:
-            ctl = None
-        if ctl is not None:
-            ctl.close()  # the ReadOnly control page: ours alone
+        self.ctl = None
         if region is None and self.data_map is not None:
             backend.unmap_without_recency(self.data_map)  # a foreign segment's plain mapping
         self.data_map = None
+        self.cache.clear()
         anchor, self.root_ref = self.root_ref, None
         if region is not None:
             if self.pid == backend.getpid():
                 _reuse.release(region, anchor)
             else:  # pragma: no cover - a forked child that never re-marked it
-                backend.close(region.fd)
+                if not region.fd_in_mm:
+                    backend.close(region.fd)
 
     def after_fork(self) -> None:
         """In a forked child: become an attachment of our own (new description, new locks)."""
@@ -312,14 +355,95 @@ class _Attachment:
         if self.pinned is not None:
             self.pinned.forget()  # the CUDA registration is the parent's
             self.pinned = None
-        if self.lock is not None:
-            self.lock.forget(self.fd, pid)
+        if self.gate is not None:
+            self.gate.after_fork(self.fd, pid)
 
 
-_LIVE: "weakref.WeakSet[_Attachment]" = weakref.WeakSet()
+# -- one attachment per process ------------------------------------------------------------------
+#
+# Reentrant: a user's finalizer (a Segment collected) can run inside any
+# allocation, also while this thread holds the registry.
+_REG = threading.RLock()
+_BY_NAME: "dict[tuple[str, AccessMode], _Attachment]" = {}
+_BY_INCARNATION: "dict[tuple[int, AccessMode], _Attachment]" = {}
+_OPEN: "set[_Attachment]" = set()
+
+
+def register(att: _Attachment) -> None:
+    """Make a new attachment (one user: the caller) findable, and closed at exit."""
+    with _REG:
+        att.users = 1
+        _OPEN.add(att)
+        _BY_NAME[(att.name, att.mode)] = att
+        if att.incarnation:
+            _BY_INCARNATION[(att.incarnation, att.mode)] = att
+    # Holding att itself, it never fires on collection: only when the last
+    # user calls it, or at interpreter exit.
+    att.finalizer = weakref.finalize(att, _Attachment.close, att)
+
+
+def _unregister(att: _Attachment) -> None:
+    with _REG:
+        _OPEN.discard(att)
+        key = (att.name, att.mode)
+        if _BY_NAME.get(key) is att:
+            del _BY_NAME[key]
+        key2 = (att.incarnation, att.mode)
+        if _BY_INCARNATION.get(key2) is att:
+            del _BY_INCARNATION[key2]
+
+
+def _take(att: _Attachment | None) -> _Attachment | None:
+    if att is None or att.closed or att.pid != backend.getpid():
+        return None
+    att.users += 1
+    if att.closed:  # its last user went (a finalizer) between the lookup and the count
+        att.users -= 1
+        return None
+    return att
+
+
+def share_named(name: str, mode: AccessMode, dev: int, ino: int) -> _Attachment | None:
+    """This process's attachment of the segment the name *name* has now (device *dev*, inode *ino*), as one more user."""
+    with _REG:
+        att = _BY_NAME.get((name, mode))
+        if att is None or att.ident != (dev, ino) or att.is_dead():
+            return None
+        return _take(att)
+
+
+def share_instance(incarnation: int, mode: AccessMode) -> _Attachment | None:
+    """This process's attachment of the segment instance *incarnation*, as one more user; None when it has none."""
+    with _REG:
+        return _take(_BY_INCARNATION.get((incarnation, mode)))
+
+
+def held_instance(incarnation: int) -> _Attachment | None:
+    """Any open attachment of instance *incarnation* in this process (whatever its mode), not counted."""
+    with _REG:
+        for mode in (AccessMode.ReadWrite, AccessMode.ReadOnly):
+            att = _BY_INCARNATION.get((incarnation, mode))
+            if att is not None and not att.closed and att.pid == backend.getpid():
+                return att
+    return None
+
+
+def release_user(att: _Attachment) -> None:
+    """One user of *att* is done; the last one detaches."""
+    with _REG:
+        att.users -= 1
+        if att.users > 0 or att.closed:
+            return
+        _unregister(att)  # nobody finds it any more
+    if att.finalizer is not None:
+        att.finalizer()
+    else:  # pragma: no cover - never registered
+        att.close()
+
+
 # A process's first weakref.finalize registers the atexit hook (~45 us here):
 # pay that at import rather than in the first attach().
-weakref.finalize(_LIVE, int).detach()
+weakref.finalize(_OPEN, int).detach()
 
 
 # Between fork() and the child's own locks (its after-fork hook) the parent
@@ -332,7 +456,7 @@ _FORK_GUARDS: list[int] = []
 
 def _before_fork() -> None:
     pid = backend.getpid()
-    for att in list(_LIVE):
+    for att in list(_OPEN):
         if att.closed or att.foreign or att.pid != pid:
             continue
         try:
@@ -353,10 +477,12 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _REG
+    _REG = threading.RLock()  # another thread may have held it at the fork
     guards = list(_FORK_GUARDS)
     _FORK_GUARDS.clear()
     _reuse.after_fork_in_child()
-    for att in list(_LIVE):
+    for att in list(_OPEN):
         att.after_fork()
     for guard in guards:
         backend.close(guard)

@@ -1,21 +1,27 @@
 """The segment lock: exclusive and shared, timeouts, survives a holder's death.
 
-The lock is ``flock(2)`` on the attachment's own open file description, so
-it is per attachment (per ``Segment`` object, as in Qt: two objects in one
-process exclude each other) and the kernel releases it when its holder dies.
-A holder mark in the segment's control block (the holder's pid, written after
-acquiring exclusively and cleared before releasing) tells the next acquirer
-that the previous exclusive holder died while holding it.
+Between processes the lock is ``flock(2)`` on the process's one open file
+description of the segment (its attachment), so the kernel releases it when
+its holder dies. Within a process every ``Segment`` object is a lock of its
+own, as in Qt (two objects exclude each other, views share their root's):
+the objects that share one attachment meet at its ``LockGate`` first, a
+mutex that the exclusive holder keeps and that readers pass through, and
+only the first reader in takes (and the last one out drops) the shared
+``flock``. A holder mark in the segment's control block (the holder's pid,
+written after acquiring exclusively and cleared before releasing) tells the
+next acquirer that the previous exclusive holder died while holding it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Callable
 
 from ._errors import LockError
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["SegmentLock", "poll_until", "MARK_WORD"]
+__all__ = ["LockGate", "SegmentLock", "poll_until", "MARK_WORD"]
 
 MARK_WORD = 4  # byte 32 of the control block, as a 'Q' index
 _MARK = MARK_WORD
@@ -49,22 +55,72 @@ def poll_until(attempt: "object", timeout: float | None) -> bool:
         delay = min(delay * 2, 5e-3)
 
 
-class SegmentLock:
-    """The data lock of one attachment.
+class LockGate:
+    """The in-process side of one attachment's lock, shared by every Segment object using it.
 
     *fd* is the attachment's lock descriptor; *marks* is a ``'Q'`` view of
-    the control block (None for a foreign segment, read-only when this
-    attachment may not write it) whose word MARK_WORD holds the exclusive
-    holder's pid.
+    the control block (None for a foreign segment) whose word MARK_WORD
+    holds the exclusive holder's pid; *write_mark*, for a control block
+    mapped read-only, writes that word through the descriptor instead.
     """
 
-    __slots__ = ("_fd", "_marks", "_peek", "_pid", "_held", "recovered")
+    __slots__ = ("fd", "marks", "peek", "write_mark", "pid", "mutex", "readers", "cond", "owner", "sharers")
 
-    def __init__(self, fd: int, marks: memoryview | None, pid: int) -> None:
-        self._fd = fd
-        self._marks = marks if marks is not None and not marks.readonly else None
-        self._peek = marks
-        self._pid = pid
+    def __init__(self, fd: int, marks: memoryview | None, pid: int,
+                 write_mark: "Callable[[int], None] | None" = None) -> None:
+        self.fd = fd
+        self.marks = marks if marks is not None and not marks.readonly else None
+        self.peek = marks
+        self.write_mark = write_mark if self.marks is None and marks is not None else None
+        self.pid = pid
+        self._fresh()
+
+    def _fresh(self) -> None:
+        # The exclusive holder keeps the mutex for as long as it holds the lock;
+        # readers take it only to get in, so a waiting writer is not starved.
+        self.mutex = threading.Lock()
+        self.cond = threading.Condition(threading.Lock())
+        self.readers = 0
+        self.owner: SegmentLock | None = None
+        self.sharers: set[SegmentLock] = set()
+
+    def set_mark(self, value: int) -> None:
+        if self.marks is not None:
+            self.marks[_MARK] = value
+        elif self.write_mark is not None:
+            self.write_mark(value)
+
+    def mark(self) -> int:
+        peek = self.peek
+        return peek[_MARK] if peek is not None else 0
+
+    def after_fork(self, fd: int, pid: int) -> None:
+        """In a forked child: the child's own descriptor, and nobody here holds the lock."""
+        if self.owner is not None:
+            self.owner._held = 0
+        for s in self.sharers:
+            s._held = 0
+        self.fd = fd
+        self.pid = pid
+        self._fresh()
+
+
+def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float | None) -> bool:
+    if timeout is None:
+        return mutex.acquire()
+    if timeout <= 0:
+        return mutex.acquire(False)
+    assert deadline is not None
+    return mutex.acquire(True, max(0.0, deadline - time.monotonic()))
+
+
+class SegmentLock:
+    """The lock of one Segment object (and the views built on it), through its attachment's gate."""
+
+    __slots__ = ("_gate", "_held", "recovered", "__weakref__")
+
+    def __init__(self, gate: LockGate) -> None:
+        self._gate = gate
         self._held = 0  # 0 free, 1 shared, 2 exclusive
         self.recovered = False
 
@@ -81,60 +137,87 @@ class SegmentLock:
             raise LockError(
                 "this object holds the shared lock; unlock() it before asking for the exclusive lock"
             )
-        if timeout is None:
-            # Blocking flock: EINTR runs signal handlers, so Ctrl-C interrupts it.
-            flock(self._fd, LOCK_SH if shared else LOCK_EX)
-        elif not self._try(timeout, shared):
+        g = self._gate
+        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
+        if not _wait_mutex(g.mutex, deadline, timeout):
             return False
-        marks = self._marks
         if shared:
+            try:
+                with g.cond:
+                    if g.readers == 0 and not self._take(g, LOCK_SH, deadline, timeout):
+                        return False
+                    g.readers += 1
+                    g.sharers.add(self)
+            finally:
+                g.mutex.release()
             self._held = 1
-            if marks is not None:
-                if marks[_MARK]:
-                    # No live exclusive holder can coexist with our shared
-                    # lock: the mark is a dead holder's. Report it once.
-                    marks[_MARK] = 0
-                    self.recovered = True
-                else:
-                    self.recovered = False
-            elif self._peek is not None:
-                self.recovered = self._peek[_MARK] != 0
-        else:
-            self._held = 2
-            if marks is not None:
-                self.recovered = marks[_MARK] != 0
-                marks[_MARK] = self._pid
-            elif self._peek is not None:
-                self.recovered = self._peek[_MARK] != 0
+            mark = g.mark()
+            if mark:
+                # No live exclusive holder can coexist with our shared
+                # lock: the mark is a dead holder's. Report it (once, where
+                # this attachment may clear it).
+                g.set_mark(0)
+            self.recovered = mark != 0
+            return True
+        try:
+            with g.cond:
+                while g.readers:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if timeout is not None and (left is None or left <= 0):
+                        return self._give_back(g)
+                    g.cond.wait(left)
+            if not self._take(g, LOCK_EX, deadline, timeout):
+                return self._give_back(g)
+        except BaseException:
+            g.mutex.release()
+            raise
+        self._held = 2
+        g.owner = self
+        self.recovered = g.mark() != 0
+        g.set_mark(g.pid)
         return True
 
-    def _try(self, timeout: float, shared: bool) -> bool:
-        fd = self._fd
-        op = _SH_NB if shared else _EX_NB
+    @staticmethod
+    def _give_back(g: LockGate) -> bool:
+        g.mutex.release()
+        return False
+
+    @staticmethod
+    def _take(g: LockGate, op: int, deadline: float | None, timeout: float | None) -> bool:
+        fd = g.fd
+        if timeout is None:
+            # Blocking flock: EINTR runs signal handlers, so Ctrl-C interrupts it.
+            flock(fd, op)
+            return True
+        nb = op | LOCK_NB
 
         def attempt() -> bool:
             try:
-                flock(fd, op)
+                flock(fd, nb)
             except BlockingIOError:
                 return False
             return True
 
-        return poll_until(attempt, timeout)
+        left = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        return poll_until(attempt, left)
 
     def release(self) -> bool:
-        """Release the lock; False when this attachment did not hold it."""
+        """Release the lock; False when this object did not hold it."""
         held = self._held
         if not held:
             return False
-        if held == 2 and self._marks is not None:
-            self._marks[_MARK] = 0
+        g = self._gate
         self._held = 0
-        flock(self._fd, LOCK_UN)
+        if held == 2:
+            g.set_mark(0)
+            g.owner = None
+            flock(g.fd, LOCK_UN)
+            g.mutex.release()
+            return True
+        with g.cond:
+            g.sharers.discard(self)
+            g.readers -= 1
+            if g.readers == 0:
+                flock(g.fd, LOCK_UN)
+                g.cond.notify_all()
         return True
-
-    def forget(self, fd: int, pid: int) -> None:
-        """After fork: use the child's own descriptor; the parent keeps its lock."""
-        self._fd = fd
-        self._pid = pid
-        self._held = 0
-        self.recovered = False

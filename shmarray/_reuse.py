@@ -95,12 +95,17 @@ def set_budget(value: int | None) -> None:
 class Region:
     """One mapping of a segment file and the description that marks it mapped."""
 
-    __slots__ = ("mm", "fd", "dev", "ino", "offset", "length", "writable", "warm", "own", "waiter")
+    __slots__ = ("mm", "fd", "fd_in_mm", "dev", "ino", "offset", "length", "writable", "warm", "own",
+                 "waiter")
 
     def __init__(self, mm: Any, fd: int, dev: int, ino: int, offset: int, length: int,
-                 writable: bool, warm: bool) -> None:
+                 writable: bool, warm: bool, fd_in_mm: bool = False) -> None:
         self.mm = mm
         self.fd = fd
+        # True when *fd* is the mapping's own duplicate (one descriptor per
+        # mapping, see backend.map_marked): it goes when the mapping does and
+        # is never closed here.
+        self.fd_in_mm = fd_in_mm
         self.dev = dev
         self.ino = ino
         self.offset = offset
@@ -123,8 +128,11 @@ _busy: list[Region] = []
 
 def _discard(r: Region) -> None:
     backend.unmap_without_recency(r.mm)
-    backend.close_mapping(r.mm)
-    backend.close(r.fd)
+    closed = backend.close_mapping(r.mm)
+    if not r.fd_in_mm:
+        backend.close(r.fd)
+    elif not closed:  # pragma: no cover - idle mappings export no buffer
+        backend.drop_mapped(r.fd)
 
 
 def find_idle(dev: int, ino: int, offset: int, length: int, writable: bool) -> Region | None:
@@ -161,12 +169,11 @@ def map_region(map_fd: int, dev: int, ino: int, offset: int, length: int, writab
             backend.close(map_fd)
             return r
     try:
-        backend.hold_mapped(map_fd)
-        mm = backend.map_region(map_fd, offset, length, writable)
+        mm, fd, in_mm = backend.map_marked(map_fd, offset, length, writable)
     except BaseException:
         backend.close(map_fd)
         raise
-    return Region(mm, map_fd, dev, ino, offset, length, writable, False)
+    return Region(mm, fd, dev, ino, offset, length, writable, False, in_mm)
 
 
 def release(r: Region, anchor: "weakref.ref[Any] | None" = None) -> None:
@@ -218,7 +225,8 @@ def _give_up(r: Region) -> None:
         _busy.append(r)
         return
     backend.unmap_without_recency(r.mm)
-    backend.close(r.fd)  # the mapping's own duplicate keeps the description and its mark
+    if not r.fd_in_mm:
+        backend.close(r.fd)  # the mapping's own duplicate keeps the description and its mark
     r.mm = None
 
 
@@ -270,7 +278,8 @@ def after_fork_in_child() -> None:
     while _idle:
         r = _idle.pop()
         backend.close_mapping(r.mm)
-        backend.close(r.fd)
+        if not r.fd_in_mm:
+            backend.close(r.fd)
     _busy.clear()  # the parent's: their marks are the parent's to drop
 
 
@@ -287,4 +296,7 @@ def region_after_fork(r: Region) -> None:
     except OSError:  # pragma: no cover - keep the parent's description (and its mark) then
         r.fd = old
         return
-    backend.close(old)
+    if not r.fd_in_mm:
+        backend.close(old)
+    r.fd_in_mm = False  # the new description is ours to close
+    r.own = False  # and the mapping does not hold it: its mark goes when we say so

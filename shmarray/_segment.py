@@ -17,7 +17,6 @@ from typing import Any, Callable, SupportsIndex
 
 from . import _reuse, _stash
 from ._attachment import (
-    _LIVE,
     HEAD_BYTES,
     PAGE_SIZE,
     ControlBlock,
@@ -27,7 +26,13 @@ from ._attachment import (
     _mark_dead,
     _reap_if_dead,
     _retire,
+    held_instance,
+    new_incarnation,
     parse_control,
+    register,
+    release_user,
+    share_instance,
+    share_named,
 )
 from ._errors import (
     AccessMode,
@@ -100,6 +105,9 @@ def _translate(e: OSError, what: str, key: str | None) -> ShmError:
         return AlreadyExistsError(f"{what}: segment {key!r} already exists", key)
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDeniedError(f"{what}: permission denied for segment {key!r} ({e.strerror})", key)
+    hint = backend.limits_hint(code) if code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) else ""
+    if hint:
+        return OutOfResourcesError(f"{what}: out of resources for segment {key!r}: {hint}", key)
     if code in (errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.EOVERFLOW):
         return OutOfResourcesError(
             f"{what}: out of resources for segment {key!r} ({e.strerror}); "
@@ -123,7 +131,8 @@ class Segment:
     _native: str | None = None
     _att: _Attachment | None = None
     _finalizer: Any = None
-    _lk: SegmentLock | None = None  # the attachment's lock, for the hot path
+    _lk: SegmentLock | None = None  # this object's lock (through its attachment's gate), for the hot path
+    _own_fd: "list[int] | None" = None  # a description of this object's own, for byte-range locks
     _locked_default: "_Locked | None" = None
     _error: SharedMemoryError = SharedMemoryError.NoError
     _error_string: str = ""
@@ -253,6 +262,7 @@ class Segment:
             for attempt in (1, 2):
                 try:
                     self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
+                    register(self._att)
                     break
                 except ShmError as e:
                     raise self._fail(e) from None
@@ -292,7 +302,8 @@ class Segment:
                 backend.reserve(fd, total)
             else:
                 backend.truncate(fd, total)
-            backend.pwrite_all(fd, memoryview(_control_bytes(size, persistent, self._key)), 0)
+            control = _control_bytes(size, persistent, self._key, new_incarnation())
+            backend.pwrite_all(fd, memoryview(control), 0)
             if fill is not None:
                 fill(_user_writer(size, lambda data, at: backend.pwrite_all(fd, data, at)))
             if not persistent:
@@ -301,8 +312,7 @@ class Segment:
             published = True
             att = _Attachment(name, fd, True, mode, foreign=False)
             att.ident = backend.identity(fd)
-            cb = ControlBlock(_control_bytes(size, persistent, self._key))
-            att.map(cb)
+            att.map(ControlBlock(control))
             return att
         except BaseException:
             if published:
@@ -328,7 +338,7 @@ class Segment:
         written: list[tuple[int, int]] = []
         published = False
         try:
-            control = _control_bytes(size, False, self._key)
+            control = _control_bytes(size, False, self._key, new_incarnation())
             raw_write: Callable[[memoryview, int], None]
             if region is not None:
                 warm = region
@@ -405,6 +415,19 @@ class Segment:
             return self
 
     def _open(self, name: str, mode: AccessMode) -> _Attachment:
+        """This process's attachment of the segment *name* has now: the one it holds, else a new one."""
+        now = backend.name_facts(name)
+        if now is not None:
+            att = share_named(name, mode, now[0], now[1])
+            if att is not None:
+                if not att.foreign or self._key is None:
+                    return att
+                release_user(att)  # a key names no foreign object: the full attach says so
+        att = self._open_new(name, mode)
+        register(att)
+        return att
+
+    def _open_new(self, name: str, mode: AccessMode) -> _Attachment:
         label = self._label()
         pid = backend.getpid()
         for _ in range(16):
@@ -462,11 +485,14 @@ class Segment:
         raise NotFoundError(f"attach: segment {label!r} kept disappearing; try again", self._key)
 
     def _arm(self) -> None:
+        """Become one user of ``self._att`` (registered already), with a lock of this object's own."""
         att = self._att
         assert att is not None
-        _LIVE.add(att)
-        self._lk = att.lock
-        self._finalizer = weakref.finalize(self, _Attachment.close, att)
+        self._lk = SegmentLock(att.gate) if att.gate is not None else None
+        own = self._own_fd = []
+        fin = self._finalizer = weakref.finalize(self, _drop_user, att, self._lk, own)
+        # At exit the attachment's own finalizer detaches; users need not be told.
+        fin.atexit = False
 
     def detach(self) -> bool:
         """Detach; destroys the segment if this was its last attachment (unless persistent).
@@ -588,11 +614,26 @@ class Segment:
         return att is not None and att.pinned is not None
 
     def _lock_fd(self) -> int:
-        """The attachment's lock descriptor (for byte-range locks of the payload layers)."""
-        att = self._att
-        if att is None:
-            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.fd
+        """A description of this object's own (for byte-range locks of the payload layers).
+
+        OFD locks belong to a description, and the attachment's is shared by
+        every user in this process: a ring's slot locks must tell two rings
+        of one process apart. Opened on first use, closed at detach.
+        """
+        with self._mutex:
+            att = self._att
+            own = self._own_fd
+            if att is None or own is None:
+                raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+            if not own or own[1] != backend.getpid():
+                if own:  # inherited through fork: the parent's description
+                    backend.close(own[0])
+                    own.clear()
+                try:
+                    own.extend((backend.reopen(att.fd, att.writable_fd), backend.getpid()))
+                except OSError as e:
+                    raise self._fail(_translate(e, "attach", self._label())) from e
+            return own[0]
 
     def _head(self) -> bytes:
         """The first bytes of the user area as read at attach (b"" when not read)."""
@@ -605,6 +646,13 @@ class Segment:
         if att is None:
             raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
         return att.root()
+
+    def _cache(self) -> dict[str, Any]:
+        """A dict the payload layers fill once per attachment (it goes with the attachment)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.cache
 
     def _mapping(self) -> Any:
         """The data mmap (for layers above that build views on it)."""
@@ -620,33 +668,41 @@ class Segment:
         if att is None:
             raise self._fail(LockError(
                 f"{what}: segment {self._label()!r} is not attached; create() or attach() first", self._key))
-        if att.lock is None:
+        if self._lk is None:
             raise self._fail(LockError(
                 f"{what}: segment {self._label()!r} is a foreign segment (no shmarray control "
                 "block), so it has no lock; coordinate by other means", self._key))
-        return att.lock
+        return self._lk
 
     def lock(self, timeout: float | None = None, *, shared: bool = False) -> bool:
         """Take the segment lock; True when held, False when *timeout* seconds ran out.
 
         None waits forever (Ctrl-C interrupts), 0 tries once. Locking again
-        through the object that holds the lock returns True at once.
+        through the object that holds the lock returns True at once. Each
+        Segment object is a lock of its own, also against other objects of
+        the same segment in this process (views share their root's).
         """
         lk = self._lk
         if lk is not None and timeout is None and not shared and not lk._held:
             # The common case inlined: a round trip within 1.3x of a bare
             # flock pair is an aim of the project (issue 2); calls cost ~50 ns each.
-            flock(lk._fd, LOCK_EX)
-            marks = lk._marks
-            if marks is not None:
-                lk.recovered = marks[MARK_WORD] != 0
-                marks[MARK_WORD] = lk._pid
-            elif lk._peek is not None:
-                lk.recovered = lk._peek[MARK_WORD] != 0
-            lk._held = 2
-            if self._error:
-                self._ok()
-            return True
+            g = lk._gate
+            marks = g.marks
+            if marks is not None and not g.readers and g.mutex.acquire(False):
+                if not g.readers:
+                    try:
+                        flock(g.fd, LOCK_EX)
+                    except BaseException:
+                        g.mutex.release()
+                        raise
+                    lk.recovered = marks[MARK_WORD] != 0
+                    marks[MARK_WORD] = g.pid
+                    lk._held = 2
+                    g.owner = lk
+                    if self._error:
+                        self._ok()
+                    return True
+                g.mutex.release()
         if lk is None:
             lk = self._the_lock("lock")  # raises the right LockError
         try:
@@ -665,12 +721,15 @@ class Segment:
         if lk is None:
             return False
         if lk._held == 2:  # inlined like lock()
-            marks = lk._marks
+            g = lk._gate
+            marks = g.marks
             if marks is not None:
                 marks[MARK_WORD] = 0
-            lk._held = 0
-            flock(lk._fd, LOCK_UN)
-            return True
+                lk._held = 0
+                g.owner = None
+                flock(g.fd, LOCK_UN)
+                g.mutex.release()
+                return True
         return lk.release()
 
     def locked(self, timeout: float | None = None, *, shared: bool = False) -> "_Locked":
@@ -686,14 +745,14 @@ class Segment:
     @property
     def lock_recovered(self) -> bool:
         """True when the last acquisition found that the previous exclusive holder had died holding it."""
-        att = self._att
-        return bool(att is not None and att.lock is not None and att.lock.recovered)
+        lk = self._lk
+        return bool(self._att is not None and lk is not None and lk.recovered)
 
     @property
     def lock_held(self) -> str | None:
         """'exclusive' or 'shared' while this object holds the lock, else None."""
-        att = self._att
-        return att.lock.held if att is not None and att.lock is not None else None
+        lk = self._lk
+        return lk.held if self._att is not None and lk is not None else None
 
     # -- misc ----------------------------------------------------------------------------
 
@@ -764,17 +823,105 @@ class Segment:
 
         return facts("shmarray.Segment", self._facts())
 
+    def _reference(self) -> tuple[int, int]:
+        """(host, incarnation): what a pickled reference names besides the key (0, 0 when detached)."""
+        att = self._att
+        if att is None:
+            return 0, 0
+        return backend.host_identity(), att.incarnation
+
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickles as a reference: the receiver attaches by name.
-        mode = self._att.mode if self._att is not None else None
-        return _rebuild_segment, (self._key, self._native, mode)
+        # Pickles as a reference to this segment instance: the receiver attaches it.
+        att = self._att
+        mode = att.mode if att is not None else None
+        host, incarnation = self._reference()
+        return _rebuild_segment, (self._key, self._native, mode, host, incarnation)
 
+    @classmethod
+    def _of_instance(cls, key: str | None, native: str | None, mode: AccessMode, host: int,
+                     incarnation: int) -> Segment:
+        """A new Segment object attached to the segment instance a reference names.
 
-def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | None) -> Segment:
-    seg = Segment(key) if key is not None else Segment(native_key=native)
-    if mode is not None:
+        In a process that holds that instance (any Segment, array or view of
+        it) nothing is opened or mapped: the object becomes one more user of
+        the attachment. Otherwise the key is attached and must still name
+        the same instance. Raises ShmError for a reference made on another
+        host (another boot or another /dev/shm), NotFoundError when the
+        instance is gone or the key now names another segment.
+        """
+        label = key if key is not None else native
+        if host and host != backend.host_identity():
+            raise ShmError(
+                f"segment {label!r} lives on another host (or another /dev/shm): its reference was "
+                "made where this process cannot map it; send the data by value there "
+                "(np.asarray(a) pickles the bytes)", key)
+        seg = cls.__new__(cls)
+        seg._mutex = threading.RLock()
+        seg._key = key
+        if incarnation:
+            att = share_instance(incarnation, mode)
+            if att is not None:
+                seg._native = att.name
+                seg._att = att
+                seg._arm()
+                return seg
+        seg._native = native_key_for(key) if key is not None else check_native_key(native or "")
+        if incarnation:
+            held = held_instance(incarnation)
+            if held is not None:  # held in the other mode: a new description of the same file
+                try:
+                    att = seg._open_again(held, mode)
+                except OSError as e:
+                    raise seg._fail(_translate(e, "attach", label)) from e
+                register(att)
+                seg._att = att
+                seg._arm()
+                return seg
         seg.attach(mode)
-    return seg
+        att = seg._att
+        if incarnation and att is not None and att.incarnation != incarnation:
+            seg.detach()
+            raise seg._fail(NotFoundError(
+                f"attach: the segment {label!r} that this reference refers to is gone or was replaced "
+                "(the key now names another segment); the reference cannot be used", key))
+        return seg
+
+    def _open_again(self, held: _Attachment, mode: AccessMode) -> _Attachment:
+        """An attachment in *mode* of the instance *held* is attached to (the name may be elsewhere by now)."""
+        fd = backend.reopen(held.fd, held.writable_fd)
+        try:
+            backend.hold_liveness(fd, backend.getpid())
+            raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
+            cb = parse_control(raw[:PAGE_SIZE], backend.size_of(fd))
+            if cb is None or cb.dead:  # pragma: no cover - we hold it attached
+                raise NotFoundError(f"attach: segment {self._label()!r} is gone", self._key)
+            att = _Attachment(held.name, fd, held.writable_fd, mode, foreign=False)
+            att.ident = held.ident
+            att.head = raw[cb.data_offset :]
+            att.map(cb)
+            return att
+        except BaseException:
+            backend.close(fd)
+            raise
+
+
+def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None:
+    """A Segment object is done (detach() or collected): its lock and its own description go, then its use."""
+    mine = att.pid == backend.getpid()
+    if lk is not None and lk._held and mine:
+        lk.release()
+    if own:
+        backend.close(own[0])
+        own.clear()
+    if mine:
+        release_user(att)
+
+
+def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | None,
+                     host: int = 0, incarnation: int = 0) -> Segment:
+    if mode is None:
+        return Segment(key) if key is not None else Segment(native_key=native)
+    return Segment._of_instance(key, native, mode, host, incarnation)
 
 
 Segment.__module__ = "shmarray"

@@ -339,12 +339,19 @@ def test_long_descriptor_is_read_from_the_mapping(key):
     from shmarray._attachment import HEAD_BYTES
 
     dt = np.dtype([(f"field_{i:03d}", "<f4") for i in range(40)])
-    a = shmarray.share(key, np.arange(3 * 40, dtype="<f4").view(dt))
-    b = shmarray.attach(key)
-    assert len(b.segment._head()) == HEAD_BYTES
-    hdr = parse_header(b.segment._head(), b.segment.size)
-    assert hdr.descriptor_offset + hdr.descriptor_length > HEAD_BYTES  # the fallback is what ran
-    assert b.dtype == dt and b.tobytes() == a.tobytes()
+    src = np.arange(3 * 40, dtype="<f4").view(dt)
+    # Persistent and detached, so that attach() opens the segment afresh (a process that holds
+    # a segment shares its attachment, whose creator read no header).
+    shmarray.share(key, src, persistent=True).close()
+    try:
+        b = shmarray.attach(key)
+        assert len(b.segment._head()) == HEAD_BYTES
+        hdr = parse_header(b.segment._head(), b.segment.size)
+        assert hdr.descriptor_offset + hdr.descriptor_length > HEAD_BYTES  # the fallback is what ran
+        assert b.dtype == dt and b.tobytes() == src.tobytes()
+        b.close()
+    finally:
+        shmarray.unlink(key)
 
 
 def test_header_from_short_or_unready_bytes():

@@ -249,6 +249,44 @@ def map_region(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
 
 
+# File positions that tag a description for map_marked: far beyond any
+# segment (and within every file system's maximum offset), one per call.
+_TAG_BASE = 1 << 40
+_tag_counter = 0
+
+
+def map_marked(fd: int, offset: int, length: int, writable: bool) -> tuple[mmap.mmap, int, bool]:
+    """Mark *fd*'s description as mapping the object, map it, and keep one fd for both.
+
+    Python's mmap keeps a duplicate of the fd it maps; holding *fd* as well
+    would cost a second descriptor per mapping. The duplicate is found
+    instead (``dup`` takes the lowest free number, so a probe predicts it,
+    and a file position set on the description just before confirms it)
+    and *fd* is closed. Returns (mapping, fd of the description, whether
+    that fd is the mapping's own: closed with it, never by the caller).
+    Where the prediction fails (another thread took the number) *fd* is
+    kept: correct, one descriptor more.
+    """
+    global _tag_counter
+    hold_mapped(fd)
+    _tag_counter += 1
+    tag = _TAG_BASE + _tag_counter
+    try:
+        os.lseek(fd, tag, os.SEEK_SET)
+        probe = os.dup(fd)
+        os.close(probe)
+    except OSError:  # a file system with a small maximum offset: keep fd
+        return map_region(fd, offset, length, writable), fd, False
+    mm = map_region(fd, offset, length, writable)
+    try:
+        if os.lseek(probe, 0, os.SEEK_CUR) == tag and os.fstat(probe).st_ino == os.fstat(fd).st_ino:
+            os.close(fd)
+            return mm, probe, True
+    except OSError:
+        pass
+    return mm, fd, False
+
+
 def close_mapping(mapping: mmap.mmap) -> bool:
     """Unmap now; False (and nothing done) while buffers of it are still exported."""
     try:
@@ -485,6 +523,62 @@ def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
     finally:
         helper.join()
         del dst, src
+
+
+_host: int | None = None
+
+
+def host_identity() -> int:
+    """A 64-bit number that names this machine's boot and this /dev/shm.
+
+    Two processes share segments exactly when they see the same /dev/shm:
+    the same kernel boot (``/proc/sys/kernel/random/boot_id``) and the same
+    mounted file system (its device). A container with its own /dev/shm, or
+    another machine, gets another number. Network addresses say nothing
+    here (every worker of a local cluster is 127.0.0.1).
+    """
+    global _host
+    if _host is None:
+        import hashlib
+
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                boot = f.read().strip()
+        except OSError:  # pragma: no cover - no /proc: the hostname stands in
+            boot = os.uname().nodename.encode()
+        dev = os.stat(SHM_DIR).st_dev
+        digest = hashlib.blake2b(boot + b"|" + str(dev).encode(), digest_size=8).digest()
+        _host = int.from_bytes(digest, "little") or 1
+    return _host
+
+
+def limits_hint(code: int) -> str:
+    """What limit an EMFILE/ENFILE/ENOMEM from opening or mapping hit, and how to raise it ('' if none)."""
+    if code == errno.EMFILE:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        target = hard_text if hard != resource.RLIM_INFINITY else str(max(soft * 4, 65536))
+        return (f"this process reached its descriptor limit RLIMIT_NOFILE = {soft} (hard limit "
+                f"{hard_text}); each attached segment needs 2. Raise it: "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({target}, {hard_text if hard != resource.RLIM_INFINITY else 'resource.RLIM_INFINITY'})) "
+                f"in Python, or `ulimit -n {target}` in the shell that starts it")
+    if code == errno.ENFILE:
+        return ("the system-wide limit on open files (fs.file-max) is reached; raise it with "
+                "`sysctl -w fs.file-max=N` (root) or close files")
+    if code == errno.ENOMEM:
+        try:
+            with open("/proc/sys/vm/max_map_count") as f:
+                limit = int(f.read())
+            with open("/proc/self/maps", "rb") as f:
+                used = sum(1 for _ in f)
+        except (OSError, ValueError):  # pragma: no cover
+            return ""
+        if used >= limit - 16:
+            return (f"this process has {used} mappings and vm.max_map_count is {limit}; raise it "
+                    f"with `sysctl -w vm.max_map_count={limit * 4}` (root) or detach segments")
+    return ""
 
 
 def token_hex(nbytes: int) -> str:
