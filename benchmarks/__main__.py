@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff")
+GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

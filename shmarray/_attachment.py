@@ -336,19 +336,17 @@ class _Attachment:
         """In a forked child: become an attachment of our own (new description, new locks)."""
         if self.closed:
             return
-        old = self.fd
         pid = backend.getpid()
         try:
-            self.fd = backend.reopen(old, self.writable_fd)
+            # A description of our own under the same number (the locks of every
+            # Segment object have it bound); replacing the inherited one leaves the
+            # parent's locks alone: the parent still holds that description.
+            backend.reopen_in_place(self.fd, self.writable_fd)
             if not self.foreign:
                 backend.hold_liveness(self.fd, pid)
         except OSError:  # pragma: no cover - nothing to do in a child that cannot reopen
-            self.fd = old
             self.closed = True
             return
-        # Closing the inherited fd leaves the parent's locks alone: the parent
-        # still holds the description.
-        backend.close(old)
         self.pid = pid
         if self.region is not None:
             _reuse.region_after_fork(self.region)
@@ -356,7 +354,7 @@ class _Attachment:
             self.pinned.forget()  # the CUDA registration is the parent's
             self.pinned = None
         if self.gate is not None:
-            self.gate.after_fork(self.fd, pid)
+            self.gate.after_fork(pid)
 
 
 # -- one attachment per process ------------------------------------------------------------------

@@ -94,15 +94,23 @@ class LockGate:
         peek = self.peek
         return peek[_MARK] if peek is not None else 0
 
-    def after_fork(self, fd: int, pid: int) -> None:
-        """In a forked child: the child's own descriptor, and nobody here holds the lock."""
+    def after_fork(self, pid: int) -> None:
+        """In a forked child (whose descriptor is its own by now, under the same number): nobody here holds the lock.
+
+        The mutex is kept (the SegmentLocks have it bound) and freed if a
+        thread of the parent held it: that thread does not exist here.
+        """
         if self.owner is not None:
             self.owner._held = 0
         for s in self.sharers:
             s._held = 0
-        self.fd = fd
         self.pid = pid
-        self._fresh()
+        if self.mutex.locked():
+            self.mutex.release()
+        self.cond = threading.Condition(threading.Lock())
+        self.readers = 0
+        self.owner = None
+        self.sharers = set()
 
 
 def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float | None) -> bool:
@@ -117,12 +125,17 @@ def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float 
 class SegmentLock:
     """The lock of one Segment object (and the views built on it), through its attachment's gate."""
 
-    __slots__ = ("_gate", "_held", "recovered", "__weakref__")
+    __slots__ = ("_gate", "_held", "recovered", "_fd", "_marks", "_try_mutex", "__weakref__")
 
     def __init__(self, gate: LockGate) -> None:
         self._gate = gate
         self._held = 0  # 0 free, 1 shared, 2 exclusive
         self.recovered = False
+        # Bound once for Segment.lock's inlined path. The descriptor keeps its
+        # number for the attachment's life (across fork too), and so does the mutex.
+        self._fd = gate.fd
+        self._marks = gate.marks
+        self._try_mutex = gate.mutex.acquire
 
     @property
     def held(self) -> str | None:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 
-from ._errors import HeaderError, ShmError
+from ._errors import AccessMode, HeaderError, ShmError
 from ._header import Kind, pack_header, read_header
 from ._header import layout as header_layout
 from ._os import backend
@@ -146,7 +146,11 @@ class BatchRing:
     def attach(cls, key: str, *, on_lost: str = "raise") -> BatchRing:
         """Attach the ring *key*; HeaderError when the segment holds something else or is corrupt."""
         _check_on_lost(on_lost)
-        seg = Segment(key).attach()
+        return cls._on(Segment(key).attach(), key, on_lost)
+
+    @classmethod
+    def _on(cls, seg: Segment, key: str, on_lost: str) -> BatchRing:
+        """The ring in the attached *seg* (detached again if it is not one)."""
         try:
             hdr, desc = read_header(memoryview(seg._mapping()), expect=Kind.RING, key=key)
             lay = parse_descriptor(desc, hdr.payload_length, key=key)
@@ -156,8 +160,10 @@ class BatchRing:
             raise
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickles as a reference: the receiver attaches by key.
-        return _attach_ring, (self._key, self._on_lost)
+        # Pickles as a reference to this ring's segment instance (not whatever holds the key later).
+        seg = self._seg
+        host, incarnation = seg._reference() if seg is not None else (0, 0)
+        return _attach_ring, (self._key, self._on_lost, host, incarnation)
 
     # -- what it is ----------------------------------------------------------------------
 
@@ -635,8 +641,10 @@ def _check_on_lost(on_lost: str) -> None:
         raise ValueError(f"on_lost must be 'raise' or 'skip', not {on_lost!r}")
 
 
-def _attach_ring(key: str, on_lost: str) -> BatchRing:
-    return BatchRing.attach(key, on_lost=on_lost)
+def _attach_ring(key: str, on_lost: str, host: int = 0, incarnation: int = 0) -> BatchRing:
+    _check_on_lost(on_lost)
+    seg = Segment._of_instance(key, None, AccessMode.ReadWrite, host, incarnation)
+    return BatchRing._on(seg, key, on_lost)
 
 
 BatchRing.__module__ = "shmarray"

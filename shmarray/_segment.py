@@ -686,12 +686,12 @@ class Segment:
         if lk is not None and timeout is None and not shared and not lk._held:
             # The common case inlined: a round trip within 1.3x of a bare
             # flock pair is an aim of the project (issue 2); calls cost ~50 ns each.
-            g = lk._gate
-            marks = g.marks
-            if marks is not None and not g.readers and g.mutex.acquire(False):
+            marks = lk._marks
+            if marks is not None and lk._try_mutex(False):
+                g = lk._gate
                 if not g.readers:
                     try:
-                        flock(g.fd, LOCK_EX)
+                        flock(lk._fd, LOCK_EX)
                     except BaseException:
                         g.mutex.release()
                         raise
@@ -721,13 +721,13 @@ class Segment:
         if lk is None:
             return False
         if lk._held == 2:  # inlined like lock()
-            g = lk._gate
-            marks = g.marks
+            marks = lk._marks
             if marks is not None:
                 marks[MARK_WORD] = 0
                 lk._held = 0
+                g = lk._gate
                 g.owner = None
-                flock(g.fd, LOCK_UN)
+                flock(lk._fd, LOCK_UN)
                 g.mutex.release()
                 return True
         return lk.release()

@@ -127,6 +127,15 @@ def reopen(fd: int, writable: bool) -> int:
     return os.open(f"/proc/self/fd/{fd}", flags)
 
 
+def reopen_in_place(fd: int, writable: bool) -> None:
+    """Make the number *fd* refer to a new open file description of its object (the old one is let go here)."""
+    new = reopen(fd, writable)
+    try:
+        os.dup2(new, fd, inheritable=False)
+    finally:
+        os.close(new)
+
+
 def close(fd: int) -> None:
     """Close an fd, ignoring EBADF (already closed)."""
     try:
@@ -539,16 +548,15 @@ def host_identity() -> int:
     """
     global _host
     if _host is None:
-        import hashlib
-
         try:
             with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-                boot = f.read().strip()
-        except OSError:  # pragma: no cover - no /proc: the hostname stands in
-            boot = os.uname().nodename.encode()
+                boot = int(f.read().strip().replace(b"-", b""), 16)
+        except (OSError, ValueError):  # pragma: no cover - no /proc: the hostname stands in
+            boot = int.from_bytes(os.uname().nodename.encode()[:16].ljust(16, b"\0"), "little")
         dev = os.stat(SHM_DIR).st_dev
-        digest = hashlib.blake2b(boot + b"|" + str(dev).encode(), digest_size=8).digest()
-        _host = int.from_bytes(digest, "little") or 1
+        # A mix, not a digest: the inputs are random already (the boot id is a UUID).
+        mixed = (boot ^ (boot >> 64) ^ ((dev + 1) * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
+        _host = mixed or 1
     return _host
 
 
