@@ -221,7 +221,13 @@ class SharedArray(np.ndarray):
             return np.asarray(self).__reduce_ex__(protocol)
         offset = _address(self) - _address(self._shm_map)
         host, incarnation = seg._reference()
-        return _rebuild, (seg.key, offset, self.shape, self.strides, self.dtype, not self.flags.writeable,
+        dt = self.dtype
+        # A plain dtype travels as its string: unpickling a dtype object costs
+        # more than the rest of the reference.
+        spec: Any = dt.str if dt.fields is None and dt.subdtype is None and not dt.metadata else dt
+        if spec is not dt and np.dtype(spec) != dt:  # pragma: no cover - e.g. a user-defined dtype
+            spec = dt
+        return _rebuild, (seg.key, offset, self.shape, self.strides, spec, not self.flags.writeable,
                           host, incarnation)
 
     def __reduce__(self) -> Any:
@@ -327,8 +333,9 @@ def _payload(seg: Segment, key: str) -> tuple[int, int]:
 
 
 def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
-             dtype: np.dtype[Any], readonly: bool, host: int = 0, incarnation: int = 0) -> SharedArray:
+             dtype: "np.dtype[Any] | str", readonly: bool, host: int = 0, incarnation: int = 0) -> SharedArray:
     """Unpickle a SharedArray: the segment instance the reference names, and the view, checked against it."""
+    dtype = np.dtype(dtype)
     seg = Segment._of_instance(key, None, AccessMode.ReadOnly if readonly else AccessMode.ReadWrite,
                                host, incarnation)
     try:

@@ -401,6 +401,11 @@ def _take(att: _Attachment | None) -> _Attachment | None:
     return att
 
 
+def holds_name(name: str, mode: AccessMode) -> bool:
+    """True when this process has an attachment made under *name* in *mode* (perhaps of an older segment)."""
+    return (name, mode) in _BY_NAME
+
+
 def share_named(name: str, mode: AccessMode, dev: int, ino: int) -> _Attachment | None:
     """This process's attachment of the segment the name *name* has now (device *dev*, inode *ino*), as one more user."""
     with _REG:

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from ._errors import LockError
+from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
 __all__ = ["LockGate", "SegmentLock", "poll_until", "MARK_WORD"]
@@ -79,7 +80,7 @@ class LockGate:
         # The exclusive holder keeps the mutex for as long as it holds the lock;
         # readers take it only to get in, so a waiting writer is not starved.
         self.mutex = threading.Lock()
-        self.cond = threading.Condition(threading.Lock())
+        self.cond = _LazyCondition()
         self.readers = 0
         self.owner: SegmentLock | None = None
         self.sharers: set[SegmentLock] = set()
@@ -107,10 +108,51 @@ class LockGate:
         self.pid = pid
         if self.mutex.locked():
             self.mutex.release()
-        self.cond = threading.Condition(threading.Lock())
+        self.cond = _LazyCondition()
         self.readers = 0
         self.owner = None
         self.sharers = set()
+
+
+class _LazyCondition:
+    """A threading.Condition made on first use: most attachments never see a shared lock."""
+
+    __slots__ = ("_cond",)
+
+    def __init__(self) -> None:
+        self._cond: threading.Condition | None = None
+
+    def _get(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _MAKING:
+                if self._cond is None:
+                    self._cond = threading.Condition(threading.Lock())
+                cond = self._cond
+        return cond
+
+    def __enter__(self) -> bool:
+        return self._get().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._get().__exit__(*exc)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._get().wait(timeout)
+
+    def notify_all(self) -> None:
+        self._get().notify_all()
+
+
+_MAKING = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _MAKING
+    _MAKING = threading.Lock()  # a thread of the parent may have held it
+
+
+backend.register_after_fork_in_child(_after_fork_in_child)
 
 
 def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float | None) -> bool:

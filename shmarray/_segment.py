@@ -27,6 +27,7 @@ from ._attachment import (
     _reap_if_dead,
     _retire,
     held_instance,
+    holds_name,
     new_incarnation,
     parse_control,
     register,
@@ -416,7 +417,7 @@ class Segment:
 
     def _open(self, name: str, mode: AccessMode) -> _Attachment:
         """This process's attachment of the segment *name* has now: the one it holds, else a new one."""
-        now = backend.name_facts(name)
+        now = backend.name_facts(name) if holds_name(name, mode) else None
         if now is not None:
             att = share_named(name, mode, now[0], now[1])
             if att is not None:
@@ -490,9 +491,7 @@ class Segment:
         assert att is not None
         self._lk = SegmentLock(att.gate) if att.gate is not None else None
         own = self._own_fd = []
-        fin = self._finalizer = weakref.finalize(self, _drop_user, att, self._lk, own)
-        # At exit the attachment's own finalizer detaches; users need not be told.
-        fin.atexit = False
+        self._finalizer = weakref.finalize(self, _drop_user, att, self._lk, own)
 
     def detach(self) -> bool:
         """Detach; destroys the segment if this was its last attachment (unless persistent).
