@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from typing import Sequence
 
 from ._admin import collect_garbage, segment_info, unlink_key
 from ._attachment import _human
-from ._errors import ShmError
+from ._errors import NotFoundError, ShmError
 from ._listing import describe_payload, entry_for, ls
 
 __all__ = ["main", "describe_payload"]
@@ -32,21 +33,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(row, indent=2))
         return 0
     row["size"] = f"{info.size} ({_human(info.size)})"
-    if info.created:
+    if row["created"] is not None:
         row["created"] = datetime.datetime.fromtimestamp(info.created).isoformat(timespec="seconds")
     for k, v in row.items():
-        print(f"{k:12} {v}")
+        print(f"{k:12} {'-' if v is None else v}")
     return 0
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
+    # Every key is tried: one that is missing does not keep the others.
+    failed = 0
     for key in args.keys:
-        if args.native:
-            unlink_key(native_key=key)
-        else:
-            unlink_key(key)
+        try:
+            if args.native:
+                unlink_key(native_key=key)
+            else:
+                unlink_key(key)
+        except NotFoundError as e:
+            print(f"shmarray: {e}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"removed {key}")
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
@@ -64,7 +72,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="shmarray", description="Inspect and manage shmarray segments.")
+    p.add_argument("--version", action="version", version=f"shmarray {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     lister = sub.add_parser("ls", help="list segments")
     lister.add_argument("pattern", nargs="?", metavar="PATTERN",
@@ -96,10 +107,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shmarray`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return status
     except ShmError as e:
         print(f"shmarray: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shmarray: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `shmarray ls --json | head`: the reader left, which is no error of ours.
+        # Point stdout at /dev/null so that the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141

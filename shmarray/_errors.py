@@ -77,8 +77,8 @@ class InvalidSizeError(ShmError, ValueError):
     code = SharedMemoryError.InvalidSize
 
 
-class InvalidKeyError(ShmError, ValueError):
-    """An empty, over-long or otherwise unusable key."""
+class InvalidKeyError(ShmError, ValueError, TypeError):
+    """An empty, over-long or otherwise unusable key (a key that is not a str too: hence also a TypeError)."""
 
     code = SharedMemoryError.KeyError
 
@@ -117,10 +117,6 @@ class HeaderError(ShmError, ValueError):
     """A segment's header is corrupt, truncated, foreign or of another kind."""
 
     code = SharedMemoryError.UnknownError
-
-
-class _InvalidKeyTypeError(InvalidKeyError, TypeError):
-    """A key that is not a str: both an InvalidKeyError and a TypeError."""
 
 
 class _InvalidSizeTypeError(InvalidSizeError, TypeError):

@@ -132,8 +132,9 @@ class SegmentEntry:
             "orphan": self.orphan,
             "lock": self.lock,
             "lock_holder": self.lock_holder,
-            "creator_pid": self.creator_pid,
-            "created": self.created,
+            # A foreign object has no creator or creation time (not 0, not 1970).
+            "creator_pid": self.creator_pid if self.shmarray else None,
+            "created": self.created if self.shmarray and self.created else None,
         }
 
     def _cells(self) -> tuple[str, ...]:

@@ -113,3 +113,66 @@ def test_full_dev_shm_is_out_of_resources_not_sigbus(tmp_path):
     assert "precheck:" in out.stdout and "full-b" in out.stdout and "MiB free" in out.stdout
     assert "fallocate:" in out.stdout and "full-c" in out.stdout and "needs 40.0 MiB" in out.stdout
     assert "left: ['shmarray_full-a_" in out.stdout and "full-c" not in out.stdout.split("left:")[1]
+
+
+# -- edges a new user met (issue 16) -----------------------------------------------------------
+
+
+def test_rm_goes_on_past_a_missing_key(key):
+    other = key + "-b"
+    Segment(key).create(8, persistent=True).detach()
+    Segment(other).create(8, persistent=True).detach()
+    out = _cli("rm", key + "-missing", key, other)
+    assert out.returncode == 1
+    assert "no segment" in out.stderr and key + "-missing" in out.stderr
+    assert f"removed {key}" in out.stdout and f"removed {other}" in out.stdout
+    for k in (key, other):
+        with pytest.raises(shmarray.NotFoundError):
+            shmarray.segment_info(k)
+
+
+def test_a_closed_pipe_is_no_traceback(key):
+    made = [Segment(f"{key}-{i}").create(8, persistent=True) for i in range(300)]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "shmarray", "ls", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(10)
+        proc.stdout.close()  # as `| head -c 10` does
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        proc.wait(timeout=60)
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+    finally:
+        for seg in made:
+            seg.unlink()
+            seg.detach()
+
+
+def test_version():
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"shmarray {shmarray.__version__}"
+
+
+def test_info_of_a_foreign_object_invents_nothing(key):
+    name = f"foreign-{key}"
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.write(b"abc")
+    try:
+        out = _cli("info", "--native", name)
+        assert out.returncode == 0, out.stderr
+        rows = dict(line.split(None, 1) for line in out.stdout.splitlines())
+        assert rows["key"] == "-" and rows["created"] == "-" and rows["creator_pid"] == "-"
+        assert "0.0" not in out.stdout and "None" not in out.stdout
+        data = json.loads(_cli("info", "--native", name, "--json").stdout)
+        assert data["created"] is None and data["creator_pid"] is None and data["key"] is None
+    finally:
+        os.unlink(f"/dev/shm/{name}")
+
+
+def test_a_key_that_is_not_a_str_is_the_public_invalid_key_error():
+    with pytest.raises(shmarray.InvalidKeyError) as err:
+        shmarray.attach(3)  # type: ignore[arg-type]
+    assert type(err.value) is shmarray.InvalidKeyError and isinstance(err.value, TypeError)
+    with pytest.raises(TypeError):
+        Segment(b"frames")  # type: ignore[arg-type]

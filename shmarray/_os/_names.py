@@ -22,7 +22,7 @@ try:  # CPython's own BLAKE2; hashlib would also load OpenSSL's _hashlib (~2.5 m
 except ImportError:  # pragma: no cover - other interpreters
     from hashlib import blake2b
 
-from .._errors import InvalidKeyError, _InvalidKeyTypeError
+from .._errors import InvalidKeyError
 
 __all__ = ["PREFIX", "MAX_KEY_LENGTH", "check_key", "native_key_for", "check_native_key"]
 
@@ -36,7 +36,7 @@ _READABLE = re.compile(r"[^A-Za-z0-9.\-]+")
 def check_key(key: object) -> str:
     """Return *key* if it is a usable key, else raise InvalidKeyError."""
     if not isinstance(key, str):
-        raise _InvalidKeyTypeError(
+        raise InvalidKeyError(
             f"a segment key must be a str, not {type(key).__name__} ({key!r})", None
         )
     if not key:
@@ -64,7 +64,7 @@ def native_key_for(key: str) -> str:
 def check_native_key(name: object) -> str:
     """Normalise a native key (strip one leading '/') or raise InvalidKeyError."""
     if not isinstance(name, str):
-        raise _InvalidKeyTypeError(
+        raise InvalidKeyError(
             f"a native key must be a str, not {type(name).__name__} ({name!r})", None
         )
     bare = name[1:] if name.startswith("/") else name
