@@ -22,12 +22,32 @@ from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["LockGate", "SegmentLock", "poll_until", "MARK_WORD"]
+__all__ = ["LockGate", "SegmentLock", "poll_until", "check_timeout", "MARK_WORD"]
 
 MARK_WORD = 4  # byte 32 of the control block, as a 'Q' index
 _MARK = MARK_WORD
 _EX_NB = LOCK_EX | LOCK_NB
 _SH_NB = LOCK_SH | LOCK_NB
+
+
+def check_timeout(timeout: object, what: str = "timeout") -> float | None:
+    """The one timeout rule (locks, rings, the Qt facade): None waits forever, a number >= 0 is seconds.
+
+    0 tries once. Anything else is refused before any waiting: a bool, a
+    str or another non-number is a TypeError; a negative number, NaN or
+    infinity a ValueError (``threading`` reads -1 as "forever"; here that is
+    None, so -1 cannot silently mean "try once").
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{what} must be None (wait forever) or a number of seconds >= 0, "
+                        f"not {type(timeout).__name__} ({timeout!r})")
+    value = float(timeout)
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise ValueError(f"{what} must be None (wait forever) or a finite number of seconds >= 0, "
+                         f"not {timeout!r}")
+    return value
 
 
 def poll_until(attempt: "object", timeout: float | None) -> bool:
@@ -186,6 +206,7 @@ class SegmentLock:
 
     def acquire(self, timeout: float | None = None, shared: bool = False) -> bool:
         """Take the lock; True when held, False when *timeout* ran out."""
+        timeout = check_timeout(timeout)
         if self._held:
             if self._held == 2 or shared:
                 return True

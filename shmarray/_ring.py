@@ -63,6 +63,7 @@ from ._ringtypes import (
     LostSlot, RingIterator, RingShutDownError, RingStats, RingTimeoutError, Slot, SlotLostError,
     SlotStateError, SlotToken,
 )
+from ._lock import check_timeout
 from ._segment import Segment
 
 __all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
@@ -375,6 +376,7 @@ class BatchRing:
 
     def batches(self, timeout: float | None = None) -> RingIterator:
         """Iterate published batches, *timeout* per batch; each is released when the next is asked for."""
+        timeout = check_timeout(timeout)
         return RingIterator(self, timeout)
 
     def _become_consumer(self) -> None:
@@ -533,11 +535,9 @@ class BatchRing:
         self._tlock.release()
 
     def _wait(self, attempt: Callable[[float | None], _T | None], timeout: float | None, what: str) -> _T:
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
-                raise TypeError(f"timeout must be None or a number of seconds, not {timeout!r}")
+        timeout = check_timeout(timeout)
         ctl = self._live("wait")[1]
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = None if timeout is None else time.monotonic() + timeout
         delay = _FIRST_SLEEP
         while True:
             seen = ctl[G_VERSION]

@@ -48,7 +48,7 @@ from ._errors import (
     UnknownShmError,
     _InvalidSizeTypeError,
 )
-from ._lock import MARK_WORD, SegmentLock
+from ._lock import MARK_WORD, SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._os._linux import LOCK_EX, LOCK_UN, flock
 
@@ -733,6 +733,7 @@ class Segment:
 
     def locked(self, timeout: float | None = None, *, shared: bool = False) -> "_Locked":
         """Context manager holding the lock; raises LockError on timeout."""
+        timeout = check_timeout(timeout)
         if timeout is None and not shared:
             # The common form is reused: building a manager per use costs more than the lock.
             cm = self._locked_default

@@ -86,7 +86,9 @@ class RingCollate:
                  timeout: float | None = None) -> None:
         self.key = ring.key if isinstance(ring, BatchRing) else ring
         self.fill = fill
-        self.timeout = timeout
+        from ._lock import check_timeout
+
+        self.timeout = check_timeout(timeout)
         self._owner = backend.getpid()
         self._ring = ring if isinstance(ring, BatchRing) else None
 

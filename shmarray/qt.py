@@ -209,7 +209,7 @@ class QSharedMemory:
         try:
             self._seg.create(size, mode)
         except ShmError as e:
-            if isinstance(e, TypeError):  # a size that is not an int: a programming error
+            if isinstance(e, TypeError) and not isinstance(e, InvalidKeyError):  # a size that is not an int
                 raise
             self._set_error("create", e)
             return False

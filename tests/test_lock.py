@@ -260,3 +260,48 @@ def test_locked_nests_and_threads_share_the_object(key):
                 assert seg.lock_held == "exclusive"
             assert seg.lock_held == "exclusive"
         assert seg.lock_held is None
+
+
+# -- one timeout rule (issue 16) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+                                     (float("inf"), ValueError), ("1", TypeError), (True, TypeError),
+                                     ([1], TypeError)])
+def test_a_bad_timeout_is_refused_before_waiting(key, bad, exc):
+    a = shmarray.create(key, 4)
+    b = shmarray.attach(key)
+    for contended in (False, True):
+        if contended:
+            assert a.segment.lock()
+        with pytest.raises(exc, match="timeout"):
+            b.segment.lock(bad)
+        with pytest.raises(exc, match="timeout"):
+            b.segment.lock(bad, shared=True)
+        with pytest.raises(exc, match="timeout"):
+            b.segment.locked(bad)
+        with pytest.raises(exc, match="timeout"):
+            b.lock(bad)
+    a.segment.unlock()
+    ring = shmarray.BatchRing.create(key + "-r", {"x": ((2,), "f4")}, slots=2)
+    try:
+        with pytest.raises(exc, match="timeout"):
+            ring.acquire(bad)
+        with pytest.raises(exc, match="timeout"):
+            ring.get(bad)
+        with pytest.raises(exc, match="timeout"):
+            ring.batches(bad)
+    finally:
+        ring.close()
+
+
+def test_good_timeouts(key):
+    a = shmarray.create(key, 4)
+    b = shmarray.attach(key)
+    assert a.segment.lock()
+    t0 = time.monotonic()
+    assert b.segment.lock(0) is False and b.segment.lock(0.0) is False and b.segment.lock(0.05) is False
+    assert time.monotonic() - t0 < 5
+    a.segment.unlock()
+    assert b.segment.lock(1)
+    b.segment.unlock()

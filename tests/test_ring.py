@@ -180,7 +180,7 @@ def test_bad_options(key):
     with BatchRing.create(key, FIELDS, 2) as ring:
         with pytest.raises(TypeError, match="timeout"):
             ring.acquire("1")  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="timeout"):
+        with pytest.raises(ValueError, match="timeout"):
             ring.get(float("nan"))
         slot = ring.acquire(0)
         with pytest.raises(ValueError, match="rows"):
