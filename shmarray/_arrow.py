@@ -619,8 +619,19 @@ def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Va
     ``zero_copy_only=True`` (with ``split_blocks=True``) to get an
     ArrowInvalid instead of a silent copy.
     """
+    _need_pandas(f"attach_frame({key!r})")
     table = attach_table(key, validate=validate)
     if columns is not None:
         table = table.select(list(columns))
     return table.to_pandas(**to_pandas)
+
+
+def _need_pandas(what: str) -> None:
+    """Say what to install, before anything is attached, when pandas is missing."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"{what} needs pandas, which is not installed; pip install '.[pandas]' from a checkout "
+            "(or pip install pandas), or use attach_table() for a pyarrow.Table", name="pandas") from e
 

@@ -36,7 +36,7 @@ def check_progress(progress: object, what: str) -> bool:
         except ImportError as e:
             raise ModuleNotFoundError(
                 f"{what}: progress=True needs tqdm, which is not installed; "
-                "pip install 'shmarray-zerocopy[progress]' (or tqdm), or leave progress off",
+                "pip install '.[progress]' from a checkout (or pip install tqdm), or leave progress off",
                 name="tqdm") from e
     return progress
 
