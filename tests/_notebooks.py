@@ -29,14 +29,15 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL_NAME = "shmarray-tests"
-# Every key a notebook makes starts with its prefix; its first cell removes
-# whatever an interrupted earlier run left under it.
+# Every key a notebook makes starts with its prefix (SHMARRAY_NOTEBOOK_PREFIX
+# when set: the tests give each run its own, ``t-<pid>-<token>-`` before
+# these); its first cell removes whatever an interrupted earlier run left under it.
 KEY_PREFIXES = {
     "01-quickstart.ipynb": "quickstart-",
     "02-two-kernels.ipynb": "twokernels-",
     "03-pipeline.ipynb": "pipeline-",
 }
-# Notebooks use fixed keys, so two test runs on one machine take turns.
+# Two test runs on one machine take turns (for the CPU: their keys differ).
 LOCK_PATH = Path(tempfile.gettempdir()) / "shmarray-notebooks.lock"
 
 

@@ -112,7 +112,10 @@ def _dev_shm_unchanged() -> Iterator[None]:
     from shmarray import _stash
 
     _stash.release_all()
-    left = {n for n in set(os.listdir(SHM)) - before if not _another_runs(n)}
+    # Judged by this run's own names only (its keys and temporary names carry its pid): a
+    # user's notebook or pipeline may make and remove shmarray segments while the tests run.
+    mark = f"-{os.getpid()}-"
+    left = {n for n in set(os.listdir(SHM)) - before if mark in n and not _another_runs(n)}
     if left:  # give a concurrent run's transient objects a moment to go
         import time
 

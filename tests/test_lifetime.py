@@ -88,24 +88,37 @@ def test_gc_removes_orphans_and_keeps_persistent(make_key, tmp_path):
     shmarray.unlink(keep)
 
 
-def _create_race(key: str, start_at: float) -> str:
-    while time.time() < start_at:
-        time.sleep(0.0005)
+def _create_race(key: str, folder: str, me: int, n: int) -> str:
+    # A barrier, not a clock: on a loaded machine spawning eight children can take
+    # longer than any fixed head start.
+    open(os.path.join(folder, f"ready-{me}"), "w").close()
+    wait_for(os.path.join(folder, "go"), timeout=90)
     try:
         seg = Segment(key).create(4096)
     except shmarray.AlreadyExistsError:
+        open(os.path.join(folder, f"tried-{me}"), "w").close()
         return "exists"
     seg.data[0] = 1
-    time.sleep(1.5)  # stay attached while the others try
+    # Stay attached until every other creator has tried.
+    deadline = time.monotonic() + 90
+    while sum(name.startswith("tried-") for name in os.listdir(folder)) < n - 1:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
     seg.detach()
     return "created"
 
 
-@pytest.mark.timeout(120)
-def test_eight_racing_creators_one_wins(key):
-    start_at = time.time() + 3.0
-    kids = [start(_create_race, key, start_at) for _ in range(8)]
-    results = sorted(k.result(60) for k in kids)
+@pytest.mark.timeout(240)
+def test_eight_racing_creators_one_wins(key, tmp_path):
+    folder = str(tmp_path)
+    kids = [start(_create_race, key, folder, i, 8) for i in range(8)]
+    deadline = time.monotonic() + 120
+    while sum(name.startswith("ready-") for name in os.listdir(folder)) < 8:
+        assert time.monotonic() < deadline, "the creators did not start"
+        time.sleep(0.01)
+    open(os.path.join(folder, "go"), "w").close()
+    results = sorted(k.result(120) for k in kids)
     assert results == ["created"] + ["exists"] * 7
     assert not _exists(shmarray._os.native_key_for(key))
     temps = tuple(f".shmarray-tmp-{k.pid}-" for k in kids)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -42,7 +43,7 @@ def kernel_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture
 def notebooks_to_myself() -> Iterator[None]:
-    """Take turns with other runs on this machine: the notebooks' keys are fixed names."""
+    """Take turns with other runs on this machine (each run's keys are its own; this spares the CPU)."""
     with exclusive():
         yield
 
@@ -69,10 +70,16 @@ def test_committed_notebook_is_stripped(path: Path):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
-def test_notebook_runs_and_cleans_up(path: Path, kernel_env, notebooks_to_myself):
-    prefix = KEY_PREFIXES[path.name]
+def test_notebook_runs_and_cleans_up(path: Path, kernel_env, notebooks_to_myself, monkeypatch):
+    # Keys of this run only (the kernel inherits the environment): a user's own copy of the
+    # notebook, or another test run, uses other names and is never touched.
+    prefix = f"t-{os.getpid()}-{secrets.token_hex(6)}-{KEY_PREFIXES[path.name]}"
+    monkeypatch.setenv("SHMARRAY_NOTEBOOK_PREFIX", prefix)
     leftover = f"{prefix}leftover-of-an-interrupted-run"
     shmarray.Segment(leftover).create(4096, persistent=True).detach()
+    # What a user's own copy of the notebook has open (the default prefix): left alone.
+    users = f"{KEY_PREFIXES[path.name]}users-own-{os.getpid()}-{secrets.token_hex(6)}"
+    shmarray.Segment(users).create(4096, persistent=True).detach()
     try:
         try:
             nb, seconds = execute(path, timeout=180)
@@ -80,12 +87,14 @@ def test_notebook_runs_and_cleans_up(path: Path, kernel_env, notebooks_to_myself
             pytest.fail(f"{path.name}: a cell raised:\n{e}", pytrace=False)
         gc.collect()
         assert _entries(prefix) == [], f"{path.name} left segments behind"
+        assert shmarray.segment_info(users).persistent, "the notebook removed a segment that is not its own"
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors
         print(f"{path.name}: {seconds:.1f} s")
     finally:
         for key in _entries(prefix):
             shmarray.unlink(key)  # only after a failure: the notebook removes its own
+        shmarray.unlink(users)
 
 
 def test_notebooks_folder_has_its_readme():
