@@ -102,9 +102,44 @@ def _stop_pool(pool: Any) -> None:
     one time in four). The workers are killed first (the kernel releases
     any segment lock they held) and terminate() gets a few seconds.
     """
+    # First tell the pool's worker handler to stop replacing workers (what terminate()
+    # does first): otherwise it starts new ones while the old ones are being killed.
+    handler = getattr(pool, "_worker_handler", None)
+    if handler is not None:
+        from multiprocessing.pool import TERMINATE
+
+        handler._state = TERMINATE
+        time.sleep(0.15)  # its loop checks every 0.1 s
     for child in mp.active_children():
         child.kill()
-    stopper = threading.Thread(target=pool.terminate, name="shmarray-demo-stop", daemon=True)
+    # A worker killed while taking a task holds the task queue's read lock, which
+    # terminate() waits for (5 s below, before this); the task handler may be blocked
+    # writing a pickled slice nobody will read. With the workers gone the queues are
+    # dead: their locks are freed and the task queue's read end closed, so the
+    # handler's write fails at once and terminate() returns (its complaint about the
+    # closed queue is expected and kept quiet).
+    for queue in (getattr(pool, "_inqueue", None), getattr(pool, "_outqueue", None)):
+        for name in ("_rlock", "_wlock"):
+            lock = getattr(queue, name, None)
+            try:
+                if lock is not None:
+                    lock.release()
+            except (ValueError, OSError):  # not held
+                pass
+    reader = getattr(getattr(pool, "_inqueue", None), "_reader", None)
+    if reader is not None:
+        try:
+            reader.close()
+        except OSError:  # pragma: no cover - closed already
+            pass
+
+    def terminate() -> None:
+        try:
+            pool.terminate()
+        except Exception:  # noqa: BLE001 - the closed queue: the pool is finished either way
+            pass
+
+    stopper = threading.Thread(target=terminate, name="shmarray-demo-stop", daemon=True)
     stopper.start()
     stopper.join(5.0)
 
@@ -157,7 +192,16 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  share(): {share_s:.2f} s -> segment {keys[0]!r} (/dev/shm/{native})", flush=True)
 
         t = time.perf_counter()
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+        # Workers are born ignoring SIGINT (an ignored signal stays ignored across exec,
+        # and Python then installs no KeyboardInterrupt handler), so a Ctrl-C to the
+        # process group while they import prints no traceback of theirs. A blocked mask
+        # would not do: the spawned child starts with an empty one. The cost: a Ctrl-C
+        # during the few milliseconds Pool() takes to start them is not seen here.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
         pool.map(_ping, range(workers * 2))
         print(f"  started {workers} workers in {time.perf_counter() - t:.2f} s", flush=True)
 

@@ -95,3 +95,47 @@ def test_interrupted_demo_cleans_up(sig):
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers)
     assert not [s for s in shmarray.list_segments() if s.key and s.key.startswith(tag)]
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_in_the_pickled_phase_exits_at_once():
+    p = subprocess.Popen([sys.executable, "-m", "shmarray", "demo", "--size-mb", "512", "--repeat", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in p.stdout:
+            if "pickled:" in line:
+                break
+        time.sleep(0.5)  # slices are being pickled to the workers now
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, rest + err
+    assert "cleaned up" in rest
+    assert took < 3.0, f"the demo took {took:.1f} s to stop"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.8])
+def test_ctrl_c_to_the_group_while_workers_start_prints_no_worker_traceback(delay):
+    p = subprocess.Popen([sys.executable, "-m", "shmarray", "demo", "--size-mb", "16", "--repeat", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in p.stdout:
+            if "share():" in line:
+                break
+        time.sleep(delay)  # the pool's workers are being spawned (and importing)
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        rest, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert p.returncode in (0, 130), rest + err
