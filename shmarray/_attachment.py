@@ -61,7 +61,7 @@ from typing import Any
 from ._errors import AccessMode, InvalidSizeError, ShmError, UnknownShmError
 from . import _reuse
 from ._lock import LockGate
-from ._os import backend
+from ._os import PREFIX, backend
 
 __all__ = ["MAGIC", "CONTROL", "PAGE_SIZE", "HEAD_BYTES", "ControlBlock", "parse_control", "register",
            "share_named", "share_instance", "held_instance", "release_user", "new_incarnation"]
@@ -517,6 +517,39 @@ def _reap_if_dead(name: str) -> bool:
         return False
     finally:
         backend.close(fd)  # the only fd of this description: its lock goes with it
+
+
+# create() sweeps for segments whose users all died at most this often per process.
+SWEEP_EVERY = 2.0
+_last_sweep = -SWEEP_EVERY
+
+
+def sweep_orphans(force: bool = False) -> list[str]:
+    """Remove shmarray segments that every user left by dying (not persistent ones); their names.
+
+    Without *force*, at most every SWEEP_EVERY seconds per process (create()
+    calls this), so that the memory of a crashed pipeline returns without
+    waiting for the next attach of its key or ``shmarray gc``. A segment
+    anyone is attached to (this process included) is never touched.
+    """
+    global _last_sweep
+    now = time.monotonic()
+    if not force and now - _last_sweep < SWEEP_EVERY:
+        return []
+    _last_sweep = now
+    removed = []
+    try:
+        names = backend.list_names()
+    except OSError:  # pragma: no cover - the directory went away
+        return []
+    for name in names:
+        if name.startswith(PREFIX):
+            try:
+                if _reap_if_dead(name):
+                    removed.append(name)
+            except OSError:  # another user's segment (EACCES), or raced with its removal
+                pass
+    return removed
 
 
 def _mark_dead(fd: int) -> None:

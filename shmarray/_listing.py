@@ -15,7 +15,7 @@ import fnmatch
 from typing import Any, Iterable
 
 from ._admin import SegmentInfo, list_segments, read_head
-from ._attachment import _human
+from ._attachment import _human, sweep_orphans
 from ._errors import HeaderError, ShmError
 from ._header import HEADER, Kind, describe_head, parse_header
 
@@ -232,6 +232,10 @@ def ls(pattern: str | None = None, *, include_foreign: bool = False) -> Listing:
     """
     if pattern is not None and not isinstance(pattern, str):
         raise TypeError(f"ls: pattern must be a str such as 'frames-*', not {type(pattern).__name__}")
+    if not include_foreign:
+        # Segments whose users all died are gone for the API already; listing them
+        # frees their memory too. The full listing (--all) shows them as they are.
+        sweep_orphans(force=True)
     entries = []
     for info in list_segments(include_foreign=include_foreign):
         name = info.key if info.key is not None else info.native_key

@@ -34,6 +34,7 @@ from ._attachment import (
     release_user,
     share_instance,
     share_named,
+    sweep_orphans,
 )
 from ._errors import (
     AccessMode,
@@ -254,6 +255,7 @@ class Segment:
                     "detach() it first", self._key))
             total = PAGE_SIZE + size
             _stash.maybe_reap()
+            sweep_orphans()
             free = backend.free_bytes()
             if total > free:
                 # Memory kept for reuse gives way before a create fails for lack of room.

@@ -75,8 +75,8 @@ def test_gc_removes_orphans_and_keeps_persistent(make_key, tmp_path):
     a = Segment(orphan).create(16)
     kids = _start_attached(orphan, tmp_path, 1)
     a.detach()
+    held = Segment(live).create(16)  # before the kill: create() also sweeps orphans now
     kids[0].kill()
-    held = Segment(live).create(16)
     names = {k: shmarray._os.native_key_for(k) for k in (orphan, keep, live)}
     listed = {i.key: i for i in shmarray.list_segments()}
     assert listed[orphan].orphan and not listed[keep].orphan and not listed[live].orphan
@@ -251,3 +251,33 @@ def test_views_keep_working_after_the_detach_advice(key):
     assert list(a[10:20]) == [-1] * 10 and int(view.sum()) == -10
     del view, b
     a.close()
+
+
+# -- the memory of a crashed pipeline comes back soon (issue 16) -----------------------------------
+
+
+def _create_and_wait(key: str, ready: str) -> None:
+    seg = Segment(key).create(8 << 20)
+    seg.data[0] = 1
+    open(ready, "w").close()
+    time.sleep(300)
+
+
+@pytest.mark.parametrize("how", ["create", "ls"])
+def test_a_crashed_users_segment_is_freed_by_the_next_create_or_ls(make_key, tmp_path, how):
+    from shmarray import _attachment
+
+    crashed = make_key()
+    ready = str(tmp_path / "ready")
+    child = start(_create_and_wait, crashed, ready)
+    wait_for(ready)
+    child.kill()
+    path = f"/dev/shm/{shmarray._os.native_key_for(crashed)}"
+    assert os.path.exists(path)  # nobody attached any more, and nobody looked yet
+    if how == "create":
+        _attachment._last_sweep = -_attachment.SWEEP_EVERY  # as if the last sweep were long ago
+        other = Segment(make_key()).create(16)
+        other.detach()
+    else:
+        assert crashed not in [e.key for e in shmarray.ls()]
+    assert not os.path.exists(path)
