@@ -711,3 +711,13 @@ def test_more_than_2_gib_of_strings(key):
     assert r["rows"] == rows and r["type"] == "large_string" and r["last"] == rows * width > 2**31
     assert r["first"] == "first" and r["end"] == "end" and r["len"] == width
     assert r["report"]["outside"] == 0 and r["report"]["roots"] == 1
+
+
+def test_attach_frame_without_pandas_says_what_to_install(key, monkeypatch):
+    import sys
+
+    shmarray.share_table(key, bench_like_table(10))
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"needs pandas.*\[pandas\]") as err:
+        shmarray.attach_frame(key)
+    assert err.value.name == "pandas" and key in str(err.value)
