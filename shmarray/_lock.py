@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ._errors import LockError
 from ._os import backend
@@ -154,7 +154,7 @@ class _LazyCondition:
     def __enter__(self) -> bool:
         return self._get().__enter__()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._get().__exit__(*exc)
 
     def wait(self, timeout: float | None = None) -> bool:
