@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import _stash
-from ._attachment import CONTROL, MAGIC, PAGE_SIZE, _reap_if_dead, parse_control
+from ._attachment import CONTROL, MAGIC, PAGE_SIZE, parse_control, sweep_orphans
 from ._stash import KEEP_PREFIX
 from ._errors import NotFoundError, PermissionDeniedError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
@@ -148,6 +148,7 @@ def collect_garbage() -> list[str]:
     Returns the native names removed.
     """
     removed = _stash.reap_orphans()
+    segments = []
     for name in sorted(backend.list_names()):
         if name.startswith(KEEP_PREFIX):
             continue  # kept by a live process (reap_orphans freed the dead ones')
@@ -163,18 +164,19 @@ def collect_garbage() -> list[str]:
             finally:
                 backend.close(fd)
             continue
+        if name.startswith(PREFIX):
+            segments.append(name)
+            continue
+        # Segments made by native key carry our magic under any name.
         try:
             fd = backend.open_existing(name, False)
         except OSError:
             continue
         try:
-            magic = backend.pread(fd, 8, 0) == MAGIC
+            if backend.pread(fd, 8, 0) == MAGIC:
+                segments.append(name)
         except OSError:  # a directory or something else unreadable: not ours
-            magic = False
+            pass
         finally:
             backend.close(fd)
-        if magic:
-            info = _read(name)
-            if info is not None and info.orphan and _reap_if_dead(name):
-                removed.append(name)
-    return removed
+    return removed + sweep_orphans(segments)

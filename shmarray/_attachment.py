@@ -60,7 +60,7 @@ from typing import Any
 
 from ._errors import AccessMode, InvalidSizeError, ShmError, UnknownShmError
 from . import _reuse
-from ._lock import LockGate
+from ._lock import MARK_WORD, LockGate
 from ._os import PREFIX, backend
 
 __all__ = ["MAGIC", "CONTROL", "PAGE_SIZE", "HEAD_BYTES", "ControlBlock", "parse_control", "register",
@@ -72,12 +72,12 @@ VERSION = 2
 _READABLE = (1, 2)
 FLAG_PERSISTENT = 1
 CONTROL = struct.Struct("<8sIIQQQIIdII")  # fields up to the incarnation; 64 bytes
-_INCARNATION = struct.Struct("<Q")
+_U64 = struct.Struct("<Q")
 _INCARNATION_OFFSET = 64
 _DEAD_OFFSET = 40
 _KEY_OFFSET = 72
 _KEY_OFFSET_V1 = 64
-_MARK_OFFSET = 32
+_MARK_OFFSET = MARK_WORD * 8
 PAGE_SIZE = backend.PAGE_SIZE
 # How much of the user area attach() reads with the control block: a payload
 # header and a typical descriptor (an .npy header is 128 bytes), no more.
@@ -99,7 +99,7 @@ class ControlBlock:
         if self.version >= 2:
             key_at = _KEY_OFFSET
             if len(raw) >= _KEY_OFFSET:
-                self.incarnation = _INCARNATION.unpack_from(raw, _INCARNATION_OFFSET)[0]
+                self.incarnation = _U64.unpack_from(raw, _INCARNATION_OFFSET)[0]
         keylen = min(keylen, max(0, len(raw) - key_at))
         self.key: str | None = (
             raw[key_at : key_at + keylen].decode("utf-8", "replace") if keylen else None
@@ -139,7 +139,7 @@ def _control_bytes(size: int, persistent: bool, key: str | None, incarnation: in
         MAGIC, VERSION, FLAG_PERSISTENT if persistent else 0, size, PAGE_SIZE, 0, 0,
         backend.getpid() & 0xFFFFFFFF, time.time(), len(raw_key), 0,
     )
-    return head + _INCARNATION.pack(incarnation) + raw_key
+    return head + _U64.pack(incarnation) + raw_key
 
 
 def new_incarnation() -> int:
@@ -223,7 +223,7 @@ class _Attachment:
         return marks is not None and (marks[_DEAD_OFFSET // 8] & 0xFFFFFFFF) != 0
 
     def _write_mark(self, value: int) -> None:
-        backend.pwrite_all(self.fd, memoryview(_INCARNATION.pack(value)), _MARK_OFFSET)
+        backend.pwrite_all(self.fd, memoryview(_U64.pack(value)), _MARK_OFFSET)
 
     def map(self, cb: ControlBlock | None, map_fd: int | None = None,
             region: "_reuse.Region | None" = None) -> None:
@@ -519,36 +519,21 @@ def _reap_if_dead(name: str) -> bool:
         backend.close(fd)  # the only fd of this description: its lock goes with it
 
 
-# create() sweeps for segments whose users all died at most this often per process.
-SWEEP_EVERY = 2.0
-_last_sweep = -SWEEP_EVERY
+def sweep_orphans(names: "list[str] | None" = None) -> list[str]:
+    """Remove the segments among *names* (default: every key-named one) that every user left by dying.
 
-
-def sweep_orphans(force: bool = False) -> list[str]:
-    """Remove shmarray segments that every user left by dying (not persistent ones); their names.
-
-    Without *force*, at most every SWEEP_EVERY seconds per process (create()
-    calls this), so that the memory of a crashed pipeline returns without
-    waiting for the next attach of its key or ``shmarray gc``. A segment
-    anyone is attached to (this process included) is never touched.
+    Not persistent ones, and never one anyone is attached to (this process
+    included): ``_reap_if_dead`` decides. Returns the names removed.
     """
-    global _last_sweep
-    now = time.monotonic()
-    if not force and now - _last_sweep < SWEEP_EVERY:
-        return []
-    _last_sweep = now
+    if names is None:
+        names = [n for n in backend.list_names() if n.startswith(PREFIX)]
     removed = []
-    try:
-        names = backend.list_names()
-    except OSError:  # pragma: no cover - the directory went away
-        return []
     for name in names:
-        if name.startswith(PREFIX):
-            try:
-                if _reap_if_dead(name):
-                    removed.append(name)
-            except OSError:  # another user's segment (EACCES), or raced with its removal
-                pass
+        try:
+            if _reap_if_dead(name):
+                removed.append(name)
+        except OSError:  # another user's segment (EACCES), or raced with its removal
+            pass
     return removed
 
 

@@ -235,7 +235,7 @@ def ls(pattern: str | None = None, *, include_foreign: bool = False) -> Listing:
     if not include_foreign:
         # Segments whose users all died are gone for the API already; listing them
         # frees their memory too. The full listing (--all) shows them as they are.
-        sweep_orphans(force=True)
+        sweep_orphans()
     entries = []
     for info in list_segments(include_foreign=include_foreign):
         name = info.key if info.key is not None else info.native_key

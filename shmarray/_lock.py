@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from ._errors import LockError
-from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
 __all__ = ["LockGate", "SegmentLock", "poll_until", "check_timeout", "MARK_WORD"]
 
 MARK_WORD = 4  # byte 32 of the control block, as a 'Q' index
 _MARK = MARK_WORD
-_EX_NB = LOCK_EX | LOCK_NB
-_SH_NB = LOCK_SH | LOCK_NB
 
 
 def check_timeout(timeout: object, what: str = "timeout") -> float | None:
@@ -100,7 +97,7 @@ class LockGate:
         # The exclusive holder keeps the mutex for as long as it holds the lock;
         # readers take it only to get in, so a waiting writer is not starved.
         self.mutex = threading.Lock()
-        self.cond = _LazyCondition()
+        self.cond = threading.Condition(threading.Lock())
         self.readers = 0
         self.owner: SegmentLock | None = None
         self.sharers: set[SegmentLock] = set()
@@ -128,51 +125,10 @@ class LockGate:
         self.pid = pid
         if self.mutex.locked():
             self.mutex.release()
-        self.cond = _LazyCondition()
+        self.cond = threading.Condition(threading.Lock())
         self.readers = 0
         self.owner = None
         self.sharers = set()
-
-
-class _LazyCondition:
-    """A threading.Condition made on first use: most attachments never see a shared lock."""
-
-    __slots__ = ("_cond",)
-
-    def __init__(self) -> None:
-        self._cond: threading.Condition | None = None
-
-    def _get(self) -> threading.Condition:
-        cond = self._cond
-        if cond is None:
-            with _MAKING:
-                if self._cond is None:
-                    self._cond = threading.Condition(threading.Lock())
-                cond = self._cond
-        return cond
-
-    def __enter__(self) -> bool:
-        return self._get().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._get().__exit__(*exc)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._get().wait(timeout)
-
-    def notify_all(self) -> None:
-        self._get().notify_all()
-
-
-_MAKING = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    global _MAKING
-    _MAKING = threading.Lock()  # a thread of the parent may have held it
-
-
-backend.register_after_fork_in_child(_after_fork_in_child)
 
 
 def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float | None) -> bool:

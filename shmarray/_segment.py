@@ -34,7 +34,6 @@ from ._attachment import (
     release_user,
     share_instance,
     share_named,
-    sweep_orphans,
 )
 from ._errors import (
     AccessMode,
@@ -255,7 +254,6 @@ class Segment:
                     "detach() it first", self._key))
             total = PAGE_SIZE + size
             _stash.maybe_reap()
-            sweep_orphans()
             free = backend.free_bytes()
             if total > free:
                 # Memory kept for reuse gives way before a create fails for lack of room.
@@ -456,9 +454,7 @@ class Segment:
                     backend.close(map_fd)
                     backend.close(fd)
                     continue
-                object_size = now[2]
-                raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
-                cb = parse_control(raw[:PAGE_SIZE], object_size)
+                raw, cb = _read_control(fd, now[2])
                 if cb is None:
                     raise UnknownShmError(
                         f"attach: {name!r} (for key {label!r}) is not a shmarray segment; "
@@ -474,12 +470,8 @@ class Segment:
                     raise NotFoundError(
                         f"attach: segment {label!r} was left by processes that all died; "
                         "it has been removed. create() it again", self._key)
-                att = _Attachment(name, fd, writable, mode, foreign=False)
-                att.ident = (dev, ino)
-                att.head = raw[cb.data_offset :]
                 map_fd, handed = -1, map_fd  # map() closes it, whatever happens
-                att.map(cb, handed)
-                return att
+                return _attachment_of(name, fd, writable, mode, (dev, ino), raw, cb, handed)
             except BaseException:
                 if map_fd >= 0:
                     backend.close(map_fd)
@@ -893,18 +885,29 @@ class Segment:
         fd = backend.reopen(held.fd, held.writable_fd)
         try:
             backend.hold_liveness(fd, backend.getpid())
-            raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
-            cb = parse_control(raw[:PAGE_SIZE], backend.size_of(fd))
+            raw, cb = _read_control(fd, backend.size_of(fd))
             if cb is None or cb.dead:  # pragma: no cover - we hold it attached
                 raise NotFoundError(f"attach: segment {self._label()!r} is gone", self._key)
-            att = _Attachment(held.name, fd, held.writable_fd, mode, foreign=False)
-            att.ident = held.ident
-            att.head = raw[cb.data_offset :]
-            att.map(cb)
-            return att
+            return _attachment_of(held.name, fd, held.writable_fd, mode, held.ident, raw, cb)
         except BaseException:
             backend.close(fd)
             raise
+
+
+def _read_control(fd: int, object_size: int) -> tuple[bytes, ControlBlock | None]:
+    """One pread: the control block as it is now and the first HEAD_BYTES of the user area."""
+    raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
+    return raw, parse_control(raw[:PAGE_SIZE], object_size)
+
+
+def _attachment_of(name: str, fd: int, writable: bool, mode: AccessMode, ident: tuple[int, int],
+                   raw: bytes, cb: ControlBlock, map_fd: int | None = None) -> _Attachment:
+    """The attachment over *fd* (liveness held), mapped; *map_fd* is kept or closed by map()."""
+    att = _Attachment(name, fd, writable, mode, foreign=False)
+    att.ident = ident
+    att.head = raw[cb.data_offset :]
+    att.map(cb, map_fd)
+    return att
 
 
 def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None:

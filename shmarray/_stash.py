@@ -39,7 +39,7 @@ import time
 from typing import NamedTuple
 
 from . import _reuse
-from ._attachment import CONTROL, _retire, parse_control
+from ._attachment import CONTROL, _retire, parse_control, sweep_orphans
 from ._errors import ShmError
 from ._os import backend
 
@@ -308,10 +308,15 @@ def reap_orphans() -> list[str]:
 
 
 def maybe_reap() -> None:
-    """reap_orphans(), at most every few seconds per process (create() calls this)."""
+    """reap_orphans() and the segments whose users all died, at most every few seconds per process.
+
+    create() calls this, so that the memory of a crashed pipeline returns
+    without waiting for the next attach of its key or ``shmarray gc``.
+    """
     if time.monotonic() - _last_reap >= _REAP_EVERY:
         try:
             reap_orphans()
+            sweep_orphans()
         except OSError:  # pragma: no cover - a listing race: next time
             pass
 

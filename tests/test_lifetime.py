@@ -265,7 +265,7 @@ def _create_and_wait(key: str, ready: str) -> None:
 
 @pytest.mark.parametrize("how", ["create", "ls"])
 def test_a_crashed_users_segment_is_freed_by_the_next_create_or_ls(make_key, tmp_path, how):
-    from shmarray import _attachment
+    from shmarray import _stash
 
     crashed = make_key()
     ready = str(tmp_path / "ready")
@@ -275,7 +275,7 @@ def test_a_crashed_users_segment_is_freed_by_the_next_create_or_ls(make_key, tmp
     path = f"/dev/shm/{shmarray._os.native_key_for(crashed)}"
     assert os.path.exists(path)  # nobody attached any more, and nobody looked yet
     if how == "create":
-        _attachment._last_sweep = -_attachment.SWEEP_EVERY  # as if the last sweep were long ago
+        _stash._last_reap = -1e9  # as if the last sweep were long ago
         other = Segment(make_key()).create(16)
         other.detach()
     else:

@@ -566,11 +566,14 @@ def limits_hint(code: int) -> str:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
-        target = hard_text if hard != resource.RLIM_INFINITY else str(max(soft * 4, 65536))
+        if hard == resource.RLIM_INFINITY:
+            hard_text, hard_arg, target = "unlimited", "resource.RLIM_INFINITY", max(soft * 4, 65536)
+        else:
+            hard_text = hard_arg = str(hard)
+            target = hard
         return (f"this process reached its descriptor limit RLIMIT_NOFILE = {soft} (hard limit "
                 f"{hard_text}); each attached segment needs 2. Raise it: "
-                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({target}, {hard_text if hard != resource.RLIM_INFINITY else 'resource.RLIM_INFINITY'})) "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({target}, {hard_arg})) "
                 f"in Python, or `ulimit -n {target}` in the shell that starts it")
     if code == errno.ENFILE:
         return ("the system-wide limit on open files (fs.file-max) is reached; raise it with "
