@@ -35,6 +35,7 @@ from ._segment import Segment
 # (together ~8 ms of the package's ~25 ms here).
 _LAZY = {
     "attach_frame": "_arrow", "attach_table": "_arrow", "share_frame": "_arrow", "share_table": "_arrow",
+    "TableHandle": "_arrow", "table_handle": "_arrow",
     "Listing": "_listing", "SegmentEntry": "_listing", "ls": "_listing",
     "BatchRing": "_ring", "LostSlot": "_ring", "RingIterator": "_ring", "RingShutDownError": "_ring",
     "RingStats": "_ring", "RingTimeoutError": "_ring", "Slot": "_ring", "SlotLostError": "_ring",
@@ -43,7 +44,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
-    from ._arrow import attach_frame, attach_table, share_frame, share_table
+    from ._arrow import TableHandle, attach_frame, attach_table, share_frame, share_table, table_handle
     from ._listing import Listing, SegmentEntry, ls
     from ._ring import (
         BatchRing,
@@ -92,6 +93,7 @@ __all__ = [
     "SlotLostError",
     "SlotStateError",
     "SlotToken",
+    "TableHandle",
     "fill_slot",
     "ring_loader",
     "HeaderError",
@@ -120,6 +122,7 @@ __all__ = [
     "share",
     "share_frame",
     "share_table",
+    "table_handle",
     "unlink",
 ]
 

@@ -61,6 +61,7 @@ from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read
 from ._os import backend
 from ._progress import check_progress, label, reporting
 from ._segment import Segment
+from ._transfer import by_value, rebuild_specially, special
 
 __all__ = ["SharedArray", "create", "share", "attach"]
 
@@ -219,8 +220,10 @@ class SharedArray(np.ndarray):
         seg = self._shm_seg
         if seg is None or seg.key is None:
             return np.asarray(self).__reduce_ex__(protocol)
-        offset = _address(self) - _address(self._shm_map)
         host, incarnation = seg._reference()
+        if by_value(host):  # a transport sends this to another host: the bytes, as a plain ndarray
+            return np.asarray(self).__reduce_ex__(protocol)
+        offset = _address(self) - _address(self._shm_map)
         dt = self.dtype
         # A plain dtype travels as its string: unpickling a dtype object costs
         # more than the rest of the reference.
@@ -335,6 +338,9 @@ def _payload(seg: Segment, key: str) -> tuple[int, int]:
 def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
              dtype: "np.dtype[Any] | str", readonly: bool, host: int = 0, incarnation: int = 0) -> SharedArray:
     """Unpickle a SharedArray: the segment instance the reference names, and the view, checked against it."""
+    if special():
+        return rebuild_specially(  # type: ignore[no-any-return]
+            _rebuild, (key, offset, shape, strides, dtype, readonly, host, incarnation), key, host)
     dtype = np.dtype(dtype)
     seg = Segment._of_instance(key, None, AccessMode.ReadOnly if readonly else AccessMode.ReadWrite,
                                host, incarnation)

@@ -73,6 +73,7 @@ from ._errors import AccessMode, HeaderError, NotFoundError, ShmError
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
 from ._progress import check_progress, label, reporting
 from ._segment import Segment
+from ._transfer import by_value, rebuild_specially, special
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -364,20 +365,23 @@ def _check_validate(validate: object) -> str:
     return str(validate)
 
 
-def attach_table(key: str, *, validate: Validate = "bounds") -> "pyarrow.Table":
-    """Map the table in segment *key*, zero-copy: every buffer lies in the segment.
+def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds") -> "pyarrow.Table":
+    """Map the table in segment *key* (or the one a :class:`TableHandle` names), zero-copy.
 
-    The segment is attached read-only and stays attached while any buffer of
-    the table (or of a slice, column or zero-copy pandas block of it) is
-    alive. *validate* says what is checked first (see the module docs):
-    ``"metadata"`` (O(columns), for writers you trust), ``"bounds"`` (every
-    offset and index, so no access can leave its buffer; O(rows) of
-    variable-size columns) or ``"full"`` (UTF-8 too; O(data)).
+    Every buffer lies in the segment. The segment is attached read-only and
+    stays attached while any buffer of the table (or of a slice, column or
+    zero-copy pandas block of it) is alive. *validate* says what is checked
+    first (see the module docs): ``"metadata"`` (O(columns), for writers you
+    trust), ``"bounds"`` (every offset and index, so no access can leave its
+    buffer; O(rows) of variable-size columns) or ``"full"`` (UTF-8 too; O(data)).
 
-    Raises NotFoundError when there is no segment *key*, HeaderError when it
-    holds something else (naming what) or a corrupt payload.
+    Raises NotFoundError when there is no segment *key* (or the handle's
+    segment is gone or was replaced), HeaderError when it holds something
+    else (naming what) or a corrupt payload.
     """
     mode = _check_validate(validate)
+    if isinstance(key, TableHandle):
+        return key._table(mode)
     seg = Segment(key)
     seg.attach(AccessMode.ReadOnly)
     try:
@@ -385,6 +389,116 @@ def attach_table(key: str, *, validate: Validate = "bounds") -> "pyarrow.Table":
     except BaseException:
         seg.detach()
         raise
+
+
+class TableHandle:
+    """A small picklable handle on a table that lives in a segment; ``attach_table(handle)`` maps it.
+
+    ``pyarrow.Table`` pickles its bytes; a handle pickles as a reference to
+    the segment instance (about 100 bytes), as a SharedArray does, so the
+    receiver maps the same buffers. Holding a handle keeps its segment
+    attached (so alive, when it is not persistent). A handle sent by a
+    transport to another host (``shmarray.dask``) carries the table's bytes
+    instead, and ``attach_table`` there gives that copy.
+    """
+
+    __slots__ = ("_key", "_seg", "_value")
+
+    def __init__(self, key: str) -> None:
+        """A handle on the table in segment *key* (attached read-only now: NotFoundError if there is none)."""
+        seg = Segment(key)
+        seg.attach(AccessMode.ReadOnly)
+        try:
+            _read_table(seg, key, "metadata")  # it must hold a table; the table itself is dropped
+        except BaseException:
+            seg.detach()
+            raise
+        self._key = key
+        self._seg: Segment | None = seg
+        self._value: Any = None
+
+    @property
+    def key(self) -> str:
+        """The key of the table's segment."""
+        return self._key
+
+    @property
+    def by_value(self) -> bool:
+        """True for a handle that arrived from another host with the table's bytes (no segment)."""
+        return self._seg is None
+
+    def _table(self, mode: str) -> "pyarrow.Table":
+        if self._seg is None:
+            return self._value
+        seg = Segment._of_instance(self._key, None, AccessMode.ReadOnly, *self._seg._reference())
+        try:
+            return _read_table(seg, self._key, mode)
+        except BaseException:
+            seg.detach()
+            raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._seg is None:
+            return _handle_by_value, (self._key, self._value)
+        host, incarnation = self._seg._reference()
+        if by_value(host):
+            return _handle_by_value, (self._key, self._table("metadata"))
+        return _rebuild_handle, (self._key, host, incarnation)
+
+    def __repr__(self) -> str:
+        where = "by value" if self._seg is None else "in its segment"
+        return f"<shmarray.TableHandle {self._key!r} ({where})>"
+
+
+TableHandle.__module__ = "shmarray"
+
+
+def table_handle(table_or_key: "pyarrow.Table | str") -> TableHandle:
+    """A :class:`TableHandle` on a table from ``share_table``/``attach_table``, or on segment *key*.
+
+    TypeError for a table that does not live in a segment (pickle it by value,
+    or ``share_table`` it first).
+    """
+    if isinstance(table_or_key, str):
+        return TableHandle(table_or_key)
+    seg = _segment_of(table_or_key)
+    if seg is None:
+        raise TypeError(f"table_handle(): a {type(table_or_key).__name__} that does not live in a shmarray "
+                        "segment (give a key, or a table from share_table/attach_table)")
+    handle = TableHandle.__new__(TableHandle)
+    handle._key = seg.key or ""
+    handle._seg = Segment._of_instance(seg.key, None, AccessMode.ReadOnly, *seg._reference())
+    handle._value = None
+    return handle
+
+
+def _rebuild_handle(key: str, host: int, incarnation: int) -> TableHandle:
+    if special():
+        return rebuild_specially(_rebuild_handle, (key, host, incarnation), key, host)  # type: ignore[no-any-return]
+    handle = TableHandle.__new__(TableHandle)
+    handle._key = key
+    handle._seg = Segment._of_instance(key, None, AccessMode.ReadOnly, host, incarnation)
+    handle._value = None
+    return handle
+
+
+def _handle_by_value(key: str, table: "pyarrow.Table") -> TableHandle:
+    handle = TableHandle.__new__(TableHandle)
+    handle._key = key
+    handle._seg = None
+    handle._value = table
+    return handle
+
+
+# The segment behind each live table that _read_table made, by the table's id
+# (pyarrow tables are not hashable, so not weakly keyed); the table's finalizer
+# removes its entry.
+_HOLDERS: dict[int, "_Mapped"] = {}
+
+
+def _segment_of(table: object) -> Segment | None:
+    holder = _HOLDERS.get(id(table))
+    return holder.segment if holder is not None else None
 
 
 def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
@@ -415,7 +529,8 @@ def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
                           "share_table() it again", key) from e
     # Buffers keep the segment; so does the table object itself, because a
     # table without rows or columns has no buffer in the segment at all.
-    weakref.finalize(table, _release, holder).atexit = False
+    _HOLDERS[id(table)] = holder
+    weakref.finalize(table, _release, id(table), holder).atexit = False
     return table
 
 
@@ -436,8 +551,10 @@ def _check_table(table: "pyarrow.Table", desc: TableDescriptor, key: str, lo: in
         _validate_values(table, key, full=mode == "full")
 
 
-def _release(holder: _Mapped) -> None:
+def _release(ident: int, holder: _Mapped) -> None:
     """Drop the last reference a table object held on its segment."""
+    if _HOLDERS.get(ident) is holder:
+        del _HOLDERS[ident]
 
 
 # -- checks -------------------------------------------------------------------------

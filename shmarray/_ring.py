@@ -65,6 +65,7 @@ from ._ringtypes import (
 )
 from ._lock import check_timeout
 from ._segment import Segment
+from ._transfer import rebuild_specially, special
 
 __all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
            "RingShutDownError", "SlotLostError", "SlotStateError"]
@@ -642,6 +643,8 @@ def _check_on_lost(on_lost: str) -> None:
 
 
 def _attach_ring(key: str, on_lost: str, host: int = 0, incarnation: int = 0) -> BatchRing:
+    if special():
+        return rebuild_specially(_attach_ring, (key, on_lost, host, incarnation), key, host)  # type: ignore[no-any-return]
     _check_on_lost(on_lost)
     seg = Segment._of_instance(key, None, AccessMode.ReadWrite, host, incarnation)
     return BatchRing._on(seg, key, on_lost)

@@ -51,6 +51,7 @@ from ._errors import (
 from ._lock import MARK_WORD, SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._os._linux import LOCK_EX, LOCK_UN, flock
+from ._transfer import rebuild_specially, special
 
 __all__ = ["Segment"]
 
@@ -924,6 +925,9 @@ def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None
 
 def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | None,
                      host: int = 0, incarnation: int = 0) -> Segment:
+    if special():
+        return rebuild_specially(_rebuild_segment, (key, native, mode, host, incarnation),  # type: ignore[no-any-return]
+                                 key if key is not None else native, host)
     if mode is None:
         return Segment(key) if key is not None else Segment(native_key=native)
     return Segment._of_instance(key, native, mode, host, incarnation)
