@@ -75,6 +75,10 @@ HANDSHAKE_KEY = "shmarray-host"
 _PLUGIN = "shmarray"
 _HANDLER = "shmarray_host"
 _installed = False
+# Hosts of peers by listening address, for connections whose handshake came
+# from a process that had not run install() yet (the scheduler's pooled
+# connections to workers that were already running).
+_PEER_HOSTS: dict[str, int] = {}
 
 
 def _recipient(context: dict[str, Any] | None) -> int | None:
@@ -85,6 +89,8 @@ def _recipient(context: dict[str, Any] | None) -> int | None:
     if not isinstance(peer, dict):
         return _transfer.UNKNOWN
     host = peer.get(HANDSHAKE_KEY)
+    if host is None:
+        host = _PEER_HOSTS.get(peer.get("address", ""))
     return host if isinstance(host, int) and host > 0 else _transfer.UNKNOWN
 
 
@@ -249,9 +255,12 @@ def _learn_worker_host(scheduler: Scheduler) -> Callable[..., Any]:
     def shmarray_host(comm: Any = None, worker: str = "", host: int = 0) -> int:
         # The worker's stream to us was opened before it ran this module;
         # its recipient info is what our pickling reads for every task we send it.
+        if not host:
+            return backend.host_identity()
+        _PEER_HOSTS[worker] = host
         stream = scheduler.stream_comms.get(worker)
         inner = getattr(stream, "comm", None)
-        if inner is not None and host:
+        if inner is not None:
             inner.remote_info[HANDSHAKE_KEY] = host
         return backend.host_identity()
 
@@ -359,18 +368,22 @@ def from_shared(a: SharedArray, chunks: Any = "auto", *, name: str | None = None
     return da.Array(graph, name, chunks, dtype=a.dtype, meta=np.empty((0,) * a.ndim, dtype=a.dtype))
 
 
-def to_shared(x: dask.array.Array, key: str, *, persistent: bool = False) -> SharedArray:
-    """Compute dask array *x* into a new SharedArray *key*: each chunk is written in place by the worker.
+def to_shared(x: dask.array.Array, key: str, *, persistent: bool = False, **compute_kwargs: Any) -> SharedArray:
+    """Compute dask array *x* into a new SharedArray *key*: each chunk is written in place by its worker.
 
-    Runs the computation (on the current Dask scheduler; with a distributed
-    client, its workers must be on this host). AlreadyExistsError if *key*
-    exists; on failure the segment is not left behind.
+    *compute_kwargs* go to ``compute`` (with a distributed client, for
+    example ``workers=[...]``). A chunk whose task ran on another host
+    cannot reach this segment: that raises ShmError instead of leaving
+    zeros. AlreadyExistsError if *key* exists; on failure no segment is
+    left behind.
     """
     import dask.array as da
 
     out = create(key, x.shape, x.dtype, persistent=persistent)
     try:
-        da.store(x, out, lock=False, compute=True)
+        marks = da.map_blocks(_store_block, x, out=out, dtype=np.int8, chunks=(1,) * x.ndim,
+                              name=f"shmarray-store-{uuid.uuid4().hex[:12]}")
+        marks.sum().compute(**compute_kwargs)
     except BaseException:
         out.close()
         if persistent:
@@ -379,3 +392,17 @@ def to_shared(x: dask.array.Array, key: str, *, persistent: bool = False) -> Sha
             unlink(key)
         raise
     return out
+
+
+def _store_block(block: np.ndarray, out: Any = None, block_info: Any = None) -> np.ndarray:
+    """Write one chunk into the shared target (a task: *out* arrives as a reference)."""
+    if not isinstance(out, SharedArray):
+        from ._errors import ShmError
+
+        if isinstance(out, _transfer.Unreachable):
+            raise out.error()
+        raise ShmError("to_shared(): a chunk was computed on another host, where the target segment "
+                       "cannot be mapped; pass workers= of this host", None)
+    region = tuple(slice(lo, hi) for lo, hi in block_info[0]["array-location"])
+    out[region] = block
+    return np.ones((1,) * block.ndim, dtype=np.int8)
