@@ -74,13 +74,16 @@ class Cluster:
         return self._start(argv)
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                p.kill()
+        # Workers first: a worker whose scheduler went away keeps trying to reconnect.
+        for group in (self.procs[1:], self.procs[:1]):
+            for p in group:
+                p.terminate()
+            for p in group:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:  # pragma: no cover
+                    p.kill()
+                    p.wait(10)
         self.log.close()
 
 
