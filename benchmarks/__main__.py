@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference")
+GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
