@@ -26,7 +26,7 @@ identity and the error classes, nothing else.
 from __future__ import annotations
 
 import contextvars
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterator
 
 from ._errors import ShmError
@@ -47,23 +47,22 @@ Rebuild = Callable[..., Any]
 
 
 @contextmanager
-def sending(recipient: int) -> Iterator[None]:
+def _setting(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def sending(recipient: int) -> AbstractContextManager[None]:
     """Within: pickles are written for a process of host *recipient* (UNKNOWN if not known)."""
-    token = _RECIPIENT.set(recipient)
-    try:
-        yield
-    finally:
-        _RECIPIENT.reset(token)
+    return _setting(_RECIPIENT, recipient)
 
 
-@contextmanager
-def reading(mode: int) -> Iterator[None]:
+def reading(mode: int) -> AbstractContextManager[None]:
     """Within: references are unpickled in *mode* (DEFER or LENIENT; 0 is plain pickle)."""
-    token = _READING.set(mode)
-    try:
-        yield
-    finally:
-        _READING.reset(token)
+    return _setting(_READING, mode)
 
 
 def by_value(host: int) -> bool:
@@ -79,16 +78,13 @@ def special() -> int:
 
 def rebuild_specially(fn: Rebuild, args: tuple[Any, ...], label: str | None, host: int) -> Any:
     """What rebuild function *fn* gives for *args* under the unpickling mode in force (not 0)."""
-    mode = _READING.get()
-    if mode == DEFER:
+    if _READING.get() == DEFER:
         return Deferred(fn, args, label, host)
-    token = _READING.set(0)
     try:
-        return fn(*args)
+        with reading(0):
+            return fn(*args)
     except Exception as e:  # noqa: BLE001 - one bad reference must not kill the reader's message loop
         return Unreachable(f"{type(e).__name__}: {e}", label)
-    finally:
-        _READING.reset(token)
 
 
 class Deferred:
@@ -117,13 +113,11 @@ class Deferred:
                 "forwarded this reference, and on another host than this one: nobody on the way "
                 "could read its bytes; send it by value (np.asarray) or run the task on its host",
                 self.label)
-        token = _READING.set(0)
         try:
-            obj = self._fn(*self._args)
+            with reading(0):
+                obj = self._fn(*self._args)
         except Exception as e:  # noqa: BLE001 - the recipient learns why when it uses the value
             return Unreachable, (f"{type(e).__name__}: {e}", self.label)
-        finally:
-            _READING.reset(token)
         return obj.__reduce_ex__(protocol)
 
     def __reduce__(self) -> Any:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference")
+GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster")
 
 
 def _bench_entries() -> set[str]:

@@ -20,7 +20,6 @@ import pytest
 
 pytest.importorskip("distributed")
 
-import dask.array as da  # noqa: E402
 from distributed import Client  # noqa: E402
 
 import shmarray  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._harness import Cleanup, have, inherited
+from .._harness import Cleanup, have, inherited, mem_available
 
 SHMARRAY = "shmarray"
 SEGMENT = "segment"
@@ -232,3 +232,31 @@ def source_array(nbytes: int) -> np.ndarray:
 def shm_tag_name(cleanup: Cleanup, what: str) -> str:
     """A /dev/shm file name of this run."""
     return os.path.join("/dev/shm", cleanup.name(what))
+
+
+def big_size(res: Any, quick: bool, quick_size: int, copies: int) -> int:
+    """512 MiB (*quick_size* in --quick), or 64 MiB, noted in *res*, when *copies* of it would not fit."""
+    size = quick_size if quick else (512 << 20)
+    if copies * size > mem_available():
+        size = 64 << 20
+        res.notes.append("Not enough free memory for 512 MiB: measured at 64 MiB.")
+    return size
+
+
+def start_ray(ray: Any, size: int) -> None:
+    """ray.init for a group that puts objects of *size* bytes: 2 CPUs, room for four, no dashboard."""
+    ray.init(num_cpus=2, object_store_memory=max(4 * size, 1 << 30), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+
+
+def shut_down(pool: Any = None, client: Any = None, cluster: Any = None, ray: Any = None) -> None:
+    """Stop the peers a group started (each may be None)."""
+    if pool is not None:
+        pool.terminate()
+        pool.join()
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
+    if ray is not None:
+        ray.shutdown()

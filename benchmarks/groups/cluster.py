@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._harness import MP, Context, GroupResult, Row, have, interleave, mem_available
+from .._harness import MP, Context, GroupResult, Row, have, interleave
 from . import _peers as P
 from .pool import _noop, _unlink
 
@@ -80,10 +80,7 @@ def run(ctx: Context) -> GroupResult:
     from shmarray import _reuse
 
     res = GroupResult(NAME, TITLE)
-    size = (64 << 20) if ctx.quick else (512 << 20)
-    if 8 * size > mem_available():
-        size = 64 << 20
-        res.notes.append("Not enough free memory for 512 MiB: measured at 64 MiB.")
+    size = P.big_size(res, ctx.quick, 64 << 20, copies=8)
     src = P.source_array(size)
     want = float(src.sum())
     variant = f"{size >> 20} MiB float64"
@@ -185,8 +182,7 @@ def run(ctx: Context) -> GroupResult:
             import ray
 
             ray_mod = ray
-            ray.init(num_cpus=2, object_store_memory=max(4 * size, 1 << 30), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            P.start_ray(ray, size)
             r_sum = ray.remote(array_sum)
             ray.get(r_sum.remote(ray.put(src[:1000])))
 
@@ -210,14 +206,7 @@ def run(ctx: Context) -> GroupResult:
         ctx.log(f"  {w_variant}: {len(w_methods)} worker-to-worker methods x {reps}")
         w_samples, w_errors = interleave(ctx, w_methods, reps=reps, warmup=1)
     finally:
-        pool.terminate()
-        pool.join()
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-        if ray_mod is not None:
-            ray_mod.shutdown()
+        P.shut_down(pool, client, cluster, ray_mod)
     roles = {POOL: "shmarray", DASK_SHM: "shmarray", W2W_SHM: "shmarray", MOVE_SHM: "shmarray",
              RAY_SHM: "shmarray"}
     for label in {**methods, **ray_methods}:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._harness import MP, Context, GroupResult, Row, have, interleave, mem_available
+from .._harness import MP, Context, GroupResult, Row, have, interleave
 from . import _peers as P
 from .pool import _noop, _unlink
 
@@ -79,10 +79,7 @@ def run(ctx: Context) -> GroupResult:
     from shmarray import _reuse
 
     res = GroupResult(NAME, TITLE)
-    size = (32 << 20) if ctx.quick else (512 << 20)
-    if 6 * size > mem_available():
-        size = 64 << 20
-        res.notes.append("Not enough free memory for 512 MiB: measured at 64 MiB.")
+    size = P.big_size(res, ctx.quick, 32 << 20, copies=6)
     rows = 200_000 if ctx.quick else 5_000_000
     src = P.source_array(size)
     want = float(src.sum())
@@ -142,8 +139,7 @@ def run(ctx: Context) -> GroupResult:
             import ray
 
             ray_mod = ray
-            ray.init(num_cpus=2, object_store_memory=max(4 * size, 1 << 30), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            P.start_ray(ray, size)
             ray_sum = ray.remote(array_sum)
             ray.get(ray_sum.remote(ray.put(src[:1000])))
 
@@ -215,14 +211,7 @@ def run(ctx: Context) -> GroupResult:
         ctx.log(f"  {t_variant}: {len(t_methods)} methods x {reps}")
         t_samples, t_errors = interleave(ctx, t_methods, reps=reps, warmup=1)
     finally:
-        pool.terminate()
-        pool.join()
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-        if ray_mod is not None:
-            ray_mod.shutdown()
+        P.shut_down(pool, client, cluster, ray_mod)
         _reuse.set_budget(None)
         ctx.cleanup.done(floor_h)
     for label in methods:

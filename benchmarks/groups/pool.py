@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any, Callable
 
-from .._harness import MP, Context, GroupResult, Row, interleave, mem_available
+from .._harness import MP, Context, GroupResult, Row, interleave
 from . import _peers as P
 
 NAME = "pool"
@@ -46,10 +46,7 @@ def run(ctx: Context) -> GroupResult:
     import shmarray
 
     res = GroupResult(NAME, TITLE)
-    size = (32 << 20) if ctx.quick else (512 << 20)
-    if 4 * size > mem_available():
-        size = 64 << 20
-        res.notes.append("Not enough free memory for 512 MiB: measured at 64 MiB.")
+    size = P.big_size(res, ctx.quick, 32 << 20, copies=4)
     workers = max(1, min(TASKS, os.cpu_count() or 1))
     src = P.source_array(size)
     want = float(src.sum())
