@@ -290,8 +290,11 @@ class _WorkerPlugin(WorkerPlugin):  # type: ignore[misc]
     async def setup(self, worker: Worker) -> None:
         install()
         _spill_by_value(worker)
-        scheduler_host = await worker.scheduler.shmarray_host(worker=worker.address,
-                                                              host=backend.host_identity())
+        try:
+            scheduler_host = await worker.scheduler.shmarray_host(worker=worker.address,
+                                                                  host=backend.host_identity())
+        except Exception:  # noqa: BLE001 - a scheduler without our plugin: new connections still say the host
+            scheduler_host = 0
         stream = getattr(worker.batched_stream, "comm", None)
         if stream is not None and scheduler_host:
             stream.remote_info[HANDSHAKE_KEY] = scheduler_host
@@ -321,7 +324,7 @@ def _spill_by_value(worker: Worker) -> None:
     slow.dump = dump_by_value
 
 
-def register(client: Client) -> None:
+def register(client: Client) -> Any:
     """Install shmarray's serialisation on *client*, its scheduler and every present and future worker.
 
     Idempotent. After it, a SharedArray (or view) or TableHandle that Dask
@@ -329,15 +332,20 @@ def register(client: Client) -> None:
     results, worker-to-worker transfers) moves as a ~100-byte reference, and
     writes are seen by everyone; to a process on another host it moves as
     its bytes. See the module docs for the scheduler and lifetime rules.
+    With an asynchronous client, returns a coroutine to await.
     """
     install()
-    client.register_plugin(_SchedulerPlugin(), name=_PLUGIN + "-scheduler")
-    client.register_plugin(_WorkerPlugin(), name=_PLUGIN + "-worker")
+    if client.asynchronous:
+        return _register(client)
+    client.sync(_register, client)
+    return None
 
-    async def collect() -> None:
-        client.rpc.collect()
 
-    client.sync(collect)
+async def _register(client: Client) -> None:
+    await client.register_plugin(_SchedulerPlugin(), name=_PLUGIN + "-scheduler")
+    await client.register_plugin(_WorkerPlugin(), name=_PLUGIN + "-worker")
+    # Idle pooled connections predate the handshake: new ones carry it.
+    client.rpc.collect()
 
 
 def dask_setup(worker: Worker) -> None:

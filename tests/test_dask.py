@@ -173,7 +173,9 @@ def test_results_and_worker_to_worker_go_by_reference(client: Client, cluster: d
     assert isinstance(got, shmarray.SharedArray) and got.key == key
     assert got[0] == 5.0  # written by the other worker, in the first worker's segment
     assert client.run(tasks.attached_keys, key, workers=[w1])[w1] != []
-    del got
+    through_scheduler = client.gather(made, direct=False)
+    assert isinstance(through_scheduler, shmarray.SharedArray) and through_scheduler[0] == 5.0
+    del got, through_scheduler
 
 
 def test_a_result_segment_lives_while_dask_holds_the_key(client: Client, cluster: dict[str, Any],
@@ -251,6 +253,19 @@ def test_dask_array_from_and_to_shared(client: Client, cluster: dict[str, Any], 
         assert _gone(k, 5)
     with pytest.raises(TypeError):
         shmarray.dask.from_shared(np.zeros(3))  # type: ignore[arg-type]
+
+
+def test_register_with_an_asynchronous_client(cluster: dict[str, Any], key: str) -> None:
+    import asyncio
+
+    a = shmarray.share(key, np.arange(10.0))
+
+    async def main() -> Any:
+        async with Client(scheduler_file=str(cluster["cluster"].file), asynchronous=True) as c:
+            await shmarray.dask.register(c)  # again: idempotent
+            return await c.submit(tasks.kind_and_sum, a, workers=cluster["local"])
+
+    assert asyncio.run(main()) == ("SharedArray", 45.0)
 
 
 # -- another host: by value -------------------------------------------------------
