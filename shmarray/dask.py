@@ -42,11 +42,12 @@ every shared page it has touched (once per worker that touched it). When a
 worker does spill one (its RSS passed the spill threshold), it spills the
 bytes, never a reference, so nothing is lost.
 
-Workers that join later get the plugin when they register; start them with
-``--preload shmarray.dask`` (or ``preload=["shmarray.dask"]``) to have their
-first connection carry the host identity too: otherwise the scheduler learns
-it a moment after registration, and a task sent in that moment travels as a
-reference the worker checks (a foreign one fails that task with ShmError).
+Workers that join later get the plugin when they register, and report their
+host to the scheduler then (before their first task, in every run of the
+tests). Until the scheduler has heard a worker's host it sends that worker
+bytes (from the segment's host) rather than a reference it might not map. ``--preload shmarray.dask`` (or
+``preload=["shmarray.dask"]``) makes a worker's very first connection carry
+its host.
 """
 
 from __future__ import annotations

@@ -63,10 +63,10 @@ class Cluster:
                 raise TimeoutError("the scheduler did not start")
             time.sleep(0.1)
 
-    def worker(self, name: str, own_dev_shm: bool = False) -> subprocess.Popen[bytes]:
+    def worker(self, name: str, own_dev_shm: bool = False, *extra: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(self.file),
                 "--name", name, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--memory-limit", "4GiB",
-                "--local-directory", str(self.tmp / name)]
+                "--local-directory", str(self.tmp / name), *extra]
         if own_dev_shm:
             argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                     "mount -t tmpfs -o size=256m tmpfs /dev/shm && exec \"$@\"", "sh", *argv]
@@ -266,6 +266,31 @@ def test_register_with_an_asynchronous_client(cluster: dict[str, Any], key: str)
             return await c.submit(tasks.kind_and_sum, a, workers=cluster["local"])
 
     assert asyncio.run(main()) == ("SharedArray", 45.0)
+
+
+def test_workers_that_join_later(client: Client, cluster: dict[str, Any], key: str) -> None:
+    a = shmarray.share(key, np.arange(10.0))
+    before = len(client.scheduler_info()["workers"])
+    late = cluster["cluster"].worker("late")
+    client.wait_for_workers(before + 1, timeout=TIMEOUT)
+    addr = next(w for w, i in client.scheduler_info()["workers"].items() if i["name"] == "late")
+    # At once: the right values (bytes, until the scheduler has heard this worker's host) ...
+    kind, total = client.submit(tasks.kind_and_sum, a, workers=[addr], pure=False).result(TIMEOUT)
+    assert total == 45.0 and kind in ("SharedArray", "ndarray")
+    # ... and references soon after.
+    deadline = time.monotonic() + TIMEOUT
+    while client.submit(tasks.kind_and_sum, a, workers=[addr], pure=False).result(TIMEOUT)[0] != "SharedArray":
+        assert time.monotonic() < deadline, "a late worker never got references"
+        time.sleep(0.1)
+    # With --preload shmarray.dask, its first connection says its host: references from the first task.
+    preloaded = cluster["cluster"].worker("late-preload", False, "--preload", "shmarray.dask")
+    client.wait_for_workers(before + 2, timeout=TIMEOUT)
+    addr2 = next(w for w, i in client.scheduler_info()["workers"].items() if i["name"] == "late-preload")
+    assert client.submit(tasks.kind_and_sum, a, workers=[addr2], pure=False).result(TIMEOUT) == (
+        "SharedArray", 45.0)
+    for p in (late, preloaded):
+        p.terminate()
+        p.wait(TIMEOUT)
 
 
 # -- another host: by value -------------------------------------------------------
