@@ -60,7 +60,7 @@ from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOf
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._os import backend
 from ._progress import check_progress, label, reporting
-from ._segment import Segment
+from ._segment import Dir, Segment
 from ._transfer import by_value, rebuild_specially, special
 
 __all__ = ["SharedArray", "create", "share", "attach"]
@@ -224,12 +224,16 @@ class SharedArray(np.ndarray):
         if by_value(host):  # a transport sends this to another host: the bytes, as a plain ndarray
             return np.asarray(self).__reduce_ex__(protocol)
         offset = _address(self) - _address(self._shm_map)
+        where = seg._dir
         dt = self.dtype
         # A plain dtype travels as its string: unpickling a dtype object costs
         # more than the rest of the reference.
         spec: Any = dt.str if dt.fields is None and dt.subdtype is None and not dt.metadata else dt
         if spec is not dt and np.dtype(spec) != dt:  # pragma: no cover - e.g. a user-defined dtype
             spec = dt
+        if where is not None:  # a segment outside the default directory: the reference says where
+            return _rebuild, (seg.key, offset, self.shape, self.strides, spec, not self.flags.writeable,
+                              host, incarnation, where)
         return _rebuild, (seg.key, offset, self.shape, self.strides, spec, not self.flags.writeable,
                           host, incarnation)
 
@@ -279,8 +283,8 @@ def _view(seg: Segment, shape: tuple[int, ...], dtype: np.dtype[Any], offset: in
 # -- attach --------------------------------------------------------------------------------
 
 
-def _attach_segment(key: str, readonly: bool) -> Segment:
-    return Segment(key).attach(AccessMode.ReadOnly if readonly else AccessMode.ReadWrite)
+def _attach_segment(key: str, readonly: bool, dir: Dir = None) -> Segment:
+    return Segment(key, dir=dir).attach(AccessMode.ReadOnly if readonly else AccessMode.ReadWrite)
 
 
 def _array_header(seg: Segment, key: str) -> tuple[PayloadHeader, bytes]:
@@ -308,15 +312,16 @@ def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
     return spec, hdr.payload_offset
 
 
-def attach(key: str, *, readonly: bool = False) -> SharedArray:
+def attach(key: str, *, readonly: bool = False, dir: Dir = None) -> SharedArray:
     """Attach the array that segment *key* holds: same dtype, shape and order, zero-copy.
 
     ``readonly=True`` maps the memory read-only, so nothing can write it
     through this array, its views or its buffer. Raises NotFoundError when
     there is no such segment, and HeaderError when the segment holds
-    something else or its header is corrupt.
+    something else or its header is corrupt. *dir* is the segment directory
+    (default ``SHMARRAY_DIR``, else /dev/shm).
     """
-    seg = _attach_segment(key, readonly)
+    seg = _attach_segment(key, readonly, dir)
     try:
         spec, offset = _read_spec(seg, key)
         return _view(seg, spec.shape, spec.dtype, offset, order=spec.order)
@@ -336,14 +341,15 @@ def _payload(seg: Segment, key: str) -> tuple[int, int]:
 
 
 def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
-             dtype: "np.dtype[Any] | str", readonly: bool, host: int = 0, incarnation: int = 0) -> SharedArray:
+             dtype: "np.dtype[Any] | str", readonly: bool, host: int = 0, incarnation: int = 0,
+             dir: str | None = None) -> SharedArray:
     """Unpickle a SharedArray: the segment instance the reference names, and the view, checked against it."""
     if special():
         return rebuild_specially(  # type: ignore[no-any-return]
-            _rebuild, (key, offset, shape, strides, dtype, readonly, host, incarnation), key, host)
+            _rebuild, (key, offset, shape, strides, dtype, readonly, host, incarnation, dir), key, host)
     dtype = np.dtype(dtype)
     seg = Segment._of_instance(key, None, AccessMode.ReadOnly if readonly else AccessMode.ReadWrite,
-                               host, incarnation)
+                               host, incarnation, dir)
     try:
         p_off, p_len = _payload(seg, key)
         lo, hi = _extent(offset, shape, strides, dtype.itemsize)
@@ -376,12 +382,13 @@ def _extent(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], items
 # -- create / share -----------------------------------------------------------------------------
 
 
-def _no_room(key: str, total: int, what: str) -> OutOfResourcesError:
-    free = backend.free_bytes()
+def _no_room(seg: Segment, total: int, what: str) -> OutOfResourcesError:
+    where = seg.dir
+    free = backend.free_bytes(where)
     return OutOfResourcesError(
-        f"{what}: needs {_human(PAGE_SIZE + total)} but /dev/shm has {_human(free)} free "
-        f"(of {_human(backend.total_bytes())}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
-        "use a smaller array, or enlarge /dev/shm", key)
+        f"{what}: needs {_human(PAGE_SIZE + total)} but {where} has {_human(free)} free "
+        f"(of {_human(backend.total_bytes(where))}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
+        f"use a smaller array, or enlarge {where}", seg.key)
 
 
 def _phase_for(src: np.ndarray) -> int | None:
@@ -401,16 +408,16 @@ _PHASE_MIN = 1 << 20
 
 
 def _prepare(key: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran: bool,
-             what: str, phase: int | None = None) -> tuple[Segment, bytes, int, int]:
+             what: str, phase: int | None = None, dir: Dir = None) -> tuple[Segment, bytes, int, int]:
     """(segment, header + descriptor, payload offset, total user bytes), after every check that needs no OS."""
-    seg = Segment(key)  # the key is checked here, before anything else is done
+    seg = Segment(key, dir=dir)  # the key is checked here, before anything else is done
     descriptor = encode_descriptor(shape, dtype, fortran, what)
     nbytes = math.prod(shape) * dtype.itemsize
     p_off, total = layout(len(descriptor), nbytes, phase)
     # Segment._create checks the free space of /dev/shm before writing; sizes no
     # file system holds (and that the header's 64-bit fields cannot) stop here.
     if total >= 1 << 62:
-        raise _no_room(key, total, what)
+        raise _no_room(seg, total, what)
     if math.prod(d for d in shape if d) > _INTP_MAX:
         raise InvalidSizeError(f"{what}: shape {shape} has more elements than numpy can index", key)
     return seg, pack_header(Kind.NDARRAY, descriptor, p_off, nbytes), p_off, total
@@ -477,7 +484,7 @@ def _write_array(write: Write, src: np.ndarray, offset: int, fortran: bool) -> N
 
 
 def create(key: str, shape: object, dtype: object = float, *, order: str = "C", fill: object = None,
-           persistent: bool = False, progress: bool = False) -> SharedArray:
+           persistent: bool = False, progress: bool = False, dir: Dir = None) -> SharedArray:
     """A new array in segment *key*: zero-filled, or every item set to *fill*.
 
     *order* is "C" or "F". The segment's pages are reserved now, so a full
@@ -485,7 +492,8 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     segment goes when the last array (or view) using it anywhere is gone,
     unless *persistent*; then it stays until ``shmarray.unlink(key)``.
     ``progress=True`` shows a bar (``tqdm.auto``) while a *fill* value is
-    written; zeros are reserved in one call and need none.
+    written; zeros are reserved in one call and need none. *dir* is the
+    segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
     """
     what = f"create array {key!r}"
     dims = check_shape(shape, what)
@@ -495,7 +503,7 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     item = _fill_value(fill, dt, what)
     show = check_progress(progress, what)
     fortran = order == "F"
-    seg, head, p_off, total = _prepare(key, dims, dt, fortran, what)
+    seg, head, p_off, total = _prepare(key, dims, dt, fortran, what, dir=dir)
     count = math.prod(dims)
 
     def fill_segment(write: Write) -> None:
@@ -510,13 +518,15 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     return _view(seg, dims, dt, p_off, order=order)
 
 
-def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bool = False) -> SharedArray:
+def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bool = False,
+          dir: Dir = None) -> SharedArray:
     """Copy *array* into a new segment *key* and return it as a SharedArray.
 
     Keeps the dtype and shape, and Fortran order when the array is
     Fortran-contiguous; a non-contiguous array is stored C-contiguous.
     ``progress=True`` shows a bar (``tqdm.auto``: a widget in Jupyter, text
     on stderr in a terminal) while the data is copied in; it needs tqdm.
+    *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
     """
     what = f"share array {key!r}"
     if not isinstance(array, np.ndarray):
@@ -529,7 +539,7 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bo
     if dt is not src.dtype:
         src = src.view(dt)  # the same bytes without dtype metadata
     fortran = bool(src.flags.f_contiguous and not src.flags.c_contiguous)
-    seg, head, p_off, total = _prepare(key, src.shape, dt, fortran, what, _phase_for(src))
+    seg, head, p_off, total = _prepare(key, src.shape, dt, fortran, what, _phase_for(src), dir)
 
     def fill_segment(write: Write) -> None:
         write(memoryview(head), 0)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import errno
 import operator
+import os
 import threading
 import weakref
-from typing import Any, Callable, SupportsIndex
+from typing import Any, Callable, SupportsIndex, Union
 
 from . import _reuse, _stash
 from ._attachment import (
@@ -54,6 +55,10 @@ from ._os._linux import LOCK_EX, LOCK_UN, flock
 from ._transfer import rebuild_specially, special
 
 __all__ = ["Segment"]
+
+#: A ``dir=`` argument: the segment directory (None: ``SHMARRAY_DIR``, else /dev/shm).
+Dir = Union[str, "os.PathLike[str]", None]
+
 
 def _check_size(size: object, what: str) -> int:
     # isinstance(int) first: the runtime Protocol check costs ~7 us, an int needs none.
@@ -131,6 +136,7 @@ class Segment:
     # Defaults at class level, so detach() and __del__ work on a half-built object.
     _key: str | None = None
     _native: str | None = None
+    _dir: str | None = None  # the segment directory; None: the default (SHMARRAY_DIR or /dev/shm)
     _att: _Attachment | None = None
     _finalizer: Any = None
     _lk: SegmentLock | None = None  # this object's lock (through its attachment's gate), for the hot path
@@ -139,9 +145,12 @@ class Segment:
     _error: SharedMemoryError = SharedMemoryError.NoError
     _error_string: str = ""
 
-    def __init__(self, key: str | None = None, *, native_key: str | None = None) -> None:
+    def __init__(self, key: str | None = None, *, native_key: str | None = None,
+                 dir: Dir = None) -> None:
         if key is not None and native_key is not None:
             raise ValueError("pass key or native_key, not both")
+        if dir is not None:
+            self._dir = _check_dir(dir)
         if key is not None:
             self._key = check_key(key)
             self._native = native_key_for(key)
@@ -160,6 +169,11 @@ class Segment:
     def native_key(self) -> str | None:
         """The OS name of the segment (without the leading '/')."""
         return self._native
+
+    @property
+    def dir(self) -> str:
+        """The directory the segment lives in (``dir=``, else ``SHMARRAY_DIR``, else /dev/shm)."""
+        return self._dir or backend.SHM_DIR
 
     def set_key(self, key: str | None) -> None:
         """Set the key; the same key is a no-op, otherwise an attached segment is detached first."""
@@ -209,7 +223,11 @@ class Segment:
             from ._errors import InvalidKeyError
 
             raise self._fail(InvalidKeyError(f"{what}: no key set; pass a key to Segment() or set_key()"))
-        return self._native
+        if self._dir is not None:
+            problem = backend.dir_problem(self._dir, writable=what == "create")
+            if problem is not None:
+                raise self._fail(ShmError(f"{what}: the segment directory {self._dir!r} {problem}", self._key))
+        return backend.qualify(self._dir, self._native)
 
     # -- create / attach / detach --------------------------------------------------
 
@@ -255,11 +273,11 @@ class Segment:
                     "detach() it first", self._key))
             total = PAGE_SIZE + size
             _stash.maybe_reap()
-            free = backend.free_bytes()
+            free = backend.free_bytes(self._dir)
             if total > free:
                 # Memory kept for reuse gives way before a create fails for lack of room.
                 _stash.give_back(total - free)
-                if total > backend.free_bytes():
+                if total > backend.free_bytes(self._dir):
                     raise self._fail(self._no_space(total))
             for attempt in (1, 2):
                 try:
@@ -280,18 +298,20 @@ class Segment:
 
     def _no_space(self, total: int) -> OutOfResourcesError:
         return OutOfResourcesError(
-            f"create: segment {self._label()!r} needs {_human(total)} but /dev/shm has "
-            f"{_human(backend.free_bytes())} free (of {_human(backend.total_bytes())}); remove segments "
-            "(`shmarray gc`, `shmarray rm KEY`) or enlarge /dev/shm", self._key)
+            f"create: segment {self._label()!r} needs {_human(total)} but {self.dir} has "
+            f"{_human(backend.free_bytes(self._dir))} free (of {_human(backend.total_bytes(self._dir))}); "
+            f"remove segments (`shmarray gc`, `shmarray rm KEY`) or enlarge {self.dir}", self._key)
 
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
-        if not persistent:
+        # Recycled files live in the default directory (a link cannot cross file systems).
+        recycle = not persistent and self._dir is None
+        if recycle:
             taken = _stash.take(PAGE_SIZE + size)
             if taken is not None:
                 return self._build_in(taken, name, size, mode, fill)
         pid = backend.getpid()
-        temp = f"{TEMP_PREFIX}{pid}-{backend.token_hex(6)}"
+        temp = backend.qualify(self._dir, f"{TEMP_PREFIX}{pid}-{backend.token_hex(6)}")
         fd = backend.create_exclusive(temp, permissions)
         published = False
         kept: str | None = None
@@ -308,7 +328,7 @@ class Segment:
             backend.pwrite_all(fd, memoryview(control), 0)
             if fill is not None:
                 fill(_user_writer(size, lambda data, at: backend.pwrite_all(fd, data, at)))
-            if not persistent:
+            if recycle:
                 kept = _stash.keep(temp, name, total, fd)
             self._publish(temp, name)
             published = True
@@ -823,18 +843,18 @@ class Segment:
         att = self._att
         if att is None:
             return 0, 0
-        return backend.host_identity(), att.incarnation
+        return backend.host_identity(self._dir), att.incarnation
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickles as a reference to this segment instance: the receiver attaches it.
         att = self._att
         mode = att.mode if att is not None else None
         host, incarnation = self._reference()
-        return _rebuild_segment, (self._key, self._native, mode, host, incarnation)
+        return _rebuild_segment, (self._key, self._native, mode, host, incarnation, self._dir)
 
     @classmethod
     def _of_instance(cls, key: str | None, native: str | None, mode: AccessMode, host: int,
-                     incarnation: int) -> Segment:
+                     incarnation: int, dir: str | None = None) -> Segment:
         """A new Segment object attached to the segment instance a reference names.
 
         In a process that holds that instance (any Segment, array or view of
@@ -845,7 +865,7 @@ class Segment:
         instance is gone or the key now names another segment.
         """
         label = key if key is not None else native
-        if host and host != backend.host_identity():
+        if host and host != _host_of(dir):
             raise ShmError(
                 f"segment {label!r} lives on another host (or another /dev/shm): its reference was "
                 "made where this process cannot map it; send the data by value there "
@@ -853,10 +873,11 @@ class Segment:
         seg = cls.__new__(cls)
         seg._mutex = threading.RLock()
         seg._key = key
+        seg._dir = dir
         if incarnation:
             att = share_instance(incarnation, mode)
             if att is not None:
-                seg._native = att.name
+                seg._dir, seg._native = backend.split_name(att.name)
                 seg._att = att
                 seg._arm()
                 return seg
@@ -924,13 +945,29 @@ def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None
 
 
 def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | None,
-                     host: int = 0, incarnation: int = 0) -> Segment:
+                     host: int = 0, incarnation: int = 0, dir: str | None = None) -> Segment:
     if special():
-        return rebuild_specially(_rebuild_segment, (key, native, mode, host, incarnation),  # type: ignore[no-any-return]
-                                 key if key is not None else native, host)
+        return rebuild_specially(  # type: ignore[no-any-return]
+            _rebuild_segment, (key, native, mode, host, incarnation, dir), key if key is not None else native, host)
     if mode is None:
-        return Segment(key) if key is not None else Segment(native_key=native)
-    return Segment._of_instance(key, native, mode, host, incarnation)
+        return Segment(key, dir=dir) if key is not None else Segment(native_key=native, dir=dir)
+    return Segment._of_instance(key, native, mode, host, incarnation, dir)
+
+
+def _host_of(directory: str | None) -> int:
+    """This process's host identity for segments of *directory* (0 when it has no such directory)."""
+    try:
+        return backend.host_identity(directory)
+    except OSError:
+        return 0
+
+
+def _check_dir(directory: "str | os.PathLike[str]") -> str | None:
+    """A ``dir=`` argument as segments keep it: None for the default directory."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"dir must be a path (str or os.PathLike), not {type(directory).__name__}")
+    d = backend.normal_dir(directory)
+    return None if d == backend.SHM_DIR else d
 
 
 Segment.__module__ = "shmarray"

@@ -509,7 +509,7 @@ for label, make in [
     except shmarray.OutOfResourcesError as e:
         print(f"precheck {label}:", e)
 # Pretend the space check passed (another process raced us): the write itself must refuse.
-backend.free_bytes = lambda: 1 << 40
+backend.free_bytes = lambda *_: 1 << 40
 for label, make in [
     ("create", lambda k: shmarray.create(k, 40 << 20, np.uint8)),
     ("fill", lambda k: shmarray.create(k, 5 << 20, np.float64, fill=1.5)),

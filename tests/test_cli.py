@@ -97,7 +97,7 @@ FULL_SHM = textwrap.dedent("""
     except shmarray.OutOfResourcesError as e:
         print("precheck:", e)
     # Pretend the space check passed (another process raced us): posix_fallocate must still refuse.
-    backend.free_bytes = lambda: 1 << 40
+    backend.free_bytes = lambda *_: 1 << 40
     try:
         shmarray.Segment("full-c").create(40 << 20)
     except shmarray.OutOfResourcesError as e:

@@ -33,7 +33,15 @@ __all__ = [
     "LOCK_UN",
 ]
 
-SHM_DIR = "/dev/shm"
+def normal_dir(directory: "str | os.PathLike[str]") -> str:
+    """A directory as segment names carry it: absolute, no trailing slash."""
+    return os.path.abspath(os.fspath(directory)).rstrip("/") or "/"
+
+
+# The default segment directory: SHMARRAY_DIR, else /dev/shm (where glibc's
+# shm_open puts POSIX shared memory). Names of segments elsewhere carry their
+# directory: "<dir>/<bare name>" (see qualify).
+SHM_DIR = normal_dir(os.environ.get("SHMARRAY_DIR") or "/dev/shm")
 PAGE_SIZE = mmap.PAGESIZE
 
 # The data lock, re-exported so the lock layer's hot path is one C call.
@@ -70,8 +78,35 @@ CONSUMER_BYTE = SLOT_BASE - 1
 
 
 def path_of(name: str) -> str:
-    """The /dev/shm path of a bare native name."""
-    return f"{SHM_DIR}/{name}"
+    """The path of a name: a bare name lives in SHM_DIR, a qualified one says its directory."""
+    return name if name.startswith("/") else f"{SHM_DIR}/{name}"
+
+
+def qualify(directory: str | None, bare: str) -> str:
+    """The name of *bare* in *directory*: bare in the default directory, else "<dir>/<bare>"."""
+    if directory is None:
+        return bare
+    d = normal_dir(directory)
+    return bare if d == SHM_DIR else f"{d}/{bare}"
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """(directory, bare name) of a name; None for the default directory."""
+    if not name.startswith("/"):
+        return None, name
+    d, bare = name.rsplit("/", 1)
+    return d, bare
+
+
+def dir_problem(directory: str, *, writable: bool) -> str | None:
+    """Why segments cannot live in *directory* (None when they can)."""
+    if not os.path.exists(directory):
+        return "does not exist (shmarray never creates it)"
+    if not os.path.isdir(directory):
+        return "is not a directory"
+    if writable and not os.access(directory, os.W_OK | os.X_OK):
+        return "cannot be written by this user"
+    return None
 
 
 def create_exclusive(name: str, permissions: int) -> int:
@@ -326,28 +361,26 @@ def unmap_without_recency(mapping: mmap.mmap) -> None:
         pass
 
 
-def free_bytes() -> int:
-    """Bytes /dev/shm can still hold."""
-    st = os.statvfs(SHM_DIR)
-    return st.f_bavail * st.f_frsize
+def free_bytes(directory: str | None = None) -> int:
+    """Bytes the segment directory can still hold."""
+    return statvfs_bytes(directory)[0]
 
 
-def total_bytes() -> int:
-    """Size of the /dev/shm file system."""
-    st = os.statvfs(SHM_DIR)
-    return st.f_blocks * st.f_frsize
+def total_bytes(directory: str | None = None) -> int:
+    """Size of the segment directory's file system."""
+    return statvfs_bytes(directory)[1]
 
 
-def statvfs_bytes() -> tuple[int, int]:
-    """(free, total) bytes of /dev/shm."""
-    st = os.statvfs(SHM_DIR)
+def statvfs_bytes(directory: str | None = None) -> tuple[int, int]:
+    """(free, total) bytes of the segment directory's file system."""
+    st = os.statvfs(directory or SHM_DIR)
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def list_names() -> list[str]:
-    """Names of every object in /dev/shm."""
+def list_names(directory: str | None = None) -> list[str]:
+    """Names of every object in the segment directory (bare names)."""
     try:
-        return os.listdir(SHM_DIR)
+        return os.listdir(directory or SHM_DIR)
     except FileNotFoundError:  # pragma: no cover - no /dev/shm
         return []
 
@@ -534,11 +567,11 @@ def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
         del dst, src
 
 
-_host: int | None = None
+_hosts: dict[str, int] = {}
 
 
-def host_identity() -> int:
-    """A 64-bit number that names this machine's boot and this /dev/shm.
+def host_identity(directory: str | None = None) -> int:
+    """A 64-bit number that names this machine's boot and the file system of a segment directory.
 
     Two processes share segments exactly when they see the same /dev/shm:
     the same kernel boot (``/proc/sys/kernel/random/boot_id``) and the same
@@ -546,18 +579,19 @@ def host_identity() -> int:
     another machine, gets another number. Network addresses say nothing
     here (every worker of a local cluster is 127.0.0.1).
     """
-    global _host
-    if _host is None:
+    d = directory or SHM_DIR
+    got = _hosts.get(d)
+    if got is None:
         try:
             with open("/proc/sys/kernel/random/boot_id", "rb") as f:
                 boot = int(f.read().strip().replace(b"-", b""), 16)
         except (OSError, ValueError):  # pragma: no cover - no /proc: the hostname stands in
             boot = int.from_bytes(os.uname().nodename.encode()[:16].ljust(16, b"\0"), "little")
-        dev = os.stat(SHM_DIR).st_dev
+        dev = os.stat(d).st_dev
         # A mix, not a digest: the inputs are random already (the boot id is a UUID).
         mixed = (boot ^ (boot >> 64) ^ ((dev + 1) * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
-        _host = mixed or 1
-    return _host
+        got = _hosts[d] = mixed or 1
+    return got
 
 
 def limits_hint(code: int) -> str:
