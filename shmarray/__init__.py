@@ -8,6 +8,7 @@ survives its holder's death, and Qt's error codes.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from ._admin import SegmentInfo, collect_garbage, list_segments, segment_info
@@ -127,9 +128,10 @@ __all__ = [
 ]
 
 
-def unlink(key: str) -> None:
+def unlink(key: str, *, dir: "str | os.PathLike[str] | None" = None) -> None:
     """Remove the segment *key* now (persistent or not); attached users keep their memory.
 
+    *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
     Raises NotFoundError when there is no such segment.
     """
-    _unlink_key(key)
+    _unlink_key(key, dir=dir)

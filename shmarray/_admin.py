@@ -11,8 +11,9 @@ import dataclasses
 from . import _stash
 from ._attachment import CONTROL, MAGIC, PAGE_SIZE, parse_control, sweep_orphans
 from ._stash import KEEP_PREFIX
-from ._errors import NotFoundError, PermissionDeniedError
+from ._errors import NotFoundError, PermissionDeniedError, ShmError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
+from ._segment import Dir, _check_dir
 
 __all__ = ["SegmentInfo", "list_segments", "segment_info", "unlink_key", "collect_garbage", "read_head"]
 
@@ -34,6 +35,8 @@ class SegmentInfo:
     shmarray: bool
     # Memory kept for reuse (a hidden name, see _stash): (owner alive, other names), else None.
     kept: tuple[bool, int] | None = None
+    # The directory the segment lives in.
+    dir: str = backend.SHM_DIR
 
     @property
     def orphan(self) -> bool:
@@ -41,9 +44,19 @@ class SegmentInfo:
         return self.shmarray and self.kept is None and self.attachments == 0 and not self.persistent
 
 
-def _read(name: str) -> SegmentInfo | None:
+def _where(directory: "Dir") -> str | None:
+    """A ``dir=`` argument checked for reading: None for the default; ShmError naming a bad one."""
+    d = _check_dir(directory) if directory is not None else None
+    if d is not None:
+        problem = backend.dir_problem(d, writable=False)
+        if problem is not None:
+            raise ShmError(f"the segment directory {d!r} {problem}", None)
+    return d
+
+
+def _read(name: str, directory: str | None = None) -> SegmentInfo | None:
     try:
-        fd = backend.open_existing(name, False)
+        fd = backend.open_existing(backend.qualify(directory, name), False)
     except OSError:
         return None
     try:
@@ -56,30 +69,35 @@ def _read(name: str) -> SegmentInfo | None:
         pids, attachments, lock, holder = backend.lock_report(dev, ino)
     finally:
         backend.close(fd)
+    where = directory or backend.SHM_DIR
     if cb is None:
-        return SegmentInfo(name, None, size, False, (), 0, None, None, 0, 0.0, False)
+        return SegmentInfo(name, None, size, False, (), 0, None, None, 0, 0.0, False, dir=where)
     return SegmentInfo(
         native_key=name, key=cb.key, size=cb.size, persistent=cb.persistent,
         attached_pids=tuple(sorted(pids)), attachments=attachments, lock=lock,
         lock_holder=holder if lock else None, creator_pid=cb.creator, created=cb.created,
-        shmarray=True,
+        shmarray=True, dir=where,
     )
 
 
-def list_segments(*, include_foreign: bool = False) -> list[SegmentInfo]:
-    """Every shmarray segment in /dev/shm (and, with *include_foreign*, other objects and kept memory)."""
+def list_segments(*, include_foreign: bool = False, dir: "Dir" = None) -> list[SegmentInfo]:
+    """Every shmarray segment in the segment directory (and, with *include_foreign*, other objects and kept memory).
+
+    *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
+    """
+    d = _where(dir)
     out = []
-    if not include_foreign:
+    if not include_foreign and d is None:
         # Memory kept by processes that died goes whenever segments are listed;
         # the full listing (--all) is the one that shows it until then.
         _stash.reap_orphans()
-    for name in sorted(backend.list_names()):
+    for name in sorted(backend.list_names(d)):
         if name.startswith(TEMP_PREFIX) or name.startswith(KEEP_PREFIX):
             continue
         if not include_foreign and not name.startswith(PREFIX):
             # Segments created by native key carry our magic under any name.
             try:
-                fd = backend.open_existing(name, False)
+                fd = backend.open_existing(backend.qualify(d, name), False)
             except OSError:
                 continue
             try:
@@ -89,10 +107,10 @@ def list_segments(*, include_foreign: bool = False) -> list[SegmentInfo]:
                 continue
             finally:
                 backend.close(fd)
-        info = _read(name)
+        info = _read(name, d)
         if info is not None and (include_foreign or info.shmarray):
             out.append(info)
-    if include_foreign:
+    if include_foreign and d is None:
         for name, pid, size, alive, nlink in _stash.kept_entries():
             out.append(SegmentInfo(name, None, size, False, (), 0, None, None, pid, 0.0, True,
                                    kept=(alive, nlink - 1)))
@@ -107,20 +125,20 @@ def _name(key: str | None, native_key: str | None) -> tuple[str, str]:
     return native_key_for(k), k
 
 
-def segment_info(key: str | None = None, *, native_key: str | None = None) -> SegmentInfo:
-    """The listing entry of one segment; NotFoundError if there is none."""
+def segment_info(key: str | None = None, *, native_key: str | None = None, dir: "Dir" = None) -> SegmentInfo:
+    """The listing entry of one segment (in *dir*); NotFoundError if there is none."""
     name, label = _name(key, native_key)
-    info = _read(name)
+    info = _read(name, _where(dir))
     if info is None:
         raise NotFoundError(f"no segment {label!r}; `shmarray ls` lists the segments there are", key)
     return info
 
 
-def read_head(native_key: str, length: int) -> bytes:
+def read_head(native_key: str, length: int, directory: str | None = None) -> bytes:
     """The first *length* user bytes of a shmarray segment, without attaching."""
     name = check_native_key(native_key)
     try:
-        fd = backend.open_existing(name, False)
+        fd = backend.open_existing(backend.qualify(directory, name), False)
     except FileNotFoundError:
         raise NotFoundError(f"no segment {native_key!r}", None) from None
     try:
@@ -132,27 +150,29 @@ def read_head(native_key: str, length: int) -> bytes:
         backend.close(fd)
 
 
-def unlink_key(key: str | None = None, *, native_key: str | None = None) -> None:
+def unlink_key(key: str | None = None, *, native_key: str | None = None, dir: "Dir" = None) -> None:
     """Remove a segment's name now (persistent or not); attached users keep their mappings."""
     name, label = _name(key, native_key)
     try:
-        if not backend.unlink(name):
+        if not backend.unlink(backend.qualify(_where(dir), name)):
             raise NotFoundError(f"unlink: no segment {label!r}; nothing to remove", key)
     except PermissionError as e:
         raise PermissionDeniedError(f"unlink: permission denied for segment {label!r}", key) from e
 
 
-def collect_garbage() -> list[str]:
+def collect_garbage(*, dir: "Dir" = None) -> list[str]:
     """Remove segments nobody is attached to that are not persistent, and dead creators' leftovers.
 
-    Returns the native names removed.
+    Returns the native names removed (in *dir*: default ``SHMARRAY_DIR``, else /dev/shm).
     """
-    removed = _stash.reap_orphans()
+    d = _where(dir)
+    removed = _stash.reap_orphans() if d is None else []
     segments = []
-    for name in sorted(backend.list_names()):
-        if name.startswith(KEEP_PREFIX):
+    for bare in sorted(backend.list_names(d)):
+        name = backend.qualify(d, bare)
+        if bare.startswith(KEEP_PREFIX):
             continue  # kept by a live process (reap_orphans freed the dead ones')
-        if name.startswith(TEMP_PREFIX):
+        if bare.startswith(TEMP_PREFIX):
             # A creator's private object: gone when its creator is.
             try:
                 fd = backend.open_existing(name, True)
@@ -160,11 +180,11 @@ def collect_garbage() -> list[str]:
                 continue
             try:
                 if backend.try_sole(fd) and backend.unlink_if_same(name, fd):
-                    removed.append(name)
+                    removed.append(bare)
             finally:
                 backend.close(fd)
             continue
-        if name.startswith(PREFIX):
+        if bare.startswith(PREFIX):
             segments.append(name)
             continue
         # Segments made by native key carry our magic under any name.
@@ -179,4 +199,4 @@ def collect_garbage() -> list[str]:
             pass
         finally:
             backend.close(fd)
-    return removed + sweep_orphans(segments)
+    return removed + [backend.split_name(n)[1] for n in sweep_orphans(segments)]

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 from ._errors import AccessMode, HeaderError, NotFoundError, ShmError
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
 from ._progress import check_progress, label, reporting
-from ._segment import Segment
+from ._segment import Dir, Segment
 from ._transfer import by_value, rebuild_specially, special
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -285,7 +285,7 @@ def _write_stream(sink: Any, table: "pyarrow.Table") -> None:
 
 
 def share_table(key: str, data: object, *, persistent: bool = False,
-                progress: bool = False) -> "pyarrow.Table":
+                progress: bool = False, dir: Dir = None) -> "pyarrow.Table":
     """Write a table into a new segment *key* and return it, read back zero-copy from there.
 
     Parameters
@@ -301,6 +301,8 @@ def share_table(key: str, data: object, *, persistent: bool = False,
         Keep the segment after the last detach, until ``shmarray.unlink(key)``.
     progress
         Show a bar (``tqdm.auto``) while the stream is written; needs tqdm.
+    dir
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
 
     Returns
     -------
@@ -309,7 +311,7 @@ def share_table(key: str, data: object, *, persistent: bool = False,
         anything derived from it) keeps the segment attached; without
         *persistent*, the segment goes when the last table in any process does.
     """
-    seg = Segment(key)  # refuses a bad key before anything else
+    seg = Segment(key, dir=dir)  # refuses a bad key before anything else
     show = check_progress(progress, f"share_table({key!r})")
     table = _as_table(data, key)
     pa = _pa()
@@ -365,7 +367,7 @@ def _check_validate(validate: object) -> str:
     return str(validate)
 
 
-def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds") -> "pyarrow.Table":
+def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds", dir: Dir = None) -> "pyarrow.Table":
     """Map the table in segment *key* (or the one a :class:`TableHandle` names), zero-copy.
 
     Every buffer lies in the segment. The segment is attached read-only and
@@ -377,12 +379,13 @@ def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds") -> 
 
     Raises NotFoundError when there is no segment *key* (or the handle's
     segment is gone or was replaced), HeaderError when it holds something
-    else (naming what) or a corrupt payload.
+    else (naming what) or a corrupt payload. *dir* is the segment directory
+    (default ``SHMARRAY_DIR``, else /dev/shm; a handle knows its own).
     """
     mode = _check_validate(validate)
     if isinstance(key, TableHandle):
         return key._table(mode)
-    seg = Segment(key)
+    seg = Segment(key, dir=dir)
     seg.attach(AccessMode.ReadOnly)
     try:
         return _read_table(seg, key, mode)
@@ -404,9 +407,9 @@ class TableHandle:
 
     __slots__ = ("_key", "_seg", "_value")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, *, dir: Dir = None) -> None:
         """A handle on the table in segment *key* (attached read-only now: NotFoundError if there is none)."""
-        seg = Segment(key)
+        seg = Segment(key, dir=dir)
         seg.attach(AccessMode.ReadOnly)
         try:
             _read_table(seg, key, "metadata")  # it must hold a table; the table itself is dropped
@@ -430,7 +433,7 @@ class TableHandle:
     def _table(self, mode: str) -> "pyarrow.Table":
         if self._seg is None:
             return self._value
-        seg = Segment._of_instance(self._key, None, AccessMode.ReadOnly, *self._seg._reference())
+        seg = Segment._of_instance(self._key, None, AccessMode.ReadOnly, *self._seg._reference(), self._seg._dir)
         try:
             return _read_table(seg, self._key, mode)
         except BaseException:
@@ -443,7 +446,7 @@ class TableHandle:
         host, incarnation = self._seg._reference()
         if by_value(host):
             return _handle_by_value, (self._key, self._table("metadata"))
-        return _rebuild_handle, (self._key, host, incarnation)
+        return _rebuild_handle, (self._key, host, incarnation, self._seg._dir)
 
     def __repr__(self) -> str:
         where = "by value" if self._seg is None else "in its segment"
@@ -453,31 +456,32 @@ class TableHandle:
 TableHandle.__module__ = "shmarray"
 
 
-def table_handle(table_or_key: "pyarrow.Table | str") -> TableHandle:
+def table_handle(table_or_key: "pyarrow.Table | str", *, dir: Dir = None) -> TableHandle:
     """A :class:`TableHandle` on a table from ``share_table``/``attach_table``, or on segment *key*.
 
     TypeError for a table that does not live in a segment (pickle it by value,
     or ``share_table`` it first).
     """
     if isinstance(table_or_key, str):
-        return TableHandle(table_or_key)
+        return TableHandle(table_or_key, dir=dir)
     seg = _segment_of(table_or_key)
     if seg is None:
         raise TypeError(f"table_handle(): a {type(table_or_key).__name__} that does not live in a shmarray "
                         "segment (give a key, or a table from share_table/attach_table)")
     handle = TableHandle.__new__(TableHandle)
     handle._key = seg.key or ""
-    handle._seg = Segment._of_instance(seg.key, None, AccessMode.ReadOnly, *seg._reference())
+    handle._seg = Segment._of_instance(seg.key, None, AccessMode.ReadOnly, *seg._reference(), seg._dir)
     handle._value = None
     return handle
 
 
-def _rebuild_handle(key: str, host: int, incarnation: int) -> TableHandle:
+def _rebuild_handle(key: str, host: int, incarnation: int, dir: str | None = None) -> TableHandle:
     if special():
-        return rebuild_specially(_rebuild_handle, (key, host, incarnation), key, host)  # type: ignore[no-any-return]
+        return rebuild_specially(  # type: ignore[no-any-return]
+            _rebuild_handle, (key, host, incarnation, dir), key, host)
     handle = TableHandle.__new__(TableHandle)
     handle._key = key
-    handle._seg = Segment._of_instance(key, None, AccessMode.ReadOnly, host, incarnation)
+    handle._seg = Segment._of_instance(key, None, AccessMode.ReadOnly, host, incarnation, dir)
     handle._value = None
     return handle
 
@@ -704,7 +708,8 @@ def _validate_values(table: "pyarrow.Table", key: str, *, full: bool) -> None:
 # -- pandas -------------------------------------------------------------------------
 
 
-def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False) -> "pandas.DataFrame":
+def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False,
+                dir: Dir = None) -> "pandas.DataFrame":
     """Share a pandas DataFrame (index and dtypes kept) and return it read back from the segment.
 
     The same as ``share_table(key, frame).to_pandas()``; see attach_frame for
@@ -713,12 +718,12 @@ def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False
     if not _is_frame(frame):
         raise TypeError(f"share_frame({key!r}) takes a pandas.DataFrame, not {type(frame).__name__}; "
                         "share_table() takes Arrow data")
-    return share_table(key, frame, persistent=persistent).to_pandas()
+    return share_table(key, frame, persistent=persistent, dir=dir).to_pandas()
 
 
 def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Validate = "bounds",
-                 **to_pandas: Any) -> "pandas.DataFrame":
-    """``attach_table(key, validate=validate).select(columns).to_pandas(**to_pandas)``.
+                 dir: Dir = None, **to_pandas: Any) -> "pandas.DataFrame":
+    """``attach_table(key, validate=validate, dir=dir).select(columns).to_pandas(**to_pandas)``.
 
     Columns that come back without a copy (and so keep the segment attached
     while the frame lives) -- measured with pandas 3 and pyarrow 26, pass
@@ -737,7 +742,7 @@ def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Va
     ArrowInvalid instead of a silent copy.
     """
     _need_pandas(f"attach_frame({key!r})")
-    table = attach_table(key, validate=validate)
+    table = attach_table(key, validate=validate, dir=dir)
     if columns is not None:
         table = table.select(list(columns))
     return table.to_pandas(**to_pandas)

@@ -18,7 +18,7 @@ __all__ = ["main", "describe_payload"]
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    entries = ls(args.pattern, include_foreign=args.all)
+    entries = ls(args.pattern, include_foreign=args.all, dir=args.dir)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=2))
     else:
@@ -27,7 +27,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    info = segment_info(None if args.native else args.key, native_key=args.key if args.native else None)
+    info = segment_info(None if args.native else args.key, native_key=args.key if args.native else None,
+                        dir=args.dir)
     row = entry_for(info).as_dict()
     if args.json:
         print(json.dumps(row, indent=2))
@@ -46,9 +47,9 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     for key in args.keys:
         try:
             if args.native:
-                unlink_key(native_key=key)
+                unlink_key(native_key=key, dir=args.dir)
             else:
-                unlink_key(key)
+                unlink_key(key, dir=args.dir)
         except NotFoundError as e:
             print(f"shmarray: {e}", file=sys.stderr)
             failed += 1
@@ -58,9 +59,9 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    removed = collect_garbage()
+    removed = collect_garbage(dir=args.dir)
     for name in removed:
-        print(f"removed /{name}")
+        print(f"removed /{name}" if args.dir is None else f"removed {os.path.join(args.dir, name)}")
     print(f"{len(removed)} segment(s) removed")
     return 0
 
@@ -77,25 +78,30 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shmarray", description="Inspect and manage shmarray segments.")
     p.add_argument("--version", action="version", version=f"shmarray {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    lister = sub.add_parser("ls", help="list segments")
+    # --dir on every command, after the command name (shmarray ls --dir /mnt/huge).
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--dir", metavar="DIR", default=None,
+                       help="the segment directory (default: $SHMARRAY_DIR, else /dev/shm)")
+    lister = sub.add_parser("ls", help="list segments", parents=[where])
     lister.add_argument("pattern", nargs="?", metavar="PATTERN",
                         help="only keys that match this shell pattern (quote it: 'frames-*')")
     lister.add_argument("--all", action="store_true", help="also list objects that are not shmarray segments")
     lister.add_argument("--json", action="store_true", help="print JSON")
     lister.set_defaults(func=_cmd_ls)
-    info = sub.add_parser("info", help="show one segment")
+    info = sub.add_parser("info", help="show one segment", parents=[where])
     info.add_argument("key")
     info.add_argument("--native", action="store_true", help="KEY is a native (OS) name")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
-    rm = sub.add_parser("rm", help="remove segments now (attached users keep their memory)")
+    rm = sub.add_parser("rm", help="remove segments now (attached users keep their memory)", parents=[where])
     rm.add_argument("keys", nargs="+", metavar="KEY")
     rm.add_argument("--native", action="store_true", help="KEYs are native (OS) names")
     rm.set_defaults(func=_cmd_rm)
-    gc = sub.add_parser("gc", help="remove segments nobody is attached to (not persistent ones)")
+    gc = sub.add_parser("gc", help="remove segments nobody is attached to (not persistent ones)",
+                        parents=[where])
     gc.set_defaults(func=_cmd_gc)
     demo = sub.add_parser("demo", help="run the demo: a pool of workers computes on one shared array, "
-                          "zero-copy, next to the same job done by pickling")
+                          "zero-copy, next to the same job done by pickling", parents=[where])
     from ._demo import add_arguments
 
     add_arguments(demo)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ._array import SharedArray, create, share
+from ._os import backend
 from ._errors import NotFoundError, ShmError
 
 __all__ = ["run_demo", "add_arguments"]
@@ -144,19 +145,19 @@ def _stop_pool(pool: Any) -> None:
     stopper.join(5.0)
 
 
-def _cleanup(keys: list[str], arrays: list[SharedArray]) -> list[str]:
+def _cleanup(keys: list[str], arrays: list[SharedArray], where: str | None = None) -> list[str]:
     """Detach and remove the demo's segments; returns the keys still present afterwards."""
-    from . import unlink
     from ._admin import list_segments
+    from ._admin import unlink_key as _unlink_key
 
     for a in arrays:
         a.close()
     for k in keys:
         try:
-            unlink(k)
+            _unlink_key(k, dir=where)
         except NotFoundError:
             pass
-    present = {s.key for s in list_segments()}
+    present = {s.key for s in list_segments(dir=where)}
     return [k for k in keys if k in present]
 
 
@@ -165,6 +166,8 @@ def run_demo(args: argparse.Namespace) -> int:
     size_mb = 16 if args.quick else args.size_mb
     repeat = 1 if args.quick else args.repeat
     workers = args.workers
+    where = getattr(args, "dir", None)
+    place = where or backend.SHM_DIR
     if size_mb <= 0 or workers <= 0 or repeat <= 0:
         print("shmarray demo: --size-mb, --workers and --repeat must be positive", file=sys.stderr)
         return 2
@@ -183,13 +186,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  made the data in {time.perf_counter() - t:.2f} s", flush=True)
 
         t = time.perf_counter()
-        shared = share(keys[0], data)
+        shared = share(keys[0], data, dir=where)
         share_s = time.perf_counter() - t
         arrays.append(shared)
-        acc = create(keys[1], (2, _COLS))
+        acc = create(keys[1], (2, _COLS), dir=where)
         arrays.append(acc)
         native = shared.segment.native_key if shared.segment is not None else "?"
-        print(f"  share(): {share_s:.2f} s -> segment {keys[0]!r} (/dev/shm/{native})", flush=True)
+        print(f"  share(): {share_s:.2f} s -> segment {keys[0]!r} ({os.path.join(place, native or '?')})", flush=True)
 
         t = time.perf_counter()
         # Workers are born ignoring SIGINT (an ignored signal stays ignored across exec,
@@ -249,12 +252,12 @@ def run_demo(args: argparse.Namespace) -> int:
                 else:
                     pool.close()
                     pool.join()
-            left = _cleanup(keys, arrays)
+            left = _cleanup(keys, arrays, where)
         finally:
             signal.signal(signal.SIGTERM, old_term)
             signal.signal(signal.SIGINT, old_int)
     if left:
         print(f"  segments left behind: {left}", file=sys.stderr)
         return status or 1
-    print("  cleaned up: no demo segment left in /dev/shm", flush=True)
+    print(f"  cleaned up: no demo segment left in {place}", flush=True)
     return status

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 from ._admin import SegmentInfo, list_segments, read_head
 from ._attachment import _human, sweep_orphans
+from ._os import backend
+from ._segment import Dir
 from ._errors import HeaderError, ShmError
 from ._header import HEADER, Kind, describe_head, parse_header
 
@@ -28,8 +30,9 @@ __all__ = ["ls", "Listing", "SegmentEntry", "describe_payload", "entry_for"]
 def _payload_head(info: SegmentInfo) -> dict[str, Any]:
     """The payload header of a segment, read without attaching: describe_head()'s dict."""
     try:
-        hdr = parse_header(read_head(info.native_key, HEADER.size), info.size)
-        head = read_head(info.native_key, hdr.descriptor_offset + hdr.descriptor_length)
+        where = info.dir if info.dir != backend.SHM_DIR else None
+        hdr = parse_header(read_head(info.native_key, HEADER.size, where), info.size)
+        head = read_head(info.native_key, hdr.descriptor_offset + hdr.descriptor_length, where)
     except (OSError, ShmError):  # no payload header, removed meanwhile, unreadable
         return {"kind": "raw"}
     return describe_head(head, info.size)
@@ -111,6 +114,7 @@ class SegmentEntry:
     creator_pid: int
     created: float
     shmarray: bool
+    dir: str = backend.SHM_DIR  # the directory the segment lives in
 
     @property
     def processes(self) -> int:
@@ -135,6 +139,7 @@ class SegmentEntry:
             # A foreign object has no creator or creation time (not 0, not 1970).
             "creator_pid": self.creator_pid if self.shmarray else None,
             "created": self.created if self.shmarray and self.created else None,
+            "dir": self.dir,
         }
 
     def _cells(self) -> tuple[str, ...]:
@@ -182,7 +187,7 @@ def entry_for(info: SegmentInfo) -> SegmentEntry:
         key=info.key, native_key=info.native_key, size=info.size, kind=kind, payload=payload,
         pids=info.attached_pids, attachments=info.attachments, persistent=info.persistent,
         orphan=info.orphan, lock=info.lock, lock_holder=info.lock_holder,
-        creator_pid=info.creator_pid, created=info.created, shmarray=info.shmarray,
+        creator_pid=info.creator_pid, created=info.created, shmarray=info.shmarray, dir=info.dir,
     )
 
 
@@ -190,10 +195,13 @@ class Listing(list[SegmentEntry]):
     """The result of ``shmarray.ls()``: a list of SegmentEntry, shown as a table."""
 
     pattern: str | None = None  # what ls() was asked for, for the "nothing" message
+    dir: str = backend.SHM_DIR  # the directory listed
 
-    def __init__(self, entries: Iterable[SegmentEntry] = (), *, pattern: str | None = None) -> None:
+    def __init__(self, entries: Iterable[SegmentEntry] = (), *, pattern: str | None = None,
+                 dir: str | None = None) -> None:
         super().__init__(entries)
         self.pattern = pattern
+        self.dir = dir or backend.SHM_DIR
 
     def keys(self) -> list[str | None]:
         """The keys, in listing order (None for segments made by native key)."""
@@ -204,7 +212,7 @@ class Listing(list[SegmentEntry]):
         if not self:
             if self.pattern is not None:
                 return f"no shmarray segments match {self.pattern!r}"
-            return "no shmarray segments in /dev/shm"
+            return f"no shmarray segments in {self.dir}"
         lines = [HEADER_ROW, *(e._cells() for e in self)]
         widths = [max(len(r[i]) for r in lines) for i in range(len(HEADER_ROW))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
@@ -219,11 +227,13 @@ class Listing(list[SegmentEntry]):
             return f"<p>{esc(self.to_text())}</p>"
         n = len(self)
         return grid(HEADER_ROW, (e._html_cells() for e in self),
-                    caption=f"{n} segment{'s' if n != 1 else ''} in /dev/shm")
+                    caption=f"{n} segment{'s' if n != 1 else ''} in {esc(self.dir)}")
 
 
-def ls(pattern: str | None = None, *, include_foreign: bool = False) -> Listing:
-    """The shmarray segments in /dev/shm, as ``shmarray ls`` lists them.
+def ls(pattern: str | None = None, *, include_foreign: bool = False, dir: Dir = None) -> Listing:
+    """The shmarray segments in the segment directory, as ``shmarray ls`` lists them.
+
+    *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
 
     *pattern* keeps the keys that match it (``fnmatch``: ``"frames-*"``);
     segments made by native key match on their native name. With
@@ -232,13 +242,17 @@ def ls(pattern: str | None = None, *, include_foreign: bool = False) -> Listing:
     """
     if pattern is not None and not isinstance(pattern, str):
         raise TypeError(f"ls: pattern must be a str such as 'frames-*', not {type(pattern).__name__}")
+    infos = list_segments(include_foreign=include_foreign, dir=dir)
+    where = infos[0].dir if infos else None
     if not include_foreign:
         # Segments whose users all died are gone for the API already; listing them
         # frees their memory too. The full listing (--all) shows them as they are.
-        sweep_orphans()
+        gone = set(sweep_orphans([backend.qualify(i.dir, i.native_key) for i in infos if i.shmarray]))
+        infos = [i for i in infos if backend.qualify(i.dir, i.native_key) not in gone]
     entries = []
-    for info in list_segments(include_foreign=include_foreign):
+    for info in infos:
         name = info.key if info.key is not None else info.native_key
         if pattern is None or fnmatch.fnmatchcase(name, pattern):
             entries.append(entry_for(info))
-    return Listing(entries, pattern=pattern)
+    return Listing(entries, pattern=pattern,
+                   dir=where or (backend.normal_dir(dir) if dir is not None else None))

@@ -64,7 +64,7 @@ from ._ringtypes import (
     SlotStateError, SlotToken,
 )
 from ._lock import check_timeout
-from ._segment import Segment
+from ._segment import Dir, Segment
 from ._transfer import rebuild_specially, special
 
 __all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
@@ -118,10 +118,12 @@ class BatchRing:
 
     @classmethod
     def create(cls, key: str, fields: Mapping[str, Any], slots: int = 4, *, ordered: bool = True,
-               persistent: bool = False, permissions: int = 0o600, on_lost: str = "raise") -> BatchRing:
+               persistent: bool = False, permissions: int = 0o600, on_lost: str = "raise",
+               dir: Dir = None) -> BatchRing:
         """A new ring of *slots* slots, each holding one array per field: ``{name: (shape, dtype)}``.
 
         Raises AlreadyExistsError when *key* exists, TypeError / ValueError for bad fields.
+        *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
         """
         _check_on_lost(on_lost)
         lay = make_layout(fields, slots, ordered)
@@ -136,7 +138,7 @@ class BatchRing:
             write(memoryview(head), 0)
             write(memoryview(ctl_bytes), p_off)
 
-        seg = Segment(key)
+        seg = Segment(key, dir=dir)
         seg._create(total, persistent=persistent, permissions=permissions, fill=fill)
         try:
             return cls(seg, lay, p_off, on_lost)
@@ -145,10 +147,10 @@ class BatchRing:
             raise
 
     @classmethod
-    def attach(cls, key: str, *, on_lost: str = "raise") -> BatchRing:
-        """Attach the ring *key*; HeaderError when the segment holds something else or is corrupt."""
+    def attach(cls, key: str, *, on_lost: str = "raise", dir: Dir = None) -> BatchRing:
+        """Attach the ring *key* (in *dir*); HeaderError when the segment holds something else or is corrupt."""
         _check_on_lost(on_lost)
-        return cls._on(Segment(key).attach(), key, on_lost)
+        return cls._on(Segment(key, dir=dir).attach(), key, on_lost)
 
     @classmethod
     def _on(cls, seg: Segment, key: str, on_lost: str) -> BatchRing:
@@ -165,7 +167,7 @@ class BatchRing:
         # Pickles as a reference to this ring's segment instance (not whatever holds the key later).
         seg = self._seg
         host, incarnation = seg._reference() if seg is not None else (0, 0)
-        return _attach_ring, (self._key, self._on_lost, host, incarnation)
+        return _attach_ring, (self._key, self._on_lost, host, incarnation, seg._dir if seg is not None else None)
 
     # -- what it is ----------------------------------------------------------------------
 
@@ -642,11 +644,13 @@ def _check_on_lost(on_lost: str) -> None:
         raise ValueError(f"on_lost must be 'raise' or 'skip', not {on_lost!r}")
 
 
-def _attach_ring(key: str, on_lost: str, host: int = 0, incarnation: int = 0) -> BatchRing:
+def _attach_ring(key: str, on_lost: str, host: int = 0, incarnation: int = 0,
+                 dir: str | None = None) -> BatchRing:
     if special():
-        return rebuild_specially(_attach_ring, (key, on_lost, host, incarnation), key, host)  # type: ignore[no-any-return]
+        return rebuild_specially(  # type: ignore[no-any-return]
+            _attach_ring, (key, on_lost, host, incarnation, dir), key, host)
     _check_on_lost(on_lost)
-    seg = Segment._of_instance(key, None, AccessMode.ReadWrite, host, incarnation)
+    seg = Segment._of_instance(key, None, AccessMode.ReadWrite, host, incarnation, dir)
     return BatchRing._on(seg, key, on_lost)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._os import backend
 from ._ring import BatchRing, RingShutDownError, RingTimeoutError, Slot, SlotToken
+from ._segment import Dir
 
 __all__ = ["RingCollate", "RingLoader", "ring_loader", "fill_slot"]
 
@@ -83,8 +84,11 @@ class RingCollate:
     """
 
     def __init__(self, ring: BatchRing | str, *, fill: FillFn | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, dir: Dir = None) -> None:
         self.key = ring.key if isinstance(ring, BatchRing) else ring
+        seg = ring._seg if isinstance(ring, BatchRing) else None
+        # The ring's directory (None: the default), so that workers attach it there.
+        self.dir: str | None = seg._dir if seg is not None else (None if dir is None else str(dir))
         self.fill = fill
         from ._lock import check_timeout
 
@@ -93,7 +97,7 @@ class RingCollate:
         self._ring = ring if isinstance(ring, BatchRing) else None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuild_collate, (self.key, self.fill, self.timeout, self._owner)
+        return _rebuild_collate, (self.key, self.fill, self.timeout, self._owner, self.dir)
 
     def ring(self) -> BatchRing:
         """The ring, attached in this process on first use."""
@@ -102,7 +106,7 @@ class RingCollate:
         pid = backend.getpid()
         ring = _RINGS.get((self.key, pid))
         if ring is None or ring.closed:
-            ring = _RINGS[(self.key, pid)] = BatchRing.attach(self.key)
+            ring = _RINGS[(self.key, pid)] = BatchRing.attach(self.key, dir=self.dir)
         self._ring = ring
         return ring
 
@@ -130,8 +134,9 @@ class RingCollate:
                         "this worker stops", self.key) from None
 
 
-def _rebuild_collate(key: str, fill: FillFn | None, timeout: float | None, owner: int) -> RingCollate:
-    c = RingCollate(key, fill=fill, timeout=timeout)
+def _rebuild_collate(key: str, fill: FillFn | None, timeout: float | None, owner: int,
+                     dir: str | None = None) -> RingCollate:
+    c = RingCollate(key, fill=fill, timeout=timeout, dir=dir)
     c._owner = owner
     return c
 
@@ -281,14 +286,15 @@ def _sync_cuda() -> None:
 def ring_loader(dataset: Any, sample_fields: Mapping[str, Any], batch_size: int, *, num_workers: int = 2,
                 slots: int | None = None, key: str | None = None, prefetch_factor: int = 2,
                 fill: FillFn | None = None, device: Any = None, pin: bool = False,
-                timeout: float | None = None, **loader_kwargs: Any) -> RingLoader:
+                timeout: float | None = None, dir: Dir = None, **loader_kwargs: Any) -> RingLoader:
     """A DataLoader over *dataset* feeding a new ring, wrapped in a RingLoader; ``close()`` removes the ring.
 
     *sample_fields* gives each field of ONE sample, ``{"images": ((3, 224, 224),
     np.uint8), "labels": ((), np.int64)}``; slots hold *batch_size* rows.
     *slots* defaults to ``prefetch_factor * num_workers + 2``. Other keyword
     arguments go to ``torch.utils.data.DataLoader`` (shuffle, sampler,
-    drop_last, persistent_workers, multiprocessing_context, ...).
+    drop_last, persistent_workers, multiprocessing_context, ...). *dir* is the
+    ring's segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
     """
     from torch.utils.data import DataLoader
 
@@ -307,7 +313,7 @@ def ring_loader(dataset: Any, sample_fields: Mapping[str, Any], batch_size: int,
     if slots is None:
         slots = prefetch_factor * num_workers + 2 if num_workers else 2
     key = key or f"ringloader-{backend.getpid()}-{secrets.token_hex(6)}"
-    ring = BatchRing.create(key, fields, slots, ordered=False)
+    ring = BatchRing.create(key, fields, slots, ordered=False, dir=dir)
     try:
         extra: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers else {}
         collate = RingCollate(ring, fill=fill, timeout=timeout)
