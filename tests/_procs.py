@@ -116,7 +116,7 @@ def wait_for(path: str, timeout: float = 30) -> None:
 
 def run_with_small_dev_shm(script: str, tmp_path: "os.PathLike[str]", size: str = "64m",
                            env: "dict[str, str] | None" = None) -> "subprocess.CompletedProcess[str]":
-    """Run a Python *script* with a private /dev/shm of *size* (Docker's default is 64m).
+    """Run a Python *script* with a private segment directory of *size* (Docker's /dev/shm is 64m).
 
     Uses a private mount namespace (root and unshare(1)); skips the calling
     test where that is not possible.
@@ -128,8 +128,10 @@ def run_with_small_dev_shm(script: str, tmp_path: "os.PathLike[str]", size: str 
     path = os.path.join(os.fspath(tmp_path), "small_shm.py")
     with open(path, "w") as f:
         f.write(script)
+    # The segment directory under test (SHMARRAY_DIR in tests/test_second_dir.py's runs).
+    where = os.environ.get("SHMARRAY_DIR") or "/dev/shm"
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {sys.executable} {path}"]
+           f"mount -t tmpfs -o size={size} tmpfs {where} && exec {sys.executable} {path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
                          env=None if env is None else {**os.environ, **env})
     if out.returncode != 0 and "mount" in out.stderr and not out.stdout:

@@ -12,7 +12,10 @@ import pytest
 
 import shmarray
 
-SHM = "/dev/shm"
+# The segment directory under test: SHMARRAY_DIR when a run sets it (tests/test_second_dir.py).
+SHM = os.environ.get("SHMARRAY_DIR") or "/dev/shm"
+# Objects that other libraries make (stdlib SharedMemory, posix_ipc) live in /dev/shm whatever shmarray uses.
+needs_dev_shm = pytest.mark.skipif(SHM != "/dev/shm", reason="about objects other libraries make in /dev/shm")
 _OURS = ("shmarray_", ".shmarray-tmp-")
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import shmarray
+from conftest import SHM
 from shmarray import SharedArray
 from _procs import run, run_with_small_dev_shm
 
@@ -218,7 +219,7 @@ def test_cannot_be_constructed_directly():
 
 
 def _inode(native: str) -> int:
-    return os.stat(f"/dev/shm/{native}").st_ino
+    return os.stat(f"{SHM}/{native}").st_ino
 
 
 def _mapped_here(inode: int) -> bool:
@@ -250,7 +251,7 @@ def test_a_live_view_keeps_the_segment_attached(key):
     v[:] = 7
     del v
     gc.collect()
-    assert not os.path.exists(f"/dev/shm/{native}")  # the last view took the segment with it
+    assert not os.path.exists(f"{SHM}/{native}")  # the last view took the segment with it
     assert not _mapped_here(inode)
 
 
@@ -262,7 +263,7 @@ def test_close_detaches_now_and_views_keep_working(key):
     a.close()
     a.close()  # idempotent
     assert not a.segment.is_attached and v.segment is a.segment
-    assert not os.path.exists(f"/dev/shm/{native}")
+    assert not os.path.exists(f"{SHM}/{native}")
     assert (v == 2.0).all()  # still mapped
     v[0, 0] = 3.0
     assert a[5, 0] == 3.0
@@ -520,7 +521,7 @@ for label, make in [
         make(f"full-{label}")
     except shmarray.OutOfResourcesError as e:
         print(f"write {label}:", e)
-print("left:", sorted(n for n in os.listdir("/dev/shm") if n.startswith(("shmarray_", ".shmarray"))))
+print("left:", sorted(n for n in os.listdir(backend.SHM_DIR) if n.startswith(("shmarray_", ".shmarray"))))
 """
 
 

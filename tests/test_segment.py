@@ -11,6 +11,7 @@ import posix_ipc
 import pytest
 
 import shmarray
+from conftest import SHM, needs_dev_shm
 from _procs import run
 from shmarray import AccessMode, Segment
 from shmarray import SharedMemoryError as E
@@ -113,7 +114,7 @@ def test_bad_sizes(key, bad):
     with pytest.raises(shmarray.InvalidSizeError):
         seg.create(bad)
     assert seg.error is E.InvalidSize
-    assert not os.path.exists(f"/dev/shm/{seg.native_key}")
+    assert not os.path.exists(f"{SHM}/{seg.native_key}")
 
 
 @pytest.mark.parametrize("bad", [1.5, "10", None, True])
@@ -123,7 +124,7 @@ def test_non_int_sizes(key, bad):
 
 
 def test_size_beyond_free_space_is_out_of_resources(key):
-    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    free = os.statvfs(SHM).f_bavail * os.statvfs(SHM).f_frsize
     seg = Segment(key)
     with pytest.raises(shmarray.OutOfResourcesError) as info:
         seg.create(2 * free + (1 << 30))
@@ -132,7 +133,7 @@ def test_size_beyond_free_space_is_out_of_resources(key):
     assert seg.error is E.OutOfResources
     assert isinstance(info.value, (MemoryError, OSError))
     # Only this process's names: another program may be creating segments right now.
-    assert not [n for n in os.listdir("/dev/shm")
+    assert not [n for n in os.listdir(SHM)
                 if n.startswith((seg.native_key, f".shmarray-tmp-{os.getpid()}-"))]
 
 
@@ -174,7 +175,7 @@ def test_set_native_key(key):
 
 def test_permissions(key):
     with Segment(key).create(10, permissions=0o640) as seg:
-        mode = stat.S_IMODE(os.stat(f"/dev/shm/{seg.native_key}").st_mode)
+        mode = stat.S_IMODE(os.stat(f"{SHM}/{seg.native_key}").st_mode)
         assert mode == 0o640
 
 
@@ -186,7 +187,7 @@ def test_create_readonly_mode(key):
 def test_last_detach_destroys(key):
     a = Segment(key).create(10)
     b = Segment(key).attach()
-    path = f"/dev/shm/{a.native_key}"
+    path = f"{SHM}/{a.native_key}"
     a.detach()
     assert os.path.exists(path)
     b.detach()
@@ -197,7 +198,7 @@ def test_last_detach_destroys(key):
 
 def test_garbage_collection_detaches(key):
     seg = Segment(key).create(10)
-    path = f"/dev/shm/{seg.native_key}"
+    path = f"{SHM}/{seg.native_key}"
     del seg
     gc.collect()
     assert not os.path.exists(path)
@@ -275,6 +276,7 @@ def _read_native(name: str, n: int) -> bytes:
         return bytes(seg.data[:n])
 
 
+@needs_dev_shm
 def test_stdlib_segment_by_native_key():
     sm = shared_memory.SharedMemory(create=True, size=100)
     try:
@@ -296,6 +298,7 @@ def test_stdlib_segment_by_native_key():
         sm.unlink()
 
 
+@needs_dev_shm
 def test_posix_ipc_segment_by_native_key(key):
     name = "/" + key
     mem = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=8192)
@@ -303,7 +306,7 @@ def test_posix_ipc_segment_by_native_key(key):
         os.pwrite(mem.fd, b"xyz", 0)
         with Segment(native_key=name).attach(AccessMode.ReadOnly) as seg:
             assert seg.size == 8192 and bytes(seg.data[:3]) == b"xyz"
-        assert os.path.exists(f"/dev/shm/{key}")
+        assert os.path.exists(f"{SHM}/{key}")
     finally:
         mem.close_fd()
         mem.unlink()
@@ -311,22 +314,22 @@ def test_posix_ipc_segment_by_native_key(key):
 
 def test_keyed_name_that_is_not_ours_is_refused(key):
     name = shmarray._os.native_key_for(key)
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600)
+    fd = os.open(f"{SHM}/{name}", os.O_CREAT | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, 8192)
         with pytest.raises(shmarray.ShmError, match="not a shmarray segment"):
             Segment(key).attach()
         with pytest.raises(shmarray.AlreadyExistsError):
             Segment(key).create(10)
-        assert os.path.exists(f"/dev/shm/{name}")
+        assert os.path.exists(f"{SHM}/{name}")
     finally:
         os.close(fd)
-        os.unlink(f"/dev/shm/{name}")
+        os.unlink(f"{SHM}/{name}")
 
 
 def test_corrupt_control_block_is_a_clean_error(key):
     seg = Segment(key).create(100, persistent=True)
-    path = f"/dev/shm/{seg.native_key}"
+    path = f"{SHM}/{seg.native_key}"
     seg.detach()
     with open(path, "r+b") as f:
         f.seek(16)

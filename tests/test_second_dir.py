@@ -1,0 +1,180 @@
+"""Segments outside /dev/shm: SHMARRAY_DIR, dir= and --dir; a huge-page tmpfs.
+
+The segment, array, table and ring suites run again with SHMARRAY_DIR set
+to a directory of this run under /dev/shm (no root needed). Root tests
+mount a ``huge=within_size`` tmpfs in a private mount namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import shmarray
+from conftest import new_key
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def seg_dir() -> Iterator[str]:
+    """An empty segment directory of this test under /dev/shm, checked empty and removed afterwards."""
+    d = f"/dev/shm/{new_key('dir')}"
+    os.mkdir(d, 0o700)
+    yield d
+    import gc
+
+    gc.collect()
+    left = os.listdir(d)
+    for n in left:
+        os.unlink(os.path.join(d, n))
+    os.rmdir(d)
+    assert not left, f"left in {d}: {left}"
+
+
+@pytest.mark.timeout(600)
+def test_the_core_suites_pass_in_another_directory(seg_dir: str) -> None:
+    env = {**os.environ, "SHMARRAY_DIR": seg_dir}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         "tests/test_segment.py", "tests/test_array.py", "tests/test_arrow.py", "tests/test_ring.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
+def test_processes_that_agree_on_the_directory_see_the_same_segment(seg_dir: str, key: str) -> None:
+    a = shmarray.share(key, np.arange(10.0), dir=seg_dir)
+    assert a.segment is not None and a.segment.dir == seg_dir
+    assert os.listdir(seg_dir) == [a.segment.native_key]
+    with pytest.raises(shmarray.NotFoundError):
+        shmarray.attach(key)  # the default directory has no such segment
+    code = f"import shmarray; print(float(shmarray.attach({key!r}).sum()))"
+    for env in ({"SHMARRAY_DIR": seg_dir}, {}):
+        got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             env={**{k: v for k, v in os.environ.items() if k != "SHMARRAY_DIR"}, **env})
+        if env:
+            assert got.stdout.strip() == "45.0", got.stderr
+        else:
+            assert "NotFoundError" in got.stderr
+    # A reference says its directory: a process looking at /dev/shm by default attaches it there.
+    raw = pickle.dumps(a[2:4])
+    code = f"import pickle; v = pickle.loads({raw!r}); print(v.segment.dir, v.tolist())"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert got.stdout.split() == [seg_dir, "[2.0,", "3.0]"], got.stderr
+
+
+def test_tables_rings_and_listing_in_a_directory(seg_dir: str, make_key) -> None:  # noqa: ANN001
+    tk, rk, pk = make_key(), make_key(), make_key()
+    t = shmarray.share_table(tk, pa.table({"x": np.arange(5)}), dir=seg_dir)
+    assert shmarray.attach_table(tk, dir=seg_dir).equals(t)
+    assert shmarray.attach_table(pickle.loads(pickle.dumps(shmarray.table_handle(t)))).equals(t)
+    ring = shmarray.BatchRing.create(rk, {"x": ((2,), "f8")}, slots=2, dir=seg_dir)
+    again = pickle.loads(pickle.dumps(ring))
+    assert again.key == rk
+    p = shmarray.share(pk, np.zeros(3), persistent=True, dir=seg_dir)
+    del p
+    keys = shmarray.ls(dir=seg_dir).keys()
+    assert sorted(k for k in keys if k) == sorted([tk, rk, pk])
+    assert all(k not in shmarray.ls().keys() for k in (tk, rk, pk))
+    out = subprocess.run([sys.executable, "-m", "shmarray", "ls", "--dir", seg_dir, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    rows = json.loads(out.stdout)
+    assert {r["key"] for r in rows} == {tk, rk, pk} and {r["dir"] for r in rows} == {seg_dir}
+    info = subprocess.run([sys.executable, "-m", "shmarray", "info", pk, "--dir", seg_dir, "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(info.stdout)["persistent"] is True
+    rm = subprocess.run([sys.executable, "-m", "shmarray", "rm", pk, "--dir", seg_dir],
+                        capture_output=True, text=True, timeout=60)
+    assert rm.returncode == 0 and pk not in shmarray.ls(dir=seg_dir).keys()
+    del t, ring, again
+
+
+def test_a_crashed_attacher_leaves_nothing(seg_dir: str, key: str) -> None:
+    code = textwrap.dedent(f"""
+        import os, numpy as np, shmarray
+        a = shmarray.share({key!r}, np.ones(1000), dir={seg_dir!r})
+        os.kill(os.getpid(), 9)
+    """)
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert got.returncode == -9
+    assert os.listdir(seg_dir), "the killed process's segment is still named"
+    shmarray.collect_garbage(dir=seg_dir)
+    assert os.listdir(seg_dir) == []
+
+
+def test_a_bad_directory_is_a_clear_error(tmp_path: Path, key: str) -> None:
+    missing = tmp_path / "nope"
+    for call in (lambda: shmarray.share(key, np.zeros(2), dir=missing),
+                 lambda: shmarray.attach(key, dir=missing),
+                 lambda: shmarray.ls(dir=missing),
+                 lambda: shmarray.collect_garbage(dir=missing)):
+        with pytest.raises(shmarray.ShmError, match=f"{missing}.* does not exist"):
+            call()
+    assert not missing.exists()  # never created
+    with pytest.raises(TypeError):
+        shmarray.share(key, np.zeros(2), dir=3)  # type: ignore[arg-type]
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(shmarray.ShmError, match="cannot be written"):
+            shmarray.share(key, np.zeros(2), dir=ro)
+    out = subprocess.run([sys.executable, "-m", "shmarray", "ls", "--dir", str(missing)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+HUGE = r"""
+import os, sys, numpy as np, shmarray
+d = sys.argv[1]
+a = shmarray.share("huge", np.arange(8 << 20, dtype=np.float64), dir=d)   # 64 MiB
+seg = a.segment
+ino = os.stat(os.path.join(d, seg.native_key)).st_ino
+float(a.sum())
+with open("/proc/self/smaps") as f:
+    text = f.read()
+blocks = text.split("\n")
+pmd = 0
+inside = False
+for line in blocks:
+    fields = line.split()
+    if fields and "-" in fields[0] and len(fields) >= 5 and fields[4].isdigit():
+        # The creator's mapping shows the file's first (temporary) name: match the inode.
+        inside = int(fields[4]) == ino
+    elif inside and (line.startswith("ShmemPmdMapped:") or line.startswith("FilePmdMapped:")):
+        pmd += int(line.split()[1])
+print("pmd_kb", pmd)
+print("same", bool(shmarray.attach("huge", dir=d).sum() == a.sum()))
+del a, seg
+print("left", os.listdir(d))
+"""
+
+
+def test_a_huge_page_tmpfs_backs_segments_with_huge_pages(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
+    script = tmp_path / "huge.py"
+    script.write_text(HUGE)
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size=256m,huge=within_size tmpfs {mnt} && exec {sys.executable} {script} {mnt}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
+        pytest.skip(f"cannot mount a huge-page tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert int(lines["pmd_kb"]) >= 32 << 10, out.stdout  # at least half of the 64 MiB by 2 MiB pages
+    assert lines["same"] == "True"
+    assert lines["left"] == "[]"
