@@ -37,6 +37,7 @@ from ._segment import Segment
 _LAZY = {
     "attach_frame": "_arrow", "attach_table": "_arrow", "share_frame": "_arrow", "share_table": "_arrow",
     "TableHandle": "_arrow", "table_handle": "_arrow",
+    "doctor": "_doctor", "Doctor": "_doctor",
     "Listing": "_listing", "SegmentEntry": "_listing", "ls": "_listing",
     "BatchRing": "_ring", "LostSlot": "_ring", "RingIterator": "_ring", "RingShutDownError": "_ring",
     "RingStats": "_ring", "RingTimeoutError": "_ring", "Slot": "_ring", "SlotLostError": "_ring",
@@ -46,6 +47,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from ._arrow import TableHandle, attach_frame, attach_table, share_frame, share_table, table_handle
+    from ._doctor import Doctor, doctor
     from ._listing import Listing, SegmentEntry, ls
     from ._ring import (
         BatchRing,
@@ -82,6 +84,7 @@ __all__ = [
     "AlreadyExistsError",
     "BatchRing",
     "CudaUnavailableError",
+    "Doctor",
     "LostSlot",
     "PinError",
     "RingCollate",
@@ -115,6 +118,7 @@ __all__ = [
     "attach_table",
     "collect_garbage",
     "create",
+    "doctor",
     "list_segments",
     "ls",
     "Listing",

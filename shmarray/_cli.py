@@ -1,4 +1,4 @@
-"""The ``shmarray`` command: ls, info, rm, gc, demo."""
+"""The ``shmarray`` command: ls, info, rm, gc, doctor, demo."""
 
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import doctor
+
+    report = doctor(args.dir)
+    print(report.to_json() if args.json else report.to_text())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -100,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove segments nobody is attached to (not persistent ones)",
                         parents=[where])
     gc.set_defaults(func=_cmd_gc)
+    doc = sub.add_parser("doctor", help="what limits shared memory here, and how to fix it", parents=[where])
+    doc.add_argument("--json", action="store_true", help="print JSON")
+    doc.set_defaults(func=_cmd_doctor)
     demo = sub.add_parser("demo", help="run the demo: a pool of workers computes on one shared array, "
                           "zero-copy, next to the same job done by pickling", parents=[where])
     from ._demo import add_arguments

@@ -178,3 +178,52 @@ def test_a_huge_page_tmpfs_backs_segments_with_huge_pages(tmp_path: Path) -> Non
     assert int(lines["pmd_kb"]) >= 32 << 10, out.stdout  # at least half of the 64 MiB by 2 MiB pages
     assert lines["same"] == "True"
     assert lines["left"] == "[]"
+
+
+# -- shmarray doctor ---------------------------------------------------------------
+
+
+def test_doctor_reports_the_facts_and_fixes(tmp_path: Path) -> None:
+    report = shmarray.doctor()
+    assert report.dir == shmarray._os.backend.SHM_DIR and report.exists and report.fs_type == "tmpfs"
+    assert report.size_bytes and report.free_bytes is not None and report.page_size == 4096
+    assert report.nofile_soft > 0 and report.max_map_count
+    if not report.huge_pages_back_new_segments:
+        assert any("huge=within_size" in p.fix for p in report.problems)
+    text = report.to_text()
+    assert "segment directory" in text and "RLIMIT_NOFILE" in text
+    out = subprocess.run([sys.executable, "-m", "shmarray", "doctor", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    data = json.loads(out.stdout)
+    assert data["dir"] == report.dir and isinstance(data["problems"], list)
+    missing = shmarray.doctor(tmp_path / "nope")
+    assert not missing.exists and "does not exist" in missing.problems[0].what
+    disk = shmarray.doctor(tmp_path)
+    if disk.fs_type not in ("tmpfs", None):
+        assert any("disk file system" in p.what for p in disk.problems)
+
+
+DOCTOR_IN_NAMESPACE = r"""
+import json, sys, shmarray
+print(json.dumps({"small": shmarray.doctor("/dev/shm").as_dict(), "huge": shmarray.doctor(sys.argv[1]).as_dict()}))
+"""
+
+
+def test_doctor_on_a_small_dev_shm_and_a_huge_page_tmpfs(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount tmpfs file systems in a private mount namespace")
+    script = tmp_path / "doc.py"
+    script.write_text(DOCTOR_IN_NAMESPACE)
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size=64m tmpfs /dev/shm && mount -t tmpfs -o size=64m,huge=within_size tmpfs {mnt} "
+           f"&& exec {sys.executable} {script} {mnt}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
+        pytest.skip(f"cannot mount tmpfs here: {out.stderr.strip()}")
+    data = json.loads(out.stdout)
+    small, huge = data["small"], data["huge"]
+    assert small["small_container_default"] and any("--shm-size" in p["fix"] for p in small["problems"])
+    assert huge["huge"] == "within_size" and huge["huge_pages_back_new_segments"]
+    assert not any("huge" in p["what"] for p in huge["problems"])
