@@ -219,6 +219,15 @@ def _settle(r: Region) -> None:
         pass
 
 
+_DEFAULT_DEV: list[int] = []
+
+
+def _default_dev() -> int:
+    if not _DEFAULT_DEV:
+        _DEFAULT_DEV.append(backend.host_device())
+    return _DEFAULT_DEV[0]
+
+
 def _give_up(r: Region) -> None:
     """Still in use: leave the mapping to its views (the mark goes with it)."""
     if not r.own:
@@ -232,7 +241,10 @@ def _give_up(r: Region) -> None:
 
 def _keep_idle(r: Region) -> None:
     cap = budget()
-    if cap <= 0 or r.length > cap or r.length < MIN_KEEP:
+    # The budget is sized from the default directory's file system; an idle
+    # mapping of a file elsewhere (a dir= segment) would hold memory of a
+    # file system it knows nothing about, so those are never kept.
+    if cap <= 0 or r.length > cap or r.length < MIN_KEEP or r.dev != _default_dev():
         _discard(r)
         return
     try:

@@ -570,6 +570,11 @@ def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
 _hosts: dict[str, int] = {}
 
 
+def host_device(directory: str | None = None) -> int:
+    """st_dev of the file system of a segment directory (default: SHM_DIR)."""
+    return os.stat(directory or SHM_DIR).st_dev
+
+
 def host_identity(directory: str | None = None) -> int:
     """A 64-bit number that names this machine's boot and the file system of a segment directory.
 
