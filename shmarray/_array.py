@@ -413,7 +413,7 @@ def _prepare(key: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran: bo
     seg = Segment(key, dir=dir)  # the key is checked here, before anything else is done
     descriptor = encode_descriptor(shape, dtype, fortran, what)
     nbytes = math.prod(shape) * dtype.itemsize
-    p_off, total = layout(len(descriptor), nbytes, phase)
+    p_off, total = layout(len(descriptor), nbytes, phase, seg._boundary())
     # Segment._create checks the free space of /dev/shm before writing; sizes no
     # file system holds (and that the header's 64-bit fields cannot) stop here.
     if total >= 1 << 62:

@@ -324,7 +324,7 @@ def share_table(key: str, data: object, *, persistent: bool = False,
     _write_stream(mock, table)
     stream_size = mock.size()
     descriptor = _descriptor(table)
-    payload_offset, total = layout(len(descriptor), stream_size)
+    payload_offset, total = layout(len(descriptor), stream_size, boundary=seg._boundary())
     head = pack_header(Kind.ARROW, descriptor, payload_offset, stream_size)
 
     def fill(write: Callable[[memoryview, int], None]) -> None:

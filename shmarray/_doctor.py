@@ -97,28 +97,6 @@ class Doctor:
         return self.to_text()
 
 
-def _mount_of(path: str) -> tuple[str, str, str] | None:
-    """(mount point, fs type, super options) of the mount holding *path*, from /proc/self/mountinfo."""
-    best: tuple[str, str, str] | None = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:  # pragma: no cover - no /proc
-        return None
-    real = os.path.realpath(path)
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields, rest = left.split(), right.split()
-        if len(fields) < 5 or len(rest) < 3:
-            continue
-        point = fields[4].replace("\\040", " ")
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        # Later lines are mounted over earlier ones: the last, longest match wins.
-        if inside and (best is None or len(point) >= len(best[0])):
-            best = (point, rest[0], rest[2])
-    return best
-
-
 def _option(options: str, name: str) -> str | None:
     for item in options.split(","):
         k, _, v = item.partition("=")
@@ -144,7 +122,7 @@ def doctor(dir: Dir = None) -> Doctor:
     d = (_check_dir(dir) if dir is not None else None) or backend.SHM_DIR
     exists = os.path.isdir(d)
     writable = exists and os.access(d, os.W_OK | os.X_OK)
-    mount = _mount_of(d) if exists else None
+    mount = backend.mount_of(d) if exists else None
     point, fs, options = mount if mount is not None else (None, None, None)
     size = free = None
     if exists:

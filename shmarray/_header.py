@@ -92,8 +92,14 @@ def align(n: int, to: int = ALIGN) -> int:
     return (n + to - 1) // to * to
 
 
-def layout(descriptor_length: int, payload_length: int, phase: int | None = None) -> tuple[int, int]:
+def layout(descriptor_length: int, payload_length: int, phase: int | None = None,
+           boundary: tuple[int, int] | None = None) -> tuple[int, int]:
     """(payload offset, total user bytes) for a descriptor and payload of these lengths.
+
+    With *boundary* ``(first, step)`` (the user offset of the first huge-page
+    boundary of the file, and the huge page size) a payload of at least one
+    huge page starts on such a boundary, so huge pages back it from its
+    first byte; it wins over *phase*.
 
     With *phase* (a multiple of ALIGN below 4096) the payload starts at the
     first aligned offset that is *phase* bytes into a 4 KiB page: a copy
@@ -102,7 +108,10 @@ def layout(descriptor_length: int, payload_length: int, phase: int | None = None
     payload where its source's alignment copies at full speed.
     """
     payload_offset = align(HEADER.size + descriptor_length)
-    if phase is not None:
+    if boundary is not None and payload_length >= boundary[1]:
+        first, step = boundary
+        payload_offset = first + -(-max(payload_offset - first, 0) // step) * step
+    elif phase is not None:
         payload_offset += (phase - payload_offset) % 4096
     return payload_offset, payload_offset + payload_length
 

@@ -128,7 +128,8 @@ class BatchRing:
         _check_on_lost(on_lost)
         lay = make_layout(fields, slots, ordered)
         desc = lay.descriptor()
-        p_off, total = header_layout(len(desc), lay.payload_bytes)
+        seg = Segment(key, dir=dir)
+        p_off, total = header_layout(len(desc), lay.payload_bytes, boundary=seg._boundary())
         head = pack_header(Kind.RING, desc, p_off, lay.payload_bytes)
         ctl = [0] * (lay.control_bytes // 8)
         ctl[G_MAGIC], ctl[G_SLOTS], ctl[G_FLAGS] = MAGIC_WORD, lay.slots, FLAG_ORDERED if ordered else 0
@@ -138,7 +139,6 @@ class BatchRing:
             write(memoryview(head), 0)
             write(memoryview(ctl_bytes), p_off)
 
-        seg = Segment(key, dir=dir)
         seg._create(total, persistent=persistent, permissions=permissions, fill=fill)
         try:
             return cls(seg, lay, p_off, on_lost)

@@ -170,6 +170,12 @@ class Segment:
         """The OS name of the segment (without the leading '/')."""
         return self._native
 
+    def _boundary(self) -> tuple[int, int] | None:
+        """(user offset of the first 2 MiB boundary of the file, 2 MiB) where huge pages back segments, else None."""
+        if backend.huge_pages(self._dir) is None:
+            return None
+        return backend.HUGE_PAGE - PAGE_SIZE, backend.HUGE_PAGE
+
     @property
     def dir(self) -> str:
         """The directory the segment lives in (``dir=``, else ``SHMARRAY_DIR``, else /dev/shm)."""

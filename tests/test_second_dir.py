@@ -227,3 +227,36 @@ def test_doctor_on_a_small_dev_shm_and_a_huge_page_tmpfs(tmp_path: Path) -> None
     assert small["small_container_default"] and any("--shm-size" in p["fix"] for p in small["problems"])
     assert huge["huge"] == "within_size" and huge["huge_pages_back_new_segments"]
     assert not any("huge" in p["what"] for p in huge["problems"])
+
+
+ALIGNED = r"""
+import sys, numpy as np, pyarrow as pa, shmarray
+d = sys.argv[1]
+a = shmarray.share("big", np.ones(1 << 20), dir=d)        # 8 MiB
+t = shmarray.share_table("tab", pa.table({"x": np.arange(1 << 20)}), dir=d)
+r = shmarray.BatchRing.create("ring", {"x": ((1 << 19,), "f8")}, slots=2, dir=d)
+base = a.segment._att.region.mm
+addr = np.asarray(a).__array_interface__["data"][0]
+import ctypes
+start = ctypes.addressof(ctypes.c_char.from_buffer(base))
+print("offset", addr - start)
+print("same", float(shmarray.attach("big", dir=d).sum()), shmarray.attach_table("tab", dir=d).num_rows)
+"""
+
+
+def test_payloads_start_on_a_huge_page_boundary(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
+    script = tmp_path / "aligned.py"
+    script.write_text(ALIGNED)
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size=256m,huge=within_size tmpfs {mnt} && exec {sys.executable} {script} {mnt}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
+        pytest.skip(f"cannot mount a huge-page tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert int(lines["offset"]) % (2 << 20) == 0, out.stdout  # file offset of the data: a 2 MiB multiple
+    assert lines["same"] == "1048576.0 1048576"

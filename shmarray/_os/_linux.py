@@ -570,6 +570,49 @@ def copy_into(mapping: mmap.mmap, offset: int, data: memoryview) -> None:
 _hosts: dict[str, int] = {}
 
 
+def mount_of(path: str) -> tuple[str, str, str] | None:
+    """(mount point, file system type, super options) of the mount holding *path* (/proc/self/mountinfo)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:  # pragma: no cover - no /proc
+        return None
+    real = os.path.realpath(path)
+    best: tuple[str, str, str] | None = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        # Later lines are mounted over earlier ones: the last, longest match wins.
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, rest[0], rest[2])
+    return best
+
+
+_huge: dict[str, str | None] = {}
+
+
+def huge_pages(directory: str | None = None) -> str | None:
+    """The ``huge=`` option of the tmpfs holding a segment directory (always, within_size, advise), else None."""
+    d = directory or SHM_DIR
+    if d not in _huge:
+        m = mount_of(d)
+        value = None
+        if m is not None and m[1] == "tmpfs":
+            for item in m[2].split(","):
+                k, _, v = item.partition("=")
+                if k == "huge" and v in ("always", "within_size", "advise"):
+                    value = v
+        _huge[d] = value
+    return _huge[d]
+
+
+HUGE_PAGE = 2 << 20
+
+
 def host_device(directory: str | None = None) -> int:
     """st_dev of the file system of a segment directory (default: SHM_DIR)."""
     return os.stat(directory or SHM_DIR).st_dev
