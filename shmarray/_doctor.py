@@ -147,7 +147,7 @@ def doctor(dir: Dir = None) -> Doctor:
                                 f"create or mount it ({_TMPFS_LINE}), or unset SHMARRAY_DIR"))
     elif not writable:
         problems.append(Problem(f"{d} cannot be written by this user, so no segment can be created there",
-                                f"use a directory you can write (chmod, or SHMARRAY_DIR=...)"))
+                                "use a directory you can write (chmod, or SHMARRAY_DIR=...)"))
     if small:
         problems.append(Problem(
             f"/dev/shm is {_human(size or 0)}: a container's default, too small for large arrays",

@@ -135,6 +135,27 @@ def test_a_bad_directory_is_a_clear_error(tmp_path: Path, key: str) -> None:
     assert out.returncode == 1 and "does not exist" in out.stderr
 
 
+def _run_in_huge_tmpfs(tmp_path: Path, script: str, mounts: str = "") -> dict[str, str]:
+    """Run *script* with a ``huge=within_size`` tmpfs mounted at argv[1], in a private mount namespace.
+
+    *mounts* are more mount commands run first. Returns the script's
+    ``name value`` output lines as a dict; skips where that is not allowed.
+    """
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
+    path = tmp_path / "in_huge.py"
+    path.write_text(script)
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"{mounts}mount -t tmpfs -o size=256m,huge=within_size tmpfs {mnt} && exec {sys.executable} {path} {mnt}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    return dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+
+
 HUGE = r"""
 import os, sys, numpy as np, shmarray
 d = sys.argv[1]
@@ -162,20 +183,8 @@ print("left", os.listdir(d))
 
 
 def test_a_huge_page_tmpfs_backs_segments_with_huge_pages(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
-    script = tmp_path / "huge.py"
-    script.write_text(HUGE)
-    mnt = tmp_path / "huge"
-    mnt.mkdir()
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"mount -t tmpfs -o size=256m,huge=within_size tmpfs {mnt} && exec {sys.executable} {script} {mnt}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
-        pytest.skip(f"cannot mount a huge-page tmpfs here: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
-    assert int(lines["pmd_kb"]) >= 32 << 10, out.stdout  # at least half of the 64 MiB by 2 MiB pages
+    lines = _run_in_huge_tmpfs(tmp_path, HUGE)
+    assert int(lines["pmd_kb"]) >= 32 << 10, lines  # at least half of the 64 MiB by 2 MiB pages
     assert lines["same"] == "True"
     assert lines["left"] == "[]"
 
@@ -205,25 +214,14 @@ def test_doctor_reports_the_facts_and_fixes(tmp_path: Path) -> None:
 
 DOCTOR_IN_NAMESPACE = r"""
 import json, sys, shmarray
-print(json.dumps({"small": shmarray.doctor("/dev/shm").as_dict(), "huge": shmarray.doctor(sys.argv[1]).as_dict()}))
+print("small", json.dumps(shmarray.doctor("/dev/shm").as_dict()))
+print("huge", json.dumps(shmarray.doctor(sys.argv[1]).as_dict()))
 """
 
 
 def test_doctor_on_a_small_dev_shm_and_a_huge_page_tmpfs(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) to mount tmpfs file systems in a private mount namespace")
-    script = tmp_path / "doc.py"
-    script.write_text(DOCTOR_IN_NAMESPACE)
-    mnt = tmp_path / "huge"
-    mnt.mkdir()
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"mount -t tmpfs -o size=64m tmpfs /dev/shm && mount -t tmpfs -o size=64m,huge=within_size tmpfs {mnt} "
-           f"&& exec {sys.executable} {script} {mnt}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
-        pytest.skip(f"cannot mount tmpfs here: {out.stderr.strip()}")
-    data = json.loads(out.stdout)
-    small, huge = data["small"], data["huge"]
+    lines = _run_in_huge_tmpfs(tmp_path, DOCTOR_IN_NAMESPACE, mounts="mount -t tmpfs -o size=64m tmpfs /dev/shm && ")
+    small, huge = json.loads(lines["small"]), json.loads(lines["huge"])
     assert small["small_container_default"] and any("--shm-size" in p["fix"] for p in small["problems"])
     assert huge["huge"] == "within_size" and huge["huge_pages_back_new_segments"]
     assert not any("huge" in p["what"] for p in huge["problems"])
@@ -245,18 +243,6 @@ print("same", float(shmarray.attach("big", dir=d).sum()), shmarray.attach_table(
 
 
 def test_payloads_start_on_a_huge_page_boundary(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
-    script = tmp_path / "aligned.py"
-    script.write_text(ALIGNED)
-    mnt = tmp_path / "huge"
-    mnt.mkdir()
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"mount -t tmpfs -o size=256m,huge=within_size tmpfs {mnt} && exec {sys.executable} {script} {mnt}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
-        pytest.skip(f"cannot mount a huge-page tmpfs here: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
-    assert int(lines["offset"]) % (2 << 20) == 0, out.stdout  # file offset of the data: a 2 MiB multiple
+    lines = _run_in_huge_tmpfs(tmp_path, ALIGNED)
+    assert int(lines["offset"]) % (2 << 20) == 0, lines  # file offset of the data: a 2 MiB multiple
     assert lines["same"] == "1048576.0 1048576"
