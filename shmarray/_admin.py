@@ -11,9 +11,9 @@ import dataclasses
 from . import _stash
 from ._attachment import CONTROL, MAGIC, PAGE_SIZE, parse_control, sweep_orphans
 from ._stash import KEEP_PREFIX
-from ._errors import NotFoundError, PermissionDeniedError, ShmError
+from ._errors import NotFoundError, PermissionDeniedError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
-from ._segment import Dir, _check_dir
+from ._segment import Dir, _check_dir, check_usable
 
 __all__ = ["SegmentInfo", "list_segments", "segment_info", "unlink_key", "collect_garbage", "read_head"]
 
@@ -44,13 +44,11 @@ class SegmentInfo:
         return self.shmarray and self.kept is None and self.attachments == 0 and not self.persistent
 
 
-def _where(directory: "Dir") -> str | None:
+def _where(directory: "Dir", what: str) -> str | None:
     """A ``dir=`` argument checked for reading: None for the default; ShmError naming a bad one."""
     d = _check_dir(directory) if directory is not None else None
     if d is not None:
-        problem = backend.dir_problem(d, writable=False)
-        if problem is not None:
-            raise ShmError(f"the segment directory {d!r} {problem}", None)
+        check_usable(d, what, writable=False)
     return d
 
 
@@ -85,7 +83,7 @@ def list_segments(*, include_foreign: bool = False, dir: "Dir" = None) -> list[S
 
     *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
     """
-    d = _where(dir)
+    d = _where(dir, "list")
     out = []
     if not include_foreign and d is None:
         # Memory kept by processes that died goes whenever segments are listed;
@@ -128,7 +126,7 @@ def _name(key: str | None, native_key: str | None) -> tuple[str, str]:
 def segment_info(key: str | None = None, *, native_key: str | None = None, dir: "Dir" = None) -> SegmentInfo:
     """The listing entry of one segment (in *dir*); NotFoundError if there is none."""
     name, label = _name(key, native_key)
-    info = _read(name, _where(dir))
+    info = _read(name, _where(dir, "info"))
     if info is None:
         raise NotFoundError(f"no segment {label!r}; `shmarray ls` lists the segments there are", key)
     return info
@@ -154,7 +152,7 @@ def unlink_key(key: str | None = None, *, native_key: str | None = None, dir: "D
     """Remove a segment's name now (persistent or not); attached users keep their mappings."""
     name, label = _name(key, native_key)
     try:
-        if not backend.unlink(backend.qualify(_where(dir), name)):
+        if not backend.unlink(backend.qualify(_where(dir, "unlink"), name)):
             raise NotFoundError(f"unlink: no segment {label!r}; nothing to remove", key)
     except PermissionError as e:
         raise PermissionDeniedError(f"unlink: permission denied for segment {label!r}", key) from e
@@ -165,7 +163,7 @@ def collect_garbage(*, dir: "Dir" = None) -> list[str]:
 
     Returns the native names removed (in *dir*: default ``SHMARRAY_DIR``, else /dev/shm).
     """
-    d = _where(dir)
+    d = _where(dir, "gc")
     removed = _stash.reap_orphans() if d is None else []
     segments = []
     for bare in sorted(backend.list_names(d)):

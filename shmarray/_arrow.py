@@ -420,6 +420,13 @@ class TableHandle:
         self._seg: Segment | None = seg
         self._value: Any = None
 
+    @classmethod
+    def _of(cls, key: str, seg: Segment | None, value: Any = None) -> TableHandle:
+        """A handle on *seg* (attached), or, with no segment, on the table *value* that arrived by value."""
+        handle = cls.__new__(cls)
+        handle._key, handle._seg, handle._value = key, seg, value
+        return handle
+
     @property
     def key(self) -> str:
         """The key of the table's segment."""
@@ -433,7 +440,7 @@ class TableHandle:
     def _table(self, mode: str) -> "pyarrow.Table":
         if self._seg is None:
             return self._value
-        seg = Segment._of_instance(self._key, None, AccessMode.ReadOnly, *self._seg._reference(), self._seg._dir)
+        seg = _another_user(self._seg)
         try:
             return _read_table(seg, self._key, mode)
         except BaseException:
@@ -468,30 +475,23 @@ def table_handle(table_or_key: "pyarrow.Table | str", *, dir: Dir = None) -> Tab
     if seg is None:
         raise TypeError(f"table_handle(): a {type(table_or_key).__name__} that does not live in a shmarray "
                         "segment (give a key, or a table from share_table/attach_table)")
-    handle = TableHandle.__new__(TableHandle)
-    handle._key = seg.key or ""
-    handle._seg = Segment._of_instance(seg.key, None, AccessMode.ReadOnly, *seg._reference(), seg._dir)
-    handle._value = None
-    return handle
+    return TableHandle._of(seg.key or "", _another_user(seg))
+
+
+def _another_user(seg: Segment) -> Segment:
+    """One more read-only Segment object on the instance *seg* is attached to (nothing is opened)."""
+    return Segment._of_instance(seg.key, None, AccessMode.ReadOnly, *seg._reference(), seg._dir)
 
 
 def _rebuild_handle(key: str, host: int, incarnation: int, dir: str | None = None) -> TableHandle:
     if special():
         return rebuild_specially(  # type: ignore[no-any-return]
             _rebuild_handle, (key, host, incarnation, dir), key, host)
-    handle = TableHandle.__new__(TableHandle)
-    handle._key = key
-    handle._seg = Segment._of_instance(key, None, AccessMode.ReadOnly, host, incarnation, dir)
-    handle._value = None
-    return handle
+    return TableHandle._of(key, Segment._of_instance(key, None, AccessMode.ReadOnly, host, incarnation, dir))
 
 
 def _handle_by_value(key: str, table: "pyarrow.Table") -> TableHandle:
-    handle = TableHandle.__new__(TableHandle)
-    handle._key = key
-    handle._seg = None
-    handle._value = table
-    return handle
+    return TableHandle._of(key, None, table)
 
 
 # The segment behind each live table that _read_table made, by the table's id

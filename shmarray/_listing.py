@@ -30,9 +30,8 @@ __all__ = ["ls", "Listing", "SegmentEntry", "describe_payload", "entry_for"]
 def _payload_head(info: SegmentInfo) -> dict[str, Any]:
     """The payload header of a segment, read without attaching: describe_head()'s dict."""
     try:
-        where = info.dir if info.dir != backend.SHM_DIR else None
-        hdr = parse_header(read_head(info.native_key, HEADER.size, where), info.size)
-        head = read_head(info.native_key, hdr.descriptor_offset + hdr.descriptor_length, where)
+        hdr = parse_header(read_head(info.native_key, HEADER.size, info.dir), info.size)
+        head = read_head(info.native_key, hdr.descriptor_offset + hdr.descriptor_length, info.dir)
     except (OSError, ShmError):  # no payload header, removed meanwhile, unreadable
         return {"kind": "raw"}
     return describe_head(head, info.size)
@@ -243,16 +242,15 @@ def ls(pattern: str | None = None, *, include_foreign: bool = False, dir: Dir = 
     if pattern is not None and not isinstance(pattern, str):
         raise TypeError(f"ls: pattern must be a str such as 'frames-*', not {type(pattern).__name__}")
     infos = list_segments(include_foreign=include_foreign, dir=dir)
-    where = infos[0].dir if infos else None
     if not include_foreign:
         # Segments whose users all died are gone for the API already; listing them
         # frees their memory too. The full listing (--all) shows them as they are.
-        gone = set(sweep_orphans([backend.qualify(i.dir, i.native_key) for i in infos if i.shmarray]))
-        infos = [i for i in infos if backend.qualify(i.dir, i.native_key) not in gone]
+        names = {id(i): backend.qualify(i.dir, i.native_key) for i in infos if i.shmarray}
+        gone = set(sweep_orphans(list(names.values())))
+        infos = [i for i in infos if names.get(id(i)) not in gone]
     entries = []
     for info in infos:
         name = info.key if info.key is not None else info.native_key
         if pattern is None or fnmatch.fnmatchcase(name, pattern):
             entries.append(entry_for(info))
-    return Listing(entries, pattern=pattern,
-                   dir=where or (backend.normal_dir(dir) if dir is not None else None))
+    return Listing(entries, pattern=pattern, dir=None if dir is None else backend.normal_dir(dir))

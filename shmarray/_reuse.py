@@ -219,13 +219,15 @@ def _settle(r: Region) -> None:
         pass
 
 
-_DEFAULT_DEV: list[int] = []
+_default: int | None = None
 
 
 def _default_dev() -> int:
-    if not _DEFAULT_DEV:
-        _DEFAULT_DEV.append(backend.host_device())
-    return _DEFAULT_DEV[0]
+    """st_dev of the default segment directory's file system (looked up once)."""
+    global _default
+    if _default is None:
+        _default = backend.host_device()
+    return _default
 
 
 def _give_up(r: Region) -> None:

@@ -230,9 +230,10 @@ class Segment:
 
             raise self._fail(InvalidKeyError(f"{what}: no key set; pass a key to Segment() or set_key()"))
         if self._dir is not None:
-            problem = backend.dir_problem(self._dir, writable=what == "create")
-            if problem is not None:
-                raise self._fail(ShmError(f"{what}: the segment directory {self._dir!r} {problem}", self._key))
+            try:
+                check_usable(self._dir, what, writable=what == "create")
+            except ShmError as e:
+                raise self._fail(e) from None
         return backend.qualify(self._dir, self._native)
 
     # -- create / attach / detach --------------------------------------------------
@@ -966,6 +967,13 @@ def _host_of(directory: str | None) -> int:
         return backend.host_identity(directory)
     except OSError:
         return 0
+
+
+def check_usable(directory: str, what: str, *, writable: bool) -> None:
+    """ShmError naming *directory* when segments cannot live there (missing, not a directory, unwritable)."""
+    problem = backend.dir_problem(directory, writable=writable)
+    if problem is not None:
+        raise ShmError(f"{what}: the segment directory {directory!r} {problem}", None)
 
 
 def _check_dir(directory: "str | os.PathLike[str]") -> str | None:

@@ -71,9 +71,9 @@ def by_value(host: int) -> bool:
     return recipient is not None and recipient != host
 
 
-def special() -> int:
-    """The unpickling mode in force (0: plain pickle; checked first by every rebuild function)."""
-    return _READING.get()
+#: The unpickling mode in force (0: plain pickle), checked first by every
+#: rebuild function: the context variable's own ``get``, no Python frame.
+special: Callable[[], int] = _READING.get
 
 
 def rebuild_specially(fn: Rebuild, args: tuple[Any, ...], label: str | None, host: int) -> Any:

@@ -153,7 +153,6 @@ def install() -> None:
     dask_deserialize.register(SharedArray)(_deserialize_array)
     sizeof.register(SharedArray)(_sizeof_array)
     sizeof.register(TableHandle)(_sizeof_handle)
-    sizeof.register(_transfer.Deferred)(lambda d: d.__sizeof__())
     normalize_token.register(SharedArray)(_token)
     _installed = True
 

@@ -37,8 +37,8 @@ TITLE = "Segment directories: a huge-page tmpfs against /dev/shm"
 SHARE_HUGE = "share() on a huge=within_size tmpfs, reuse off"
 SHARE_SHM_FRESH = "share() on /dev/shm, reuse off"
 SHARE_SHM_WARM = "share() on /dev/shm, reuse on (warm pages)"
-CREATE_HUGE = "create() 512 MiB zeros on a huge=within_size tmpfs"
-CREATE_SHM = "create() 512 MiB zeros on /dev/shm"
+CREATE_HUGE = "create() of zeros on a huge=within_size tmpfs"
+CREATE_SHM = "create() of zeros on /dev/shm"
 FLOOR = "floor: warm memcpy of the same bytes"
 
 
@@ -90,8 +90,9 @@ def run(ctx: Context) -> GroupResult:
                      f"{variant}: {warm * 1e3:.0f} ms vs {huge * 1e3:.0f} ms")
     create = res.median(CREATE_HUGE, variant=variant)
     if create is not None:
-        res.headline("create() 512 MiB on the huge-page tmpfs (reservation included)", create * 1e3, "< 20 ms",
-                     create < 0.020, f"{variant}: {create * 1e3:.1f} ms; /dev/shm "
+        # A time, not a ratio of peers: the "ratio" is the share of the 20 ms aim it used.
+        res.headline("create() on the huge-page tmpfs (reservation included) / the 20 ms aim", create / 0.020,
+                     "< 1", create < 0.020, f"{variant}: {create * 1e3:.1f} ms; /dev/shm "
                      f"{(res.median(CREATE_SHM, variant=variant) or 0) * 1e3:.1f} ms")
     return res
 
