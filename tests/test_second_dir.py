@@ -125,7 +125,11 @@ def test_a_bad_directory_is_a_clear_error(tmp_path: Path, key: str) -> None:
     assert not missing.exists()  # never created
     with pytest.raises(TypeError):
         shmarray.share(key, np.zeros(2), dir=3)  # type: ignore[arg-type]
-    if os.geteuid() != 0:
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"")
+    with pytest.raises(shmarray.ShmError, match="is not a directory"):
+        shmarray.share(key, np.zeros(2), dir=afile)
+    if os.geteuid() != 0:  # root writes anywhere: the unwritable case needs another user
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         with pytest.raises(shmarray.ShmError, match="cannot be written"):
