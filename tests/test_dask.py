@@ -130,7 +130,7 @@ def _gone(key: str, timeout: float = TIMEOUT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            shmarray.attach(key).close()
+            shmarray.Segment(key).attach(shmarray.AccessMode.ReadOnly).detach()  # any payload kind
         except shmarray.NotFoundError:
             return True
         time.sleep(0.05)
@@ -232,7 +232,8 @@ def test_tables_travel_as_handles(client: Client, cluster: dict[str, Any], key: 
         "TableHandle", False, 100, 4950)
     made = client.submit(tasks.share_table, key + "w", 10, workers=[w0])
     assert client.submit(tasks.table_facts, made, workers=[w1]).result(TIMEOUT) == ("TableHandle", False, 10, 45)
-    del made
+    del made  # the worker lets the table go once the scheduler forgets the key
+    assert _gone(key + "w"), "the table outlived the released future"
 
 
 def test_dask_array_from_and_to_shared(client: Client, cluster: dict[str, Any], make_key: Any) -> None:
