@@ -85,10 +85,10 @@ def list_segments(*, include_foreign: bool = False, dir: "Dir" = None) -> list[S
     """
     d = _where(dir, "list")
     out = []
-    if not include_foreign and d is None:
+    if not include_foreign:
         # Memory kept by processes that died goes whenever segments are listed;
         # the full listing (--all) is the one that shows it until then.
-        _stash.reap_orphans()
+        _stash.reap_orphans(d)
     for name in sorted(backend.list_names(d)):
         if name.startswith(TEMP_PREFIX) or name.startswith(KEEP_PREFIX):
             continue
@@ -108,10 +108,10 @@ def list_segments(*, include_foreign: bool = False, dir: "Dir" = None) -> list[S
         info = _read(name, d)
         if info is not None and (include_foreign or info.shmarray):
             out.append(info)
-    if include_foreign and d is None:
-        for name, pid, size, alive, nlink in _stash.kept_entries():
+    if include_foreign:
+        for name, pid, size, alive, nlink in _stash.kept_entries(d):
             out.append(SegmentInfo(name, None, size, False, (), 0, None, None, pid, 0.0, True,
-                                   kept=(alive, nlink - 1)))
+                                   kept=(alive, nlink - 1), dir=d or backend.SHM_DIR))
     return out
 
 
@@ -164,7 +164,7 @@ def collect_garbage(*, dir: "Dir" = None) -> list[str]:
     Returns the native names removed (in *dir*: default ``SHMARRAY_DIR``, else /dev/shm).
     """
     d = _where(dir, "gc")
-    removed = _stash.reap_orphans() if d is None else []
+    removed = _stash.reap_orphans(d)
     segments = []
     for bare in sorted(backend.list_names(d)):
         name = backend.qualify(d, bare)

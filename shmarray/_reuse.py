@@ -23,8 +23,10 @@ Rules that keep this safe:
   offset and protection, once the file covers it; it is then locked again
   before any view is built on it.
 
-The budget (``SHMARRAY_REUSE_BYTES``) bounds the bytes of idle mappings kept
-here and the bytes of recycled files a process keeps (``_stash``).
+The budget (``SHMARRAY_REUSE_BYTES``, else a quarter of the file system, at
+most 4 GiB) bounds, per file system a process uses for segments, the bytes
+of idle mappings kept here and the bytes of recycled files it keeps there
+(``_stash``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from ._os import backend
 
@@ -67,19 +69,37 @@ def parse_bytes(text: str) -> int:
     return int(value * _SUFFIXES[unit])
 
 
-_budget: int | None = None
+# set_budget()'s value or SHMARRAY_REUSE_BYTES (None: neither), read once.
+_fixed: int | None = None
+_fixed_read = False
+_sized: dict[int, int] = {}  # st_dev -> min(4 GiB, 1/4 of that file system)
+_devices: dict[str | None, int] = {}  # segment directory -> st_dev
 
 
-def budget() -> int:
-    """The bytes this process may keep for reuse: ``SHMARRAY_REUSE_BYTES``, else min(4 GiB, 1/4 of /dev/shm)."""
-    global _budget
-    if _budget is None:
+def _budget_of(dev: int, total: Callable[[], int]) -> int:
+    """The budget for the file system *dev*; *total* gives its size when it is not known yet."""
+    global _fixed, _fixed_read
+    if not _fixed_read:
         raw = os.environ.get("SHMARRAY_REUSE_BYTES")
-        if raw is not None and raw.strip():
-            _budget = parse_bytes(raw)
-        else:
-            _budget = min(_DEFAULT_CAP, backend.statvfs_bytes()[1] // 4)
-    return _budget
+        _fixed = parse_bytes(raw) if raw is not None and raw.strip() else None
+        _fixed_read = True
+    if _fixed is not None:
+        return _fixed
+    got = _sized.get(dev)
+    if got is None:
+        got = _sized[dev] = min(_DEFAULT_CAP, total() // 4)
+    return got
+
+
+def budget(directory: str | None = None) -> int:
+    """The bytes this process may keep for reuse in a segment directory (None: the default one).
+
+    ``SHMARRAY_REUSE_BYTES``, else min(4 GiB, 1/4 of the directory's file system).
+    """
+    dev = _devices.get(directory)
+    if dev is None:
+        dev = _devices[directory] = backend.host_device(directory)
+    return _budget_of(dev, lambda: backend.total_bytes(directory))
 
 
 def set_budget(value: int | None) -> None:
@@ -88,8 +108,9 @@ def set_budget(value: int | None) -> None:
     What is kept already stays (a budget of 0 keeps nothing new and reuses
     nothing); ``_stash.release_all()`` frees it.
     """
-    global _budget
-    _budget = value
+    global _fixed, _fixed_read
+    _fixed = value
+    _fixed_read = value is not None
 
 
 class Region:
@@ -219,17 +240,6 @@ def _settle(r: Region) -> None:
         pass
 
 
-_default: int | None = None
-
-
-def _default_dev() -> int:
-    """st_dev of the default segment directory's file system (looked up once)."""
-    global _default
-    if _default is None:
-        _default = backend.host_device()
-    return _default
-
-
 def _give_up(r: Region) -> None:
     """Still in use: leave the mapping to its views (the mark goes with it)."""
     if not r.own:
@@ -242,11 +252,12 @@ def _give_up(r: Region) -> None:
 
 
 def _keep_idle(r: Region) -> None:
-    cap = budget()
-    # The budget is sized from the default directory's file system; an idle
-    # mapping of a file elsewhere (a dir= segment) would hold memory of a
-    # file system it knows nothing about, so those are never kept.
-    if cap <= 0 or r.length > cap or r.length < MIN_KEEP or r.dev != _default_dev():
+    # Idle mappings hold memory of their own file system: each is bounded by its budget.
+    try:
+        cap = _budget_of(r.dev, lambda: backend.fd_total_bytes(r.fd))
+    except OSError:  # pragma: no cover - the fd is ours
+        cap = 0
+    if cap <= 0 or r.length > cap or r.length < MIN_KEEP:
         _discard(r)
         return
     try:
@@ -255,9 +266,16 @@ def _keep_idle(r: Region) -> None:
         _discard(r)
         return
     _idle.append(r)
-    total = sum(x.length for x in _idle)
-    while _idle and (len(_idle) > MAX_IDLE or total > cap):
+    total = sum(x.length for x in _idle if x.dev == r.dev)
+    while len(_idle) > MAX_IDLE:
         old = _idle.pop(0)
+        if old.dev == r.dev:
+            total -= old.length
+        _discard(old)
+    for old in [x for x in _idle if x.dev == r.dev]:
+        if total <= cap:
+            break
+        _idle.remove(old)
         total -= old.length
         _discard(old)
 

@@ -279,11 +279,11 @@ class Segment:
                     f"create: this object is already attached to segment {self._label()!r}; "
                     "detach() it first", self._key))
             total = PAGE_SIZE + size
-            _stash.maybe_reap()
+            _stash.maybe_reap(self._dir)
             free = backend.free_bytes(self._dir)
             if total > free:
                 # Memory kept for reuse gives way before a create fails for lack of room.
-                _stash.give_back(total - free)
+                _stash.give_back(total - free, self._dir)
                 if total > backend.free_bytes(self._dir):
                     raise self._fail(self._no_space(total))
             for attempt in (1, 2):
@@ -295,7 +295,7 @@ class Segment:
                     raise self._fail(e) from None
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EFBIG):
-                        if attempt == 1 and _stash.give_back(total) > 0:
+                        if attempt == 1 and _stash.give_back(total, self._dir) > 0:
                             continue
                         raise self._fail(self._no_space(total)) from e
                     raise self._fail(_translate(e, what, self._label())) from e
@@ -311,10 +311,9 @@ class Segment:
 
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
-        # Recycled files live in the default directory (a link cannot cross file systems).
-        recycle = not persistent and self._dir is None
+        recycle = not persistent
         if recycle:
-            taken = _stash.take(PAGE_SIZE + size)
+            taken = _stash.take(PAGE_SIZE + size, self._dir)
             if taken is not None:
                 return self._build_in(taken, name, size, mode, fill)
         pid = backend.getpid()

@@ -8,7 +8,9 @@ once the segment is destroyed (its public name gone, nobody attached, no
 mapping of it anywhere), the next segment of a fitting size is written into
 that file and published under its own public name with ``link(2)``.
 
-Names, in the segment directory::
+Each segment directory has its own kept files (a link cannot cross file
+systems), so a process keeps files per directory it creates segments in.
+Names, in that directory::
 
     .shmarray-keep-<pid>-<token>       the owner: an empty file on which the keeping
                                        process holds an exclusive OFD lock for its life
@@ -22,8 +24,8 @@ Lifetime:
 - A kept file is reused only while its owner holds its liveness byte
   exclusively (nobody attached), the segment is dead (its destroyer marked
   it, or every attacher died), and no process maps it (``MAPPED_BYTE``).
-- The bytes kept are bounded by ``_reuse.budget()``. Files of segments still
-  alive count too; a new segment is kept only if it fits.
+- The bytes kept in a directory are bounded by ``_reuse.budget(dir)``. Files
+  of segments still alive count too; a new segment is kept only if it fits.
 - Before a create would fail for lack of room, this process gives back its
   dead kept files, then every dead kept file in the directory (``give_back``).
 - At a normal exit the owner frees what it kept (truncated, so the memory is
@@ -41,7 +43,7 @@ from typing import NamedTuple
 from . import _reuse
 from ._attachment import CONTROL, _retire, parse_control, sweep_orphans
 from ._errors import ShmError
-from ._os import backend
+from ._os import PREFIX, backend
 
 __all__ = ["KEEP_PREFIX", "keep", "forget", "take", "give_back", "reap_orphans", "maybe_reap",
            "kept_entries", "release_all"]
@@ -74,11 +76,14 @@ class Taken(NamedTuple):
 
 
 class _Owner:
-    __slots__ = ("pid", "base", "fd", "kept", "serial")
+    """What this process keeps in one directory (None: the default one); names are qualified."""
 
-    def __init__(self) -> None:
+    __slots__ = ("pid", "dir", "base", "fd", "kept", "serial")
+
+    def __init__(self, directory: str | None) -> None:
         self.pid = backend.getpid()
-        self.base = f"{KEEP_PREFIX}{self.pid}-{backend.token_hex(6)}"
+        self.dir = directory
+        self.base = backend.qualify(directory, f"{KEEP_PREFIX}{self.pid}-{backend.token_hex(6)}")
         self.fd = backend.create_exclusive(self.base, 0o600)
         if not backend.try_sole(self.fd):  # pragma: no cover - a fresh private name
             backend.close(self.fd)
@@ -87,19 +92,31 @@ class _Owner:
         self.serial = 0
 
 
-_owner: _Owner | None = None
-_last_reap = -1e9
+_owners: dict[str | None, _Owner] = {}
+_last_reap: dict[str | None, float] = {}
 _exit_registered = False
 
 
-def _the_owner() -> _Owner:
-    global _owner, _exit_registered
-    if _owner is None or _owner.pid != backend.getpid():
-        _owner = _Owner()
+def _owner(directory: str | None) -> _Owner | None:
+    """This process's owner in *directory*, if it keeps anything there."""
+    o = _owners.get(directory)
+    return o if o is not None and o.pid == backend.getpid() else None
+
+
+def _the_owner(directory: str | None) -> _Owner:
+    global _exit_registered
+    o = _owner(directory)
+    if o is None:
+        o = _owners[directory] = _Owner(directory)
         if not _exit_registered:
             atexit.register(_at_exit)
             _exit_registered = True
-    return _owner
+    return o
+
+
+def _is_kept_file(bare: str) -> bool:
+    """A kept file's bare name (an owner file has no serial)."""
+    return bare.startswith(KEEP_PREFIX) and "." in bare[len(KEEP_PREFIX):]
 
 
 def _kept_bytes(o: _Owner) -> int:
@@ -109,15 +126,17 @@ def _kept_bytes(o: _Owner) -> int:
 def keep(temp: str, public: str, size: int, fd: int) -> str | None:
     """Give the new segment file *temp* (open as *fd*) a hidden name this process keeps; None when not kept.
 
-    Kept when reuse is on and the file fits the budget (dead kept files are
-    given back, oldest first, to make room).
+    Kept in *temp*'s directory when reuse is on and the file fits that
+    directory's budget (dead kept files are given back, oldest first, to
+    make room).
     """
-    cap = _reuse.budget()
+    directory = backend.split_name(temp)[0]
+    cap = _reuse.budget(directory)
     if cap <= 0 or size < _reuse.MIN_KEEP or size > cap:
         return None
-    o = _the_owner()
+    o = _the_owner(directory)
     if _kept_bytes(o) + size > cap:
-        _give_back_own(_kept_bytes(o) + size - cap)
+        _give_back_own(_kept_bytes(o) + size - cap, directory)
         if _kept_bytes(o) + size > cap:
             return None
     o.serial += 1
@@ -131,8 +150,10 @@ def keep(temp: str, public: str, size: int, fd: int) -> str | None:
 
 def forget(name: str | None) -> None:
     """Drop a kept name whose segment was never published (its creation failed)."""
-    o = _owner
-    if name is None or o is None:
+    if name is None:
+        return
+    o = _owner(backend.split_name(name)[0])
+    if o is None:
         return
     o.kept.pop(name, None)
     backend.unlink(name)
@@ -173,10 +194,10 @@ def _dead_segment(fd: int, kept: Kept) -> bool:
     return backend.name_identity(kept.public) != (kept.dev, kept.ino)
 
 
-def take(total: int) -> Taken | None:
-    """A dead kept file of at least *total* bytes (and not much more) to build a new segment in."""
-    o = _owner
-    if o is None or o.pid != backend.getpid() or not o.kept or _reuse.budget() <= 0:
+def take(total: int, directory: str | None) -> Taken | None:
+    """A dead kept file in *directory* of at least *total* bytes (and not much more) to build a new segment in."""
+    o = _owner(directory)
+    if o is None or not o.kept or _reuse.budget(directory) <= 0:
         return None
     fits = sorted((k for k in o.kept.values() if total <= k.size and total >= k.size * _MIN_FILL),
                   key=lambda k: k.size)
@@ -214,10 +235,13 @@ def _free(name: str, fd: int | None) -> bool:
         backend.close(fd)
 
 
-def _give_back_own(need: int | None) -> int:
-    """Free dead kept files of this process, oldest first, until *need* bytes (None: all). Bytes freed."""
-    o = _owner
-    if o is None or o.pid != backend.getpid():
+def _give_back_own(need: int | None, directory: str | None) -> int:
+    """Free dead kept files of this process in *directory*, oldest first, until *need* bytes (None: all).
+
+    Returns the bytes freed.
+    """
+    o = _owner(directory)
+    if o is None:
         return 0
     freed = 0
     for k in sorted(o.kept.values(), key=lambda k: k.since):
@@ -235,16 +259,17 @@ def _give_back_own(need: int | None) -> int:
     return freed
 
 
-def give_back(need: int) -> int:
-    """Free kept memory before a create fails for lack of room: ours first, then any dead kept file."""
-    freed = _give_back_own(need)
+def give_back(need: int, directory: str | None) -> int:
+    """Free kept memory in *directory* before a create fails for lack of room: ours first, then any dead kept file."""
+    freed = _give_back_own(need, directory)
     if freed >= need:
         return freed
-    reap_orphans()
-    for name in backend.list_names():
-        if not name.startswith(KEEP_PREFIX) or "." not in name[len(KEEP_PREFIX):]:
+    reap_orphans(directory)
+    for bare in backend.list_names(directory):
+        if not _is_kept_file(bare):
             continue
-        o = _owner
+        name = backend.qualify(directory, bare)
+        o = _owner(directory)
         if o is not None and name in o.kept:
             continue
         fd = _claim(name)
@@ -266,20 +291,23 @@ def give_back(need: int) -> int:
     return freed
 
 
-def _owner_of(name: str) -> str:
-    rest = name[len(KEEP_PREFIX):]
-    return KEEP_PREFIX + rest.split(".", 1)[0]
+def _owner_of(bare: str) -> str:
+    """The bare name of the owner file of a kept file's bare name."""
+    return KEEP_PREFIX + bare[len(KEEP_PREFIX):].split(".", 1)[0]
 
 
-def reap_orphans() -> list[str]:
-    """Free the kept files of processes that died (their owner file's lock is free). Names removed."""
-    global _last_reap
-    _last_reap = time.monotonic()
-    names = [n for n in backend.list_names() if n.startswith(KEEP_PREFIX)]
+def reap_orphans(directory: str | None = None) -> list[str]:
+    """Free the kept files in *directory* of processes that died (their owner file's lock is free).
+
+    Returns the bare names removed.
+    """
+    _last_reap[directory] = time.monotonic()
+    names = [n for n in backend.list_names(directory) if n.startswith(KEEP_PREFIX)]
     if not names:
         return []
-    mine = _owner.base if _owner is not None and _owner.pid == backend.getpid() else None
-    owners = {n for n in names if "." not in n[len(KEEP_PREFIX):]}
+    o = _owner(directory)
+    mine = backend.split_name(o.base)[1] if o is not None else None
+    owners = {n for n in names if not _is_kept_file(n)}
     removed: list[str] = []
     dead_owners: dict[str, int | None] = {}
     for base in {_owner_of(n) for n in names}:
@@ -289,7 +317,7 @@ def reap_orphans() -> list[str]:
             dead_owners[base] = None  # its files outlived it (killed between two unlinks)
             continue
         try:
-            fd = backend.open_by_name(base)
+            fd = backend.open_by_name(backend.qualify(directory, base))
         except OSError:
             continue
         if backend.try_sole(fd):
@@ -298,42 +326,44 @@ def reap_orphans() -> list[str]:
             backend.close(fd)
     for base, owner_fd in dead_owners.items():
         for n in names:
-            if n != base and _owner_of(n) == base and _free(n, None):
+            if n != base and _owner_of(n) == base and _free(backend.qualify(directory, n), None):
                 removed.append(n)
         if owner_fd is not None:
-            backend.unlink_if_same(base, owner_fd)
+            backend.unlink_if_same(backend.qualify(directory, base), owner_fd)
             backend.close(owner_fd)
             removed.append(base)
     return removed
 
 
-def maybe_reap() -> None:
-    """reap_orphans() and the segments whose users all died, at most every few seconds per process.
+def maybe_reap(directory: str | None) -> None:
+    """reap_orphans() and the segments whose users all died in *directory*, at most every few seconds.
 
     create() calls this, so that the memory of a crashed pipeline returns
     without waiting for the next attach of its key or ``shmarray gc``.
     """
-    if time.monotonic() - _last_reap >= _REAP_EVERY:
+    if time.monotonic() - _last_reap.get(directory, -1e9) >= _REAP_EVERY:
         try:
-            reap_orphans()
-            sweep_orphans()
+            reap_orphans(directory)
+            sweep_orphans(None if directory is None else
+                          [backend.qualify(directory, n) for n in backend.list_names(directory)
+                           if n.startswith(PREFIX)])
         except OSError:  # pragma: no cover - a listing race: next time
             pass
 
 
-def kept_entries() -> list[tuple[str, int, int, bool, int]]:
-    """Every kept file in the directory: (name, owner pid, size, owner alive, links)."""
+def kept_entries(directory: str | None = None) -> list[tuple[str, int, int, bool, int]]:
+    """Every kept file in *directory*: (bare name, owner pid, size, owner alive, links)."""
     out = []
     owners_alive: dict[str, bool] = {}
-    for n in sorted(backend.list_names()):
-        if not n.startswith(KEEP_PREFIX) or "." not in n[len(KEEP_PREFIX):]:
+    for n in sorted(backend.list_names(directory)):
+        if not _is_kept_file(n):
             continue
         try:
             pid = int(n[len(KEEP_PREFIX):].split("-", 1)[0])
         except ValueError:
             pid = 0
         try:
-            fd = backend.open_existing(n, False)
+            fd = backend.open_existing(backend.qualify(directory, n), False)
         except OSError:
             continue
         try:
@@ -342,14 +372,14 @@ def kept_entries() -> list[tuple[str, int, int, bool, int]]:
             backend.close(fd)
         base = _owner_of(n)
         if base not in owners_alive:
-            owners_alive[base] = _owner_alive(base)
+            owners_alive[base] = _owner_alive(backend.qualify(directory, base))
         out.append((n, pid, size, owners_alive[base], nlink))
     return out
 
 
 def _owner_alive(base: str) -> bool:
-    """True while the process that owns the kept files under *base* holds its owner file's lock."""
-    if _owner is not None and _owner.pid == backend.getpid() and base == _owner.base:
+    """True while the process that owns the kept files under *base* (qualified) holds its owner file's lock."""
+    if any(o.base == base for o in _owners.values() if o.pid == backend.getpid()):
         return True
     try:
         fd = backend.open_existing(base, True)
@@ -362,21 +392,24 @@ def _owner_alive(base: str) -> bool:
 
 
 def release_all() -> None:
-    """Free everything this process keeps (the files and the idle mappings)."""
-    global _owner
-    o = _owner
+    """Free everything this process keeps, in every directory (the files and the idle mappings)."""
     _reuse.drop_idle()
-    if o is None or o.pid != backend.getpid():
-        return
-    for k in list(o.kept.values()):
-        o.kept.pop(k.name, None)
+    for directory in list(_owners):
+        o = _owner(directory)
+        _owners.pop(directory, None)
+        if o is None:
+            continue
+        for k in list(o.kept.values()):
+            o.kept.pop(k.name, None)
+            try:
+                _free(k.name, None)
+            except OSError:  # pragma: no cover - at exit: nothing better to do
+                pass
         try:
-            _free(k.name, None)
-        except OSError:  # pragma: no cover - at exit: nothing better to do
+            backend.unlink_if_same(o.base, o.fd)
+        except OSError:  # pragma: no cover - its directory went away
             pass
-    backend.unlink_if_same(o.base, o.fd)
-    backend.close(o.fd)
-    _owner = None
+        backend.close(o.fd)
 
 
 def _at_exit() -> None:
@@ -387,11 +420,9 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _owner
-    o = _owner
-    if o is not None:
+    for o in _owners.values():
         backend.close(o.fd)  # the parent's lock stays: the parent holds the description
-        _owner = None
+    _owners.clear()
 
 
 backend.register_after_fork_in_child(_after_fork_in_child)

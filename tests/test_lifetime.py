@@ -275,7 +275,7 @@ def test_a_crashed_users_segment_is_freed_by_the_next_create_or_ls(make_key, tmp
     path = f"/dev/shm/{shmarray._os.native_key_for(crashed)}"
     assert os.path.exists(path)  # nobody attached any more, and nobody looked yet
     if how == "create":
-        _stash._last_reap = -1e9  # as if the last sweep were long ago
+        _stash._last_reap.clear()  # as if the last sweep were long ago
         other = Segment(make_key()).create(16)
         other.detach()
     else:

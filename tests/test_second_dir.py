@@ -23,6 +23,7 @@ import pytest
 
 import shmarray
 from conftest import new_key
+from shmarray import _reuse, _stash
 
 ROOT = Path(__file__).parent.parent
 
@@ -36,6 +37,7 @@ def seg_dir() -> Iterator[str]:
     import gc
 
     gc.collect()
+    _stash.release_all()  # what this process kept there for reuse (exit would free it too)
     left = os.listdir(d)
     for n in left:
         os.unlink(os.path.join(d, n))
@@ -111,6 +113,61 @@ def test_a_crashed_attacher_leaves_nothing(seg_dir: str, key: str) -> None:
     assert got.returncode == -9
     assert os.listdir(seg_dir), "the killed process's segment is still named"
     shmarray.collect_garbage(dir=seg_dir)
+    assert os.listdir(seg_dir) == []
+
+
+def _kept_in(d: str) -> list[str]:
+    return sorted(n for n in os.listdir(d) if n.startswith(_stash.KEEP_PREFIX))
+
+
+def test_memory_is_recycled_inside_a_directory(seg_dir: str, make_key) -> None:  # noqa: ANN001
+    import gc
+
+    _reuse.set_budget(1 << 30)
+    try:
+        default_before = set(os.listdir("/dev/shm"))
+        k1, k2 = make_key(), make_key()
+        a = shmarray.share(k1, np.random.default_rng(0).random(1 << 18), dir=seg_dir)  # 2 MiB
+        ino = os.stat(os.path.join(seg_dir, a.segment.native_key)).st_ino
+        del a
+        gc.collect()
+        kept = _kept_in(seg_dir)
+        assert len(kept) == 2, kept  # the owner file and the segment's file
+        assert not {n for n in set(os.listdir("/dev/shm")) - default_before if n.startswith(_stash.KEEP_PREFIX)}
+        out = subprocess.run([sys.executable, "-m", "shmarray", "ls", "--dir", seg_dir, "--all", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        rows = [r for r in json.loads(out.stdout) if r["kind"] == "kept"]
+        assert len(rows) == 1 and rows[0]["creator_pid"] == os.getpid() and rows[0]["dir"] == seg_dir, rows
+        b = shmarray.create(k2, (1 << 18,), np.float64, dir=seg_dir)
+        assert os.stat(os.path.join(seg_dir, b.segment.native_key)).st_ino == ino, "not built in the kept file"
+        assert not np.asarray(b).any(), "a recycled file must read as zeros"
+        b[:] = 7.0
+        got = subprocess.run([sys.executable, "-c", f"import shmarray; print(float(shmarray.attach({k2!r}, "
+                              f"dir={seg_dir!r}).sum()))"], capture_output=True, text=True, timeout=60)
+        assert got.stdout.strip() == str(7.0 * (1 << 18)), got.stderr
+        del b
+        gc.collect()
+        _stash.release_all()
+        assert os.listdir(seg_dir) == []
+    finally:
+        _reuse.set_budget(None)
+
+
+def test_a_killed_creators_kept_memory_in_a_directory_is_reaped(seg_dir: str, key: str) -> None:
+    code = textwrap.dedent(f"""
+        import gc, os, numpy as np, shmarray
+        a = shmarray.share({key!r}, np.ones(1 << 18), dir={seg_dir!r})
+        del a
+        gc.collect()
+        os.kill(os.getpid(), 9)
+    """)
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                         env={**os.environ, "SHMARRAY_REUSE_BYTES": "1G"})
+    assert got.returncode == -9
+    assert len(_kept_in(seg_dir)) == 2, os.listdir(seg_dir)
+    out = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--dir", seg_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
     assert os.listdir(seg_dir) == []
 
 

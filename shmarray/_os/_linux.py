@@ -377,6 +377,12 @@ def statvfs_bytes(directory: str | None = None) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
+def fd_total_bytes(fd: int) -> int:
+    """Size of the file system holding the open file *fd*."""
+    st = os.fstatvfs(fd)
+    return st.f_blocks * st.f_frsize
+
+
 def list_names(directory: str | None = None) -> list[str]:
     """Names of every object in the segment directory (bare names)."""
     try:
