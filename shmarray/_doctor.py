@@ -131,8 +131,9 @@ def doctor(dir: Dir = None) -> Doctor:
     page = backend.PAGE_SIZE
     if fs == "hugetlbfs":
         huge = "hugetlbfs"
-        page = _HUGE_PAGE
-    backed = fs == "tmpfs" and huge in ("always", "within_size")
+        page = os.statvfs(d).f_bsize if exists else _HUGE_PAGE  # the mount's huge page size
+    # advise: shmarray fills fresh segments through a mapping that asks for huge pages.
+    backed = (fs == "tmpfs" and huge in ("always", "within_size", "advise")) or fs == "hugetlbfs"
     shmem = _read("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
     if shmem is not None and "[" in shmem:
         shmem = shmem[shmem.index("[") + 1:shmem.index("]")]
@@ -159,15 +160,14 @@ def doctor(dir: Dir = None) -> Doctor:
             "back to disk",
             f"use a tmpfs: {_TMPFS_LINE} and SHMARRAY_DIR=/mnt/shm"))
     if fs == "hugetlbfs":
-        problems.append(Problem(
-            f"{d} is hugetlbfs, which has no write(): this version of shmarray fills segments with "
-            "pwrite and cannot create them there",
-            f"use a tmpfs with transparent huge pages instead: {_TMPFS_LINE}"))
+        if exists and free == 0:
+            problems.append(Problem(
+                f"{d} is hugetlbfs with no free huge pages: no segment can be created there",
+                "reserve pages as root (sysctl -w vm.nr_hugepages=N, N pages of 2 MiB), or use a tmpfs "
+                f"with transparent huge pages, which needs no reservation: {_TMPFS_LINE}"))
     elif exists and fs == "tmpfs" and not backed:
-        why = ("huge=advise gives huge pages only to mappings that ask (shmarray writes through the fd)"
-               if huge == "advise" else "it gives 4 KiB pages")
         problems.append(Problem(
-            f"{d} is a tmpfs without huge pages ({why}): filling fresh shared memory is bound by "
+            f"{d} is a tmpfs without huge pages (it gives 4 KiB pages): filling fresh shared memory is bound by "
             "page faults (~2 us a 4 KiB page), not by memory bandwidth",
             f"as root: {_TMPFS_LINE}, then SHMARRAY_DIR=/mnt/shm. In a container, bind-mount such a "
             "host tmpfs (Docker -v /mnt/shm:/mnt/shm; Kubernetes a hostPath volume): Docker's "

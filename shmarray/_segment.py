@@ -326,14 +326,34 @@ class Segment:
             # Locked before anything else, so gc never mistakes it for an orphan.
             backend.hold_liveness(fd, pid)
             total = PAGE_SIZE + size
-            if reserve:
-                backend.reserve(fd, total)
-            else:
+            populated = None
+            if total >= backend.HUGE_PAGE and backend.huge_pages(self._dir) == "advise":
+                # Huge pages only for a mapping that asks: fill through one (writes via
+                # the fd would allocate 4 KiB pages), its pages allocated up front.
                 backend.truncate(fd, total)
-            control = _control_bytes(size, persistent, self._key, new_incarnation())
-            backend.pwrite_all(fd, memoryview(control), 0)
-            if fill is not None:
-                fill(_user_writer(size, lambda data, at: backend.pwrite_all(fd, data, at)))
+                populated = backend.map_populated_huge(fd, total)
+            if populated is not None:
+                mm = populated
+
+                def write(data: memoryview, at: int) -> None:
+                    backend.copy_into(mm, at, data)
+            else:
+                if reserve:
+                    backend.reserve(fd, total)
+                else:
+                    backend.truncate(fd, total)
+
+                def write(data: memoryview, at: int) -> None:
+                    backend.pwrite_all(fd, data, at)
+            try:
+                control = _control_bytes(size, persistent, self._key, new_incarnation())
+                write(memoryview(control), 0)
+                if fill is not None:
+                    fill(_user_writer(size, write))
+            finally:
+                if populated is not None:
+                    del write, mm
+                    backend.close_mapping(populated)
             if recycle:
                 kept = _stash.keep(temp, name, total, fd)
             self._publish(temp, name)

@@ -196,11 +196,13 @@ def test_a_bad_directory_is_a_clear_error(tmp_path: Path, key: str) -> None:
     assert out.returncode == 1 and "does not exist" in out.stderr
 
 
-def _run_in_huge_tmpfs(tmp_path: Path, script: str, mounts: str = "") -> dict[str, str]:
-    """Run *script* with a ``huge=within_size`` tmpfs mounted at argv[1], in a private mount namespace.
+def _run_in_huge_tmpfs(tmp_path: Path, script: str, mounts: str = "",
+                       mount: str = "-t tmpfs -o size=256m,huge=within_size tmpfs") -> dict[str, str]:
+    """Run *script* with a ``huge=within_size`` tmpfs (or what *mount* says) mounted at argv[1].
 
-    *mounts* are more mount commands run first. Returns the script's
-    ``name value`` output lines as a dict; skips where that is not allowed.
+    In a private mount namespace; *mounts* are more mount commands run
+    first. Returns the script's ``name value`` output lines as a dict;
+    skips where that is not allowed.
     """
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
@@ -209,7 +211,7 @@ def _run_in_huge_tmpfs(tmp_path: Path, script: str, mounts: str = "") -> dict[st
     mnt = tmp_path / "huge"
     mnt.mkdir()
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           f"{mounts}mount -t tmpfs -o size=256m,huge=within_size tmpfs {mnt} && exec {sys.executable} {path} {mnt}"]
+           f"{mounts}mount {mount} {mnt} && exec {sys.executable} {path} {mnt}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if out.returncode != 0 and "mount" in out.stderr and not out.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
@@ -247,6 +249,145 @@ def test_a_huge_page_tmpfs_backs_segments_with_huge_pages(tmp_path: Path) -> Non
     lines = _run_in_huge_tmpfs(tmp_path, HUGE)
     assert int(lines["pmd_kb"]) >= 32 << 10, lines  # at least half of the 64 MiB by 2 MiB pages
     assert lines["same"] == "True"
+    assert lines["left"] == "[]"
+
+
+PMD = r"""
+def pmd_kb(seg):
+    ino = os.stat(os.path.join(seg.dir, seg.native_key)).st_ino
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5 and fields[4].isdigit():
+                inside = int(fields[4]) == ino
+            elif inside and fields and fields[0] in ("ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:",
+                                                    "Private_Hugetlb:"):
+                total += int(fields[1])
+    return total
+"""
+
+ADVISE = r"""
+import errno, os, subprocess, sys, numpy as np, shmarray
+from shmarray._os import backend
+""" + PMD + r"""
+d = sys.argv[1]
+doc = shmarray.doctor(d)
+print("doctor", doc.huge, doc.huge_pages_back_new_segments, [p.what for p in doc.problems if d in p.what])
+a = shmarray.share("adv", np.arange(8 << 20, dtype=np.float64), dir=d)   # 64 MiB
+float(a.sum())  # mapped on first touch
+print("pmd_kb", pmd_kb(a.segment))
+z = shmarray.create("zeros", (4 << 20,), np.float64, dir=d)               # 32 MiB, no fill
+print("zeros", int(np.count_nonzero(z)), pmd_kb(z.segment))
+code = "import shmarray, sys; print(float(shmarray.attach('adv', dir=sys.argv[1]).sum()))"
+other = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=60)
+print("other", other.stdout.strip() == str(float(a.sum())), other.stderr[-300:].replace(chr(10), " ") or "-")
+# More than the tmpfs holds, past the free-space check: ENOSPC from populating, never SIGBUS.
+fd = os.open(os.path.join(d, "big"), os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 300 << 20)
+try:
+    backend.map_populated_huge(fd, 300 << 20)
+    print("populate", "no-error")
+except OSError as e:
+    print("populate", errno.errorcode[e.errno])
+os.close(fd)
+os.unlink(os.path.join(d, "big"))
+try:
+    shmarray.share("huge2", np.ones(40 << 20), dir=d)                     # 320 MiB on a 256 MiB tmpfs
+except shmarray.OutOfResourcesError as e:
+    print("full", "OutOfResourcesError")
+del a, z
+shmarray._stash.release_all()
+print("left", os.listdir(d))
+"""
+
+
+def test_a_huge_advise_tmpfs_gets_huge_pages_through_a_populated_mapping(tmp_path: Path) -> None:
+    lines = _run_in_huge_tmpfs(tmp_path, ADVISE, mount="-t tmpfs -o size=256m,huge=advise tmpfs")
+    assert lines["doctor"] == "advise True []", lines
+    assert int(lines["pmd_kb"]) >= 32 << 10, lines  # at least half of the 64 MiB by 2 MiB pages
+    count, pmd = lines["zeros"].split()
+    assert count == "0" and int(pmd) >= 16 << 10, lines
+    assert lines["other"].startswith("True"), lines
+    assert lines["populate"] == "ENOSPC", lines
+    assert lines["full"] == "OutOfResourcesError"
+    assert lines["left"] == "[]"
+
+
+HUGETLBFS_OTHER = r"""
+import shmarray, sys
+d = sys.argv[1]
+a = shmarray.attach("h", dir=d)
+with a.segment.locked():
+    a[0] = -1.0
+r = shmarray.BatchRing.attach("r", dir=d)
+with r.get(timeout=30) as b:
+    s = float(b["x"].sum())
+r.close()
+print(float(a[1:].sum()), shmarray.attach_table("t", dir=d).column("x").to_numpy().sum(), s)
+"""
+
+HUGETLBFS = r"""
+import os, subprocess, sys, numpy as np, pyarrow as pa, shmarray
+""" + PMD + r"""
+d = sys.argv[1]
+doc = shmarray.doctor(d)
+print("kind", shmarray._os.backend.huge_pages(d), doc.huge)
+print("doctor", doc.huge_pages_back_new_segments, doc.page_size, doc.free_bytes >= 80 << 20,
+      [p.what for p in doc.problems if d in p.what])
+a = shmarray.share("h", np.arange(1 << 20, dtype=np.float64), dir=d)       # 8 MiB
+print("size", a.segment.size, os.stat(os.path.join(d, a.segment.native_key)).st_size % (2 << 20))
+float(a.sum())  # mapped on first touch
+print("pmd_kb", pmd_kb(a.segment))
+t = shmarray.share_table("t", pa.table({"x": np.arange(1000)}), dir=d)
+r = shmarray.BatchRing.create("r", {"x": ((1000,), "f8")}, slots=2, dir=d)
+with r.acquire() as slot:
+    slot["x"][:] = 3.0
+other = subprocess.run([sys.executable, "-c", OTHER, d], capture_output=True, text=True, timeout=120)
+print("other", other.stdout.strip().replace(" ", ","), other.stderr[-300:].replace(chr(10), " ") or "-")
+print("first", float(a[0]))
+free = shmarray.doctor(d).free_bytes
+try:
+    shmarray.share("toobig", np.ones((free + (8 << 20)) // 8), dir=d)
+except shmarray.OutOfResourcesError:
+    print("full", "OutOfResourcesError")
+r.close()
+del a, t, r
+shmarray._stash.release_all()
+print("left", os.listdir(d))
+"""
+
+
+def test_hugetlbfs_holds_segments_where_huge_pages_are_reserved(tmp_path: Path) -> None:
+    """hugetlbfs has no write() and takes only whole huge pages; the machine must have pages reserved.
+
+    As root the test reserves 40 more 2 MiB pages for itself (80 MiB) and
+    gives them back; where that is refused it skips.
+    """
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    if os.geteuid() != 0 or not knob.exists():
+        pytest.skip("needs root to reserve huge pages for a hugetlbfs")
+    before = int(knob.read_text())
+    try:
+        try:
+            knob.write_text(str(before + 40))
+        except OSError as e:
+            pytest.skip(f"cannot reserve huge pages here: {e}")
+        if int(knob.read_text()) < before + 40:
+            pytest.skip("the kernel could not find 40 free 2 MiB pages")
+        script = HUGETLBFS.replace("OTHER,", repr(HUGETLBFS_OTHER) + ",")
+        lines = _run_in_huge_tmpfs(tmp_path, script, mount="-t hugetlbfs -o pagesize=2M none")
+    finally:
+        knob.write_text(str(before))
+    assert lines["kind"] == "hugetlbfs hugetlbfs", lines
+    assert lines["doctor"] == f"True {2 << 20} True []", lines
+    size, rest = lines["size"].split()
+    # The data starts on a 2 MiB boundary and the file is whole huge pages; the segment keeps its size.
+    assert size == str((2 << 20) - 4096 + (8 << 20)) and rest == "0", lines
+    assert int(lines["pmd_kb"]) >= 8 << 10, lines  # *_Hugetlb in smaps: the array's pages are huge pages
+    assert lines["other"].startswith(f"{float(sum(range(1, 1 << 20)))},499500,3000.0"), lines
+    assert lines["first"] == "-1.0"
+    assert lines["full"] == "OutOfResourcesError"
     assert lines["left"] == "[]"
 
 

@@ -186,8 +186,15 @@ def chmod(fd: int, permissions: int) -> None:
 
 
 def truncate(fd: int, length: int) -> None:
-    """Set the object's length (no pages are allocated)."""
-    os.ftruncate(fd, length)
+    """Set the object's length (no pages are allocated); on hugetlbfs, rounded up to whole huge pages."""
+    try:
+        os.ftruncate(fd, length)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        # hugetlbfs takes only lengths of whole huge pages (st_blksize there).
+        page = os.fstat(fd).st_blksize
+        os.ftruncate(fd, -(-length // page) * page)
 
 
 def reserve(fd: int, length: int) -> None:
@@ -202,10 +209,63 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     total = view.nbytes
     while done < total:
         # Linux caps one write at 2 GiB - 4 KiB.
-        n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
+        try:
+            n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # hugetlbfs has no write()
+                raise
+            _write_mapped(fd, view[done:], offset + done)
+            return
         if n <= 0:  # pragma: no cover - tmpfs never returns 0
             raise OSError(errno.EIO, "short write to shared memory")
         done += n
+
+
+def _write_mapped(fd: int, view: memoryview, offset: int) -> None:
+    """Write through a mapping of the huge pages the bytes fall in (hugetlbfs, which has no write()).
+
+    Never SIGBUS: mapping a hugetlbfs file reserves its pages, and the
+    mapping fails (ENOMEM, reported as ENOSPC) when there are none left;
+    the bytes lie inside the file (it is sized before it is written).
+    """
+    page = os.fstat(fd).st_blksize
+    lo = offset - offset % page
+    try:
+        mm = mmap.mmap(fd, offset + view.nbytes - lo, flags=mmap.MAP_SHARED, offset=lo)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise OSError(errno.ENOSPC, "no free huge pages left for this segment") from None
+        raise
+    try:
+        mm[offset - lo:] = view
+    finally:
+        mm.close()
+
+
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+; Python 3.12+ names it
+
+
+def map_populated_huge(fd: int, length: int) -> mmap.mmap | None:
+    """A writable mapping of the first *length* bytes of *fd*, its pages allocated now as huge pages.
+
+    For a tmpfs mounted ``huge=advise``, which gives huge pages only to
+    mappings that ask (``MADV_HUGEPAGE``); ``MADV_POPULATE_WRITE`` then
+    allocates every page up front, so a full file system is ENOSPC here,
+    never SIGBUS at a later write. None on a kernel without it (the caller
+    reserves through the fd instead).
+    """
+    mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except OSError as e:
+        mm.close()
+        if e.errno == errno.EINVAL:
+            return None
+        if e.errno in (errno.EFAULT, errno.ENOMEM):  # what a fault would have raised as SIGBUS
+            raise OSError(errno.ENOSPC, "no room left to populate this segment") from None
+        raise
+    return mm
 
 
 def pread(fd: int, length: int, offset: int) -> bytes:
@@ -372,9 +432,46 @@ def total_bytes(directory: str | None = None) -> int:
 
 
 def statvfs_bytes(directory: str | None = None) -> tuple[int, int]:
-    """(free, total) bytes of the segment directory's file system."""
-    st = os.statvfs(directory or SHM_DIR)
-    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    """(free, total) bytes of the segment directory's file system.
+
+    A tmpfs or hugetlbfs mounted without ``size=`` reports no blocks: its
+    limit is the memory it draws on (free huge pages of its size, or the
+    machine's available memory).
+    """
+    d = directory or SHM_DIR
+    st = os.statvfs(d)
+    if st.f_blocks:
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    m = mount_of(d)
+    if m is not None and m[1] == "hugetlbfs":
+        base = f"/sys/kernel/mm/hugepages/hugepages-{st.f_bsize >> 10}kB/"
+        try:
+            free, resv, total = (int(_read_text(base + n)) for n in ("free_hugepages", "resv_hugepages",
+                                                                        "nr_hugepages"))
+            return max(0, free - resv) * st.f_bsize, total * st.f_bsize
+        except (OSError, ValueError):  # pragma: no cover - no sysfs
+            return 0, 0
+    meminfo = _meminfo()
+    return meminfo.get("MemAvailable", 0), meminfo.get("MemTotal", 0)
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out = {}
+    try:
+        for line in _read_text("/proc/meminfo").splitlines():
+            name, _, rest = line.partition(":")
+            fields = rest.split()
+            if fields and fields[0].isdigit():
+                out[name] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    except OSError:  # pragma: no cover - no /proc
+        pass
+    return out
 
 
 def fd_total_bytes(fd: int) -> int:
@@ -602,12 +699,15 @@ _huge: dict[str, str | None] = {}
 
 
 def huge_pages(directory: str | None = None) -> str | None:
-    """The ``huge=`` option of the tmpfs holding a segment directory (always, within_size, advise), else None."""
+    """How huge pages back segments in a directory: a tmpfs's ``huge=`` option (always, within_size,
+    advise), "hugetlbfs", else None."""
     d = directory or SHM_DIR
     if d not in _huge:
         m = mount_of(d)
         value = None
-        if m is not None and m[1] == "tmpfs":
+        if m is not None and m[1] == "hugetlbfs":
+            value = "hugetlbfs"
+        elif m is not None and m[1] == "tmpfs":
             for item in m[2].split(","):
                 k, _, v = item.partition("=")
                 if k == "huge" and v in ("always", "within_size", "advise"):
