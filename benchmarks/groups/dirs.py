@@ -12,7 +12,8 @@ every time, with memory reuse off (fresh pages every time: the first
 hand-off of a pipeline, or any hand-off without reuse) and on (warm pages
 after the first: each directory recycles its own files, and the tmpfs is
 sized so that its default reuse budget, a quarter of it, holds one
-segment). The floor is a warm memcpy of the same bytes (``np.copyto``
+segment). A second tmpfs, mounted ``huge=advise``, gets its huge pages
+through the mapping shmarray fills fresh segments through there. The floor is a warm memcpy of the same bytes (``np.copyto``
 into an already-touched private array). ``create()`` of 512 MiB of zeros,
 its reservation (posix_fallocate) included.
 """
@@ -39,6 +40,7 @@ SHARE_HUGE = "share() on a huge=within_size tmpfs, reuse off"
 SHARE_SHM_FRESH = "share() on /dev/shm, reuse off"
 SHARE_SHM_WARM = "share() on /dev/shm, reuse on (warm pages)"
 SHARE_HUGE_WARM = "share() on a huge=within_size tmpfs, reuse on (warm pages)"
+SHARE_ADVISE = "share() on a huge=advise tmpfs, reuse off"
 CREATE_HUGE = "create() of zeros on a huge=within_size tmpfs"
 CREATE_SHM = "create() of zeros on /dev/shm"
 FLOOR = "floor: warm memcpy of the same bytes"
@@ -62,6 +64,8 @@ def run(ctx: Context) -> GroupResult:
     try:
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                f"mount -t tmpfs -o size={5 * size + (64 << 20)},huge=within_size tmpfs {mnt} && "
+               f"mkdir {mnt}/advise && mount -t tmpfs -o size={2 * size + (64 << 20)},huge=advise tmpfs "
+               f"{mnt}/advise && "
                f"exec {sys.executable} -m benchmarks.groups.dirs {mnt} {size} {reps}"]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
@@ -72,7 +76,7 @@ def run(ctx: Context) -> GroupResult:
     data = json.loads(out.stdout.strip().splitlines()[-1])
     variant = f"{size >> 20} MiB float64"
     roles = {SHARE_HUGE: "shmarray", SHARE_SHM_FRESH: "shmarray", SHARE_SHM_WARM: "shmarray",
-             SHARE_HUGE_WARM: "shmarray",
+             SHARE_HUGE_WARM: "shmarray", SHARE_ADVISE: "shmarray",
              CREATE_HUGE: "shmarray", CREATE_SHM: "shmarray", FLOOR: "floor"}
     for label, samples in data["samples"].items():
         res.rows.append(Row(label, samples, variant=variant, role=roles[label], error=data["errors"].get(label, "")))
@@ -88,6 +92,10 @@ def run(ctx: Context) -> GroupResult:
     if huge and floor:
         res.headline("share() on the huge-page tmpfs / warm memcpy", huge / floor, "<= 2", huge / floor <= 2,
                      f"{variant}: {huge * 1e3:.0f} ms vs memcpy {floor * 1e3:.0f} ms")
+    advise = res.median(SHARE_ADVISE, variant=variant)
+    if advise and fresh:
+        res.headline("share() to a waiting worker: /dev/shm (fresh pages) / huge=advise tmpfs", fresh / advise,
+                     "(no aim)", None, f"{variant}: /dev/shm {fresh * 1e3:.0f} ms vs advise {advise * 1e3:.0f} ms")
     if huge_warm and floor:
         res.headline("share() on the huge-page tmpfs with reuse / warm memcpy", huge_warm / floor, "<= 2",
                      huge_warm / floor <= 2, f"{variant}: {huge_warm * 1e3:.0f} ms vs memcpy {floor * 1e3:.0f} ms")
@@ -131,7 +139,7 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
         t1 = time.perf_counter()
         if got != src[-1]:
             raise RuntimeError(f"the worker read {got!r}")
-        if where is not None:
+        if where == mnt:
             pmd[0] = _pmd_kb(a)
         del a
         pool.apply(last_item, (np.zeros(2),))  # the pool's handler thread drops the last arguments
@@ -156,6 +164,7 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
         SHARE_SHM_FRESH: lambda: share(None, False),
         SHARE_SHM_WARM: lambda: share(None, True),
         SHARE_HUGE_WARM: lambda: share(mnt, True),
+        SHARE_ADVISE: lambda: share(os.path.join(mnt, "advise"), False),
         CREATE_HUGE: lambda: create(mnt),
         CREATE_SHM: lambda: create(None),
         FLOOR: floor,
