@@ -221,24 +221,14 @@ def _run_in_huge_tmpfs(tmp_path: Path, script: str, mounts: str = "",
 
 HUGE = r"""
 import os, sys, numpy as np, shmarray
+from shmarray._os import backend
 d = sys.argv[1]
 a = shmarray.share("huge", np.arange(8 << 20, dtype=np.float64), dir=d)   # 64 MiB
 seg = a.segment
-ino = os.stat(os.path.join(d, seg.native_key)).st_ino
+st = os.stat(os.path.join(d, seg.native_key))
 float(a.sum())
-with open("/proc/self/smaps") as f:
-    text = f.read()
-blocks = text.split("\n")
-pmd = 0
-inside = False
-for line in blocks:
-    fields = line.split()
-    if fields and "-" in fields[0] and len(fields) >= 5 and fields[4].isdigit():
-        # The creator's mapping shows the file's first (temporary) name: match the inode.
-        inside = int(fields[4]) == ino
-    elif inside and (line.startswith("ShmemPmdMapped:") or line.startswith("FilePmdMapped:")):
-        pmd += int(line.split()[1])
-print("pmd_kb", pmd)
+# The creator's mapping shows the file's first (temporary) name: matched by device and inode.
+print("pmd_kb", backend.huge_mapped_bytes(st.st_dev, st.st_ino) >> 10)
 print("same", bool(shmarray.attach("huge", dir=d).sum() == a.sum()))
 del a, seg
 print("left", os.listdir(d))
@@ -254,18 +244,19 @@ def test_a_huge_page_tmpfs_backs_segments_with_huge_pages(tmp_path: Path) -> Non
 
 PMD = r"""
 def pmd_kb(seg):
-    ino = os.stat(os.path.join(seg.dir, seg.native_key)).st_ino
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if fields and "-" in fields[0] and len(fields) >= 5 and fields[4].isdigit():
-                inside = int(fields[4]) == ino
-            elif inside and fields and fields[0] in ("ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:",
-                                                    "Private_Hugetlb:"):
-                total += int(fields[1])
-    return total
+    st = os.stat(os.path.join(seg.dir, seg.native_key))
+    return shmarray._os.backend.huge_mapped_bytes(st.st_dev, st.st_ino) >> 10
 """
+
+
+def test_huge_mapped_bytes_sees_no_huge_pages_on_a_4k_tmpfs(seg_dir: str, key: str) -> None:
+    if shmarray.doctor(seg_dir).huge_pages_back_new_segments:
+        pytest.skip(f"{seg_dir} gives huge pages here")
+    a = shmarray.share(key, np.ones(4 << 17), dir=seg_dir)  # 4 MiB
+    float(a.sum())
+    st = os.stat(os.path.join(seg_dir, a.segment.native_key))
+    assert shmarray._os.backend.huge_mapped_bytes(st.st_dev, st.st_ino) == 0
+
 
 ADVISE = r"""
 import errno, os, subprocess, sys, numpy as np, shmarray

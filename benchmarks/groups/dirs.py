@@ -193,17 +193,11 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
 
 
 def _pmd_kb(a: Any) -> int:
+    from shmarray._os import backend
+
     seg = a.segment
-    ino = os.stat(os.path.join(seg.dir, seg.native_key)).st_ino
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if fields and "-" in fields[0] and len(fields) >= 5 and fields[4].isdigit():
-                inside = int(fields[4]) == ino
-            elif inside and fields and fields[0] in ("ShmemPmdMapped:", "FilePmdMapped:"):
-                total += int(fields[1])
-    return total
+    st = os.stat(os.path.join(seg.dir, seg.native_key))
+    return backend.huge_mapped_bytes(st.st_dev, st.st_ino) >> 10
 
 
 if __name__ == "__main__":

@@ -719,6 +719,28 @@ def huge_pages(directory: str | None = None) -> str | None:
 HUGE_PAGE = 2 << 20
 
 
+def huge_mapped_bytes(dev: int, ino: int) -> int:
+    """Bytes of this process's mappings of the file (*dev*, *ino*) that huge pages map (/proc/self/smaps).
+
+    Counts 2 MiB page-table entries of tmpfs (``ShmemPmdMapped``) and of
+    other files (``FilePmdMapped``), and hugetlbfs pages (``*_Hugetlb``).
+    """
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and "-" in fields[0] and fields[4].isdigit():
+                    inside = int(fields[4]) == ino and fields[3] == want
+                elif inside and len(fields) >= 2 and fields[0] in (
+                        "ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:", "Private_Hugetlb:"):
+                    total += int(fields[1]) << 10
+    except OSError:  # pragma: no cover - no /proc
+        return 0
+    return total
+
+
 def host_device(directory: str | None = None) -> int:
     """st_dev of the file system of a segment directory (default: SHM_DIR)."""
     return os.stat(directory or SHM_DIR).st_dev
