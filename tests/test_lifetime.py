@@ -10,11 +10,12 @@ import pytest
 
 import shmarray
 from _procs import run, start, wait_for
+from conftest import SHM
 from shmarray import Segment
 
 
 def _exists(seg_or_name: str) -> bool:
-    return os.path.exists(f"/dev/shm/{seg_or_name}")
+    return os.path.exists(os.path.join(SHM, seg_or_name))
 
 
 def _attach_and_wait(key: str, ready_path: str) -> None:
@@ -122,7 +123,7 @@ def test_eight_racing_creators_one_wins(key, tmp_path):
     assert results == ["created"] + ["exists"] * 7
     assert not _exists(shmarray._os.native_key_for(key))
     temps = tuple(f".shmarray-tmp-{k.pid}-" for k in kids)
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(temps)]
+    assert not [n for n in os.listdir(SHM) if n.startswith(temps)]
 
 
 def _in_forked_child(key: str) -> tuple[int, int]:
@@ -272,7 +273,7 @@ def test_a_crashed_users_segment_is_freed_by_the_next_create_or_ls(make_key, tmp
     child = start(_create_and_wait, crashed, ready)
     wait_for(ready)
     child.kill()
-    path = f"/dev/shm/{shmarray._os.native_key_for(crashed)}"
+    path = os.path.join(SHM, shmarray._os.native_key_for(crashed))
     assert os.path.exists(path)  # nobody attached any more, and nobody looked yet
     if how == "create":
         _stash._last_reap.clear()  # as if the last sweep were long ago

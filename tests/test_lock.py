@@ -12,6 +12,7 @@ import pytest
 
 import shmarray
 from _procs import run, start, wait_for
+from conftest import SHM
 from shmarray import Segment
 
 COUNTER = struct.Struct("<Q")
@@ -248,7 +249,7 @@ def test_locked_keeps_no_cycle(key):
             pass
         name = seg.native_key
         del seg  # reference counting alone detaches and destroys it
-        assert not os.path.exists(f"/dev/shm/{name}")
+        assert not os.path.exists(os.path.join(SHM, name))
     finally:
         gc.enable()
 

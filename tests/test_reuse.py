@@ -23,8 +23,8 @@ from shmarray import _reuse, _stash
 from shmarray._os import native_key_for
 
 from _procs import run, run_with_small_dev_shm, start, wait_for
+from conftest import SHM
 
-SHM = "/dev/shm"
 MiB = 1 << 20
 
 
@@ -207,11 +207,12 @@ def test_a_key_spelled_like_a_kept_name_does_not_touch_kept_memory(make_key):
 _BUDGET = """
 import gc, json, os, sys
 import numpy as np, shmarray
+D = os.environ.get("SHMARRAY_DIR") or "/dev/shm"  # the small mount is made there
 def used():
-    st = os.statvfs("/dev/shm")
+    st = os.statvfs(D)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 def kept():
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(".shmarray-keep-%d-" % os.getpid()))
+    return sorted(n for n in os.listdir(D) if n.startswith(".shmarray-keep-%d-" % os.getpid()))
 base = used()
 out = {}
 for mb in (2, 8):
@@ -314,9 +315,10 @@ def _create_one(key: str) -> None:
 
 _FULL = """
 import os, numpy as np, shmarray
+D = os.environ.get("SHMARRAY_DIR") or "/dev/shm"  # the small mount is made there
 a = shmarray.share("full-a", np.ones(30 << 17))     # 30 MiB, kept once dropped
 del a
-print("kept:", sorted(n for n in os.listdir("/dev/shm") if n.startswith(".shmarray-keep-")))
+print("kept:", sorted(n for n in os.listdir(D) if n.startswith(".shmarray-keep-")))
 b = shmarray.share("full-b", np.ones(45 << 17))     # 45 MiB: fits only once the kept 30 MiB is given back
 print("b:", float(b.sum()) == 45 << 17)
 del b
@@ -324,7 +326,7 @@ try:
     shmarray.create("full-c", 70 << 20, np.uint8)
 except shmarray.OutOfResourcesError as e:
     print("c: out of resources:", "free" in str(e))
-print("left:", sorted(n for n in os.listdir("/dev/shm") if not n.startswith(".shmarray-keep-")))
+print("left:", sorted(n for n in os.listdir(D) if not n.startswith(".shmarray-keep-")))
 """
 
 

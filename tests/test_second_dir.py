@@ -1,8 +1,10 @@
 """Segments outside /dev/shm: SHMARRAY_DIR, dir= and --dir; a huge-page tmpfs.
 
-The segment, array, table and ring suites run again with SHMARRAY_DIR set
-to a directory of this run under /dev/shm (no root needed). Root tests
-mount a ``huge=within_size`` tmpfs in a private mount namespace.
+The segment, array, table, ring, lifetime, reuse, lock and listing suites
+run again with SHMARRAY_DIR set to a directory of this run under /dev/shm
+(no root needed), and as root on a ``huge=within_size`` tmpfs mounted in a
+private mount namespace, where the huge=advise and hugetlbfs tests mount
+theirs too.
 """
 
 from __future__ import annotations
@@ -45,13 +47,34 @@ def seg_dir() -> Iterator[str]:
     assert not left, f"left in {d}: {left}"
 
 
+# Every lifetime, lock, crash, reuse and listing rule, and the payload kinds.
+CORE_SUITES = ["tests/test_segment.py", "tests/test_array.py", "tests/test_arrow.py", "tests/test_ring.py",
+               "tests/test_lifetime.py", "tests/test_reuse.py", "tests/test_lock.py", "tests/test_listing.py"]
+
+
 @pytest.mark.timeout(600)
 def test_the_core_suites_pass_in_another_directory(seg_dir: str) -> None:
     env = {**os.environ, "SHMARRAY_DIR": seg_dir}
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         "tests/test_segment.py", "tests/test_array.py", "tests/test_arrow.py", "tests/test_ring.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *CORE_SUITES],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
+@pytest.mark.timeout(600)
+def test_the_core_suites_pass_on_a_huge_page_tmpfs(tmp_path: Path) -> None:
+    """The same suites with SHMARRAY_DIR on a ``huge=within_size`` tmpfs (a private mount namespace)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a huge-page tmpfs in a private mount namespace")
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    suites = " ".join(CORE_SUITES)
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t tmpfs -o size=4g,huge=within_size tmpfs {mnt} && SHMARRAY_DIR={mnt} exec "
+           f"{sys.executable} -m pytest -q -p no:cacheprovider -x {suites}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=580)
+    if out.returncode != 0 and "mount" in out.stderr and " passed" not in out.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()[-300:]}")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
 
