@@ -15,7 +15,7 @@ from ._errors import NotFoundError, PermissionDeniedError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._segment import Dir, _check_dir, check_usable
 
-__all__ = ["SegmentInfo", "list_segments", "segment_info", "unlink_key", "collect_garbage", "read_head"]
+__all__ = ["SegmentInfo", "list_segments", "segment_info", "unlink_key", "unlink", "collect_garbage", "read_head"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +156,15 @@ def unlink_key(key: str | None = None, *, native_key: str | None = None, dir: "D
             raise NotFoundError(f"unlink: no segment {label!r}; nothing to remove", key)
     except PermissionError as e:
         raise PermissionDeniedError(f"unlink: permission denied for segment {label!r}", key) from e
+
+
+def unlink(key: str, *, dir: "Dir" = None) -> None:
+    """Remove the segment *key* now (persistent or not); attached users keep their memory.
+
+    *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    Raises NotFoundError when there is no such segment.
+    """
+    unlink_key(key, dir=dir)
 
 
 def collect_garbage(*, dir: "Dir" = None) -> list[str]:

@@ -1,30 +1,7 @@
 """Typed arrays in a segment: SharedArray, create / share / attach.
 
-Byte layout of an array segment's user bytes (``Segment.data``; the segment
-layer's control page comes before them, see ``_segment``)::
-
-    offset  size  field
-    0       64    payload header (see ``_header``): magic b"SHMAHDR\\0", version,
-                  kind 1 (ndarray), ready 1, descriptor offset 64, descriptor
-                  length n, payload offset p, payload length
-    64      n     descriptor: a .npy header exactly as ``numpy.lib.format`` writes it
-                    6    magic b"\\x93NUMPY"
-                    2    .npy version: 1.0; 2.0 for headers over 64 KiB; 3.0 for
-                         field names outside latin-1
-                    2|4  length of the dict text (little-endian; 4 bytes from 2.0)
-                    ...  {'descr': <dtype descr>, 'fortran_order': <bool>,
-                          'shape': <tuple>, }, padded with spaces and a final
-                         '\\n' so that 6 + 2 + (2|4) + len = n is a multiple of 64
-                  n is at most MAX_NPY_HEADER (64 KiB; see ``_array_format``)
-    p >= 64+n N     the data: N = prod(shape) * itemsize bytes in C or Fortran
-                  order. p is a multiple of 64 and the user bytes start on a page
-                  boundary, so the data is 64-byte aligned in memory. p is the
-                  first such offset after the descriptor, except that ``share``
-                  of a large contiguous array puts the data half a page ahead
-                  of its source's page offset (up to 4 KiB of zeros before it):
-                  a copy to a destination just ahead of its source in page
-                  offset runs ~3x slower here. A zero-size
-                  array has N = 0: its segment is the header alone.
+The bytes of an array segment (payload header, .npy descriptor, data) are
+specified in ``_npy``, next to their codec.
 
 The segment is written completely (header, descriptor, data, ready = 1)
 through its fd before its name becomes visible (``Segment._create``), so an
@@ -48,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ._array_format import (
+from ._npy import (
     ArraySpec,
     check_dtype,
     check_shape,
@@ -202,7 +179,7 @@ class SharedArray(np.ndarray):
         seg = self._shm_seg
         if seg is None:
             return None  # a copy outside any segment: IPython shows the plain repr
-        from ._html import facts, preformatted
+        from ._display import facts, preformatted
 
         flags = self.flags
         order = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "strided view"

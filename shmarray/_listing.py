@@ -38,7 +38,7 @@ def _payload_head(info: SegmentInfo) -> dict[str, Any]:
 
 
 def _describe_array(head: dict[str, Any]) -> str:
-    from ._array_format import describe_descriptor
+    from ._npy import describe_descriptor
 
     return describe_descriptor(head.get("descriptor", b""))  # 'ndarray float64 (1000, 480) C'
 
@@ -52,7 +52,7 @@ def _describe_arrow(head: dict[str, Any]) -> str:
 
 
 def _describe_ring(head: dict[str, Any]) -> str:
-    from ._ringlayout import parse_descriptor
+    from ._ring.layout import parse_descriptor
 
     try:
         lay = parse_descriptor(head.get("descriptor", b""), int(head.get("payload_length", 0)), key=None)
@@ -171,7 +171,7 @@ class SegmentEntry:
                 f"{self.processes} attached{extra}>")
 
     def _repr_html_(self) -> str:
-        from ._html import grid
+        from ._display import grid
 
         return grid(HEADER_ROW, [self._html_cells()])
 
@@ -220,7 +220,7 @@ class Listing(list[SegmentEntry]):
         return self.to_text()
 
     def _repr_html_(self) -> str:
-        from ._html import esc, grid
+        from ._display import esc, grid
 
         if not self:
             return f"<p>{esc(self.to_text())}</p>"

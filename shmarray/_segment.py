@@ -860,7 +860,7 @@ class Segment:
 
     def _repr_html_(self) -> str:
         """Jupyter's rich display: key, size, mode, persistence, attached processes, lock."""
-        from ._html import facts
+        from ._display import facts
 
         return facts("shmarray.Segment", self._facts())
 

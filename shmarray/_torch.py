@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._os import backend
-from ._ring import BatchRing, RingShutDownError, RingTimeoutError, Slot, SlotToken
+from ._ring.ring import BatchRing, RingShutDownError, RingTimeoutError, Slot, SlotToken
 from ._segment import Dir
 
 __all__ = ["RingCollate", "RingLoader", "ring_loader", "fill_slot"]

@@ -395,7 +395,7 @@ def to_shared(x: dask.array.Array, key: str, *, persistent: bool = False, **comp
     except BaseException:
         out.close()
         if persistent:
-            from . import unlink
+            from ._admin import unlink
 
             unlink(key)
         raise

@@ -24,7 +24,7 @@ from shmarray import (
     SlotToken,
 )
 from shmarray._header import HEADER, Kind, pack_header
-from shmarray._ringlayout import CONTROL_WORDS, G_NEXT_DELIVER, LOST_LOG, SLOT_WORDS
+from shmarray._ring.layout import CONTROL_WORDS, G_NEXT_DELIVER, LOST_LOG, SLOT_WORDS
 
 FIELDS = {"images": ((4, 3, 8, 8), np.uint8), "labels": ((4,), np.int64)}
 SLOT_TABLE = CONTROL_WORDS + LOST_LOG * 4

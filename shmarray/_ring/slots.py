@@ -1,21 +1,30 @@
 """The objects a batch ring hands out: slots, tokens, statistics, iterators, and its errors.
 
-The ring itself (``shmarray._ring.BatchRing``) owns every state change; a
+The ring itself (``ring.BatchRing``) owns every state change; a
 :class:`Slot` only forwards ``publish``/``handoff``/``abort``/``release`` to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from ._errors import SharedMemoryError, ShmError
-from ._ringlayout import READY, SENT
+from .._errors import SharedMemoryError, ShmError
+from .layout import READY, SENT
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._ring import BatchRing
+
+
+class _Owner(Protocol):
+    """What a slot asks of the ring that handed it out (``ring.BatchRing``); declared here so no cycle exists."""
+
+    @property
+    def key(self) -> str | None: ...
+    def _slot_views(self, index: int) -> dict[str, np.ndarray[Any, Any]]: ...
+    def _publish(self, slot: Slot, rows: int | None, state: int) -> None: ...
+    def _finish(self, slot: Slot, *, producer: bool) -> None: ...
+    def get(self, timeout: float | None = ...) -> Slot: ...
 
 __all__ = ["Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
            "RingShutDownError", "SlotLostError", "SlotStateError"]
@@ -100,7 +109,7 @@ class Slot:
 
     __slots__ = ("_ring", "index", "ticket", "generation", "epoch", "rows", "_producer", "_arrays", "_done")
 
-    def __init__(self, ring: BatchRing, index: int, ticket: int, generation: int, epoch: int,
+    def __init__(self, ring: _Owner, index: int, ticket: int, generation: int, epoch: int,
                  producer: bool, rows: int | None) -> None:
         self._ring = ring
         self.index = index
@@ -188,7 +197,7 @@ class Slot:
 class RingIterator:
     """Yields published slots; each is released when the next is asked for. Ends at shutdown."""
 
-    def __init__(self, ring: BatchRing, timeout: float | None) -> None:
+    def __init__(self, ring: _Owner, timeout: float | None) -> None:
         self._ring = ring
         self._timeout = timeout
         self._current: Slot | None = None

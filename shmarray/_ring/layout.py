@@ -38,8 +38,8 @@ from typing import Any, Mapping
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ._errors import HeaderError
-from ._header import ALIGN, align
+from .._errors import HeaderError
+from .._header import ALIGN, align
 
 __all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "FORMAT"]
 

@@ -13,7 +13,7 @@ order, or in any order) as zero-copy views and ``release()``s them::
             slot["labels"][:] = ...             # publishes on a clean exit, aborts on an exception
 
 How it works. Slot states live in the ring's control block (see
-``_ringlayout``) and change only under the segment lock (a few microseconds
+``layout``) and change only under the segment lock (a few microseconds
 per change). Whoever holds a slot (a producer filling it, a consumer reading
 it) also holds an exclusive OFD byte lock on the segment's file at
 ``SLOT_BASE + slot``; the kernel drops it when the holder dies, so a slot
@@ -49,23 +49,23 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 
-from ._errors import AccessMode, HeaderError, ShmError
-from ._header import Kind, pack_header, read_header
-from ._header import layout as header_layout
-from ._os import backend
-from ._ringlayout import (
+from .._errors import AccessMode, HeaderError, ShmError
+from .._header import Kind, pack_header, read_header
+from .._header import layout as header_layout
+from .._os import backend
+from .layout import (
     FILLING, FLAG_ORDERED, FREE, G_ABORTED, G_CONSUMER_LOST, G_CONSUMERS_SEEN, G_DELIVERED, G_EPOCH, G_FLAGS,
     G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLOTS, G_VERSION, MAGIC_WORD,
     READING, READY, S_EPOCH, S_GEN, S_PID, S_ROWS, S_STATE, S_TICKET, SENT, SHUTDOWN_DRAIN, SHUTDOWN_NOW,
     RingLayout, count, log_loss, losses, make_layout, parse_descriptor, pick, slot_word,
 )
-from ._ringtypes import (
+from .slots import (
     LostSlot, RingIterator, RingShutDownError, RingStats, RingTimeoutError, Slot, SlotLostError,
     SlotStateError, SlotToken,
 )
-from ._lock import check_timeout
-from ._segment import Dir, Segment
-from ._transfer import rebuild_specially, special
+from .._lock import check_timeout
+from .._segment import Dir, Segment
+from .._transfer import rebuild_specially, special
 
 __all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
            "RingShutDownError", "SlotLostError", "SlotStateError"]

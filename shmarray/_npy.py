@@ -1,40 +1,59 @@
-"""The ndarray descriptor: a ``.npy`` header, written and checked with ``numpy.lib.format``.
+"""The array segment's bytes: the .npy descriptor codec and the byte spec, with public ``numpy.lib.format`` API only.
 
-The byte layout of an array segment is in ``_array``'s docstring. This module
-turns a (shape, dtype, order) into the descriptor bytes and back, and is the
-one place that decides whether a descriptor read from shared memory may be
-turned into a view: :func:`parse_descriptor` checks every field before
-anything is built from it.
+Byte layout of an array segment's user bytes (``Segment.data``; the segment
+layer's control page comes before them, see ``_control``)::
+
+    offset  size  field
+    0       64    payload header (see ``_header``): magic b"SHMAHDR\\0", version,
+                  kind 1 (ndarray), ready 1, descriptor offset 64, descriptor
+                  length n, payload offset p, payload length
+    64      n     descriptor: a .npy header exactly as ``numpy.save`` writes it
+                    6    magic b"\\x93NUMPY"
+                    2    .npy version: 1.0; 2.0 for headers over 64 KiB; 3.0 for
+                         field names outside latin-1
+                    2|4  length of the dict text (little-endian; 4 bytes from 2.0)
+                    ...  {'descr': <dtype descr>, 'fortran_order': <bool>,
+                          'shape': <tuple>, }, padded with spaces and a final
+                         '\\n' so that 6 + 2 + (2|4) + len = n is a multiple of 64
+                  n is at most MAX_NPY_HEADER (64 KiB)
+    p >= 64+n N     the data: N = prod(shape) * itemsize bytes in C or Fortran
+                  order. p is a multiple of 64 and the user bytes start on a page
+                  boundary, so the data is 64-byte aligned in memory. p is the
+                  first such offset after the descriptor, except that ``share``
+                  of a large contiguous array puts the data half a page ahead
+                  of its source's page offset (up to 4 KiB of zeros before it):
+                  a copy to a destination just ahead of its source in page
+                  offset runs ~3x slower here (``_array.payload_offset``). A
+                  zero-size array has N = 0: its segment is the header alone.
+
+This module turns a (shape, dtype, order) into the descriptor bytes and back,
+and is the one place that decides whether a descriptor read from shared
+memory may be turned into a view: :func:`parse_descriptor` checks every field
+before anything is built from it. It is also the one dtype and shape rule
+(:func:`check_dtype`, :func:`check_shape`) for everything that lays arrays
+out in a segment (arrays and the batch ring).
+
+numpy has public writers and readers for .npy 1.0 and 2.0; for 3.0 (2.0 with
+the dict text in UTF-8, numpy.lib.format's documented format) it has none, so
+that version is coded here from the format's text and the public helpers
+(``magic``, ``read_magic``, ``descr_to_dtype``); the tests check the bytes
+against what ``numpy.save`` writes, for every version.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import importlib
 import io
 import math
 import operator
-import re
 import struct
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 from numpy.lib import format as npformat
 
 from ._errors import HeaderError, InvalidSizeError
-
-
-
-def _implementation() -> ModuleType:
-    """numpy.lib.format's implementation module (numpy >= 2.0 moved it to _format_impl)."""
-    try:
-        return importlib.import_module("numpy.lib._format_impl")
-    except ImportError:  # pragma: no cover - numpy 1.x
-        return npformat
-
-
-_npyimpl = _implementation()
 
 __all__ = [
     "MAX_NPY_HEADER",
@@ -57,7 +76,6 @@ MAX_NPY_HEADER = 1 << 16
 # numpy's limit on the number of dimensions (NPY_MAXDIMS).
 MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
 _INTP_MAX = np.iinfo(np.intp).max
-_VERSIONS = ((1, 0), (2, 0), (3, 0))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,22 +167,38 @@ def check_shape(shape: object, what: str) -> tuple[int, ...]:
     return dims
 
 
+def _dict_text(shape: tuple[int, ...], dtype: np.dtype[Any], fortran_order: bool) -> str:
+    """The dict text as numpy.save writes it (sorted keys, repr values, room to grow the first axis)."""
+    d = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": bool(fortran_order), "shape": shape}
+    text = "{" + "".join(f"'{k}': {v!r}, " for k, v in sorted(d.items())) + "}"
+    if shape:
+        text += " " * (npformat.GROWTH_AXIS_MAX_DIGITS - len(repr(shape[-1 if fortran_order else 0])))
+    return text
+
+
+def _wrap_3_0(text: str) -> bytes:
+    """A .npy 3.0 header: 2.0's framing (4-byte length) around UTF-8 dict text."""
+    body = text.encode("utf-8")
+    used = npformat.MAGIC_LEN + 4 + len(body) + 1
+    pad = (-used) % npformat.ARRAY_ALIGN
+    return npformat.magic(3, 0) + struct.pack("<I", len(body) + pad + 1) + body + b" " * pad + b"\n"
+
+
 def encode_descriptor(shape: tuple[int, ...], dtype: np.dtype[Any], fortran_order: bool, what: str) -> bytes:
     """The .npy header (magic, version, length, dict text, padding) for an array of this kind.
 
-    The oldest .npy version that can hold it is used: 1.0, then 2.0 (header
-    over 64 KiB), then 3.0 (field names outside latin-1).
+    Version 1.0, or 3.0 for field names outside latin-1 (what ``numpy.save``
+    picks). A dict text that needs 2.0 (over 64 KiB) is over our cap anyway.
     """
     header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": bool(fortran_order), "shape": shape}
-    out = b""
-    for version in _VERSIONS:
-        buf = io.BytesIO()
-        try:
-            _npyimpl._write_array_header(buf, header, version)
-        except (ValueError, UnicodeEncodeError):
-            continue
+    buf = io.BytesIO()
+    try:
+        npformat.write_array_header_1_0(buf, header)
         out = buf.getvalue()
-        break
+    except UnicodeEncodeError:
+        out = _wrap_3_0(_dict_text(shape, dtype, fortran_order))
+    except ValueError:  # the dict text does not fit 1.0's 2-byte length
+        out = b""
     if not out or len(out) > MAX_NPY_HEADER:
         raise TypeError(
             f"{what}: the header describing dtype {dtype} would exceed the {MAX_NPY_HEADER}-byte cap "
@@ -178,6 +212,19 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _read_3_0(fp: io.BytesIO) -> tuple[Any, Any, Any]:
+    (hlen,) = struct.unpack("<I", fp.read(4))
+    if hlen > MAX_NPY_HEADER:
+        raise ValueError(f"header of {hlen} bytes is over the {MAX_NPY_HEADER}-byte cap")
+    raw = fp.read(hlen)
+    if len(raw) != hlen:
+        raise ValueError("the header is cut short")
+    d = ast.literal_eval(raw.decode("utf-8"))
+    if not isinstance(d, dict) or d.keys() != set(npformat.EXPECTED_KEYS):
+        raise ValueError(f"header is not a dict of {sorted(npformat.EXPECTED_KEYS)}: {d!r}")
+    return d["shape"], d["fortran_order"], npformat.descr_to_dtype(d["descr"])
+
+
 def _read(descriptor: bytes) -> tuple[Any, Any, Any, int]:
     """(shape, fortran_order, dtype, bytes used) as numpy.lib.format reads them."""
     fp = io.BytesIO(descriptor)
@@ -187,52 +234,10 @@ def _read(descriptor: bytes) -> tuple[Any, Any, Any, int]:
     elif version == (2, 0):
         shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
     elif version == (3, 0):
-        # No public reader for 3.0 (UTF-8 field names); the same private
-        # function backs the public ones.
-        shape, fortran, dtype = _npyimpl._read_array_header(
-            fp, version, max_header_size=MAX_NPY_HEADER)
+        shape, fortran, dtype = _read_3_0(fp)
     else:
         raise ValueError(f"unsupported .npy version {version}")
     return shape, fortran, dtype, fp.tell()
-
-
-# The fast path. numpy's reader runs ast.literal_eval on the dict text, which
-# costs ~25 us (over 100 us on a process's first call) -- most of attach().
-# A descriptor numpy wrote for a plain dtype has one exact form, e.g.
-#   {'descr': '<f8', 'fortran_order': False, 'shape': (1000, 480), }   ...\n
-# This pattern accepts only that form (ASCII, canonical ints, Python's tuple
-# syntax), for which it gives exactly what numpy's reader gives (the tests
-# check this on generated and mutated headers); everything else, structured
-# dtypes included, goes through numpy's reader.
-_NUM = rb"(?:0|[1-9][0-9]{0,17})"
-_CANONICAL = re.compile(
-    rb"\{'descr': '([<>|=]?[A-Za-z][0-9]{0,5}(?:\[[0-9]{0,6}[A-Za-z]{1,2}\])?)', "
-    rb"'fortran_order': (True|False), "
-    rb"'shape': \((|" + _NUM + rb",|" + _NUM + rb"(?:, " + _NUM + rb")+,?)\), \} *\n"
-)
-_LENGTH = {1: struct.Struct("<H"), 2: struct.Struct("<I"), 3: struct.Struct("<I")}
-
-
-def _read_fast(descriptor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
-    """What _read gives, for a canonical plain-dtype descriptor; None for anything else."""
-    if descriptor[:6] != npformat.MAGIC_PREFIX or descriptor[7:8] != b"\0":
-        return None
-    length = _LENGTH.get(descriptor[6])
-    if length is None or len(descriptor) < 8 + length.size:
-        return None
-    start = 8 + length.size
-    (hlen,) = length.unpack_from(descriptor, 8)
-    if start + hlen != len(descriptor):
-        return None
-    m = _CANONICAL.fullmatch(descriptor, start)
-    if m is None:
-        return None
-    try:
-        dtype = np.dtype(m.group(1).decode("ascii"))
-    except Exception:  # let numpy's reader word the error
-        return None
-    shape = tuple(int(d) for d in m.group(3).split(b",") if d)
-    return shape, m.group(2) == b"True", dtype, len(descriptor)
 
 
 # Validated specs by their exact descriptor bytes: the same bytes always give
@@ -263,8 +268,7 @@ def _parse_descriptor(descriptor: bytes, key: str | None) -> ArraySpec:
             f"{label}: ndarray descriptor of {len(descriptor)} bytes exceeds the {MAX_NPY_HEADER}-byte cap; "
             "the segment is corrupt", key)
     try:
-        fast = _read_fast(descriptor)
-        shape, fortran, dtype, used = fast if fast is not None else _read(descriptor)
+        shape, fortran, dtype, used = _read(descriptor)
     except Exception as e:  # whatever the parser makes of corrupt bytes
         raise HeaderError(
             f"{label}: corrupt ndarray descriptor ({type(e).__name__}: {_short(str(e))}); "
