@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from . import _stash
-from ._attachment import CONTROL, MAGIC, PAGE_SIZE, parse_control, sweep_orphans
+from ._attachment import sweep_orphans
+from ._control import CONTROL, MAGIC, PAGE_SIZE, parse_control
 from ._stash import KEEP_PREFIX
 from ._errors import NotFoundError, PermissionDeniedError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for

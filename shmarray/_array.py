@@ -32,7 +32,8 @@ from ._npy import (
     encode_descriptor,
     parse_descriptor,
 )
-from ._attachment import PAGE_SIZE, _human
+from ._control import PAGE_SIZE
+from ._display import human as _human
 from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._os import backend
@@ -359,15 +360,6 @@ def _extent(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], items
 # -- create / share -----------------------------------------------------------------------------
 
 
-def _no_room(seg: Segment, total: int, what: str) -> OutOfResourcesError:
-    where = seg.dir
-    free = backend.free_bytes(where)
-    return OutOfResourcesError(
-        f"{what}: needs {_human(PAGE_SIZE + total)} but {where} has {_human(free)} free "
-        f"(of {_human(backend.total_bytes(where))}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
-        f"use a smaller array, or enlarge {where}", seg.key)
-
-
 def _phase_for(src: np.ndarray) -> int | None:
     """Where in a page the payload should start so that copying *src* in runs at full speed.
 
@@ -394,7 +386,7 @@ def _prepare(key: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran: bo
     # Segment._create checks the free space of /dev/shm before writing; sizes no
     # file system holds (and that the header's 64-bit fields cannot) stop here.
     if total >= 1 << 62:
-        raise _no_room(seg, total, what)
+        raise seg._no_space(PAGE_SIZE + total, what)
     if math.prod(d for d in shape if d) > _INTP_MAX:
         raise InvalidSizeError(f"{what}: shape {shape} has more elements than numpy can index", key)
     return seg, pack_header(Kind.NDARRAY, descriptor, p_off, nbytes), p_off, total

@@ -1,27 +1,6 @@
 """One attachment of a shmarray segment: the control block, the OS resources, the lifetime.
 
-Byte layout of a shmarray segment (one object in /dev/shm)::
-
-    [0, PAGE_SIZE)            control block (below)
-    [PAGE_SIZE, +size)        the user's bytes: Segment.data
-
-Control block, little-endian::
-
-    offset  size  field
-    0       8     magic b"SHMARRAY"
-    8       4     version (2; version 1 had no incarnation, its key at 64)
-    12      4     flags: bit 0 persistent
-    16      8     size: usable bytes, what every attacher's .size reports
-    24      8     data offset (the page size of the creating machine)
-    32      8     lock mark: pid of the exclusive lock holder, 0 when free
-    40      4     dead: 1 once a destroyer has removed the segment
-    44      4     creator pid
-    48      8     creation time (float64, UNIX seconds)
-    56      4     key length in bytes (UTF-8; 0 when created by native key)
-    60      4     reserved (0)
-    64      8     incarnation: a random nonzero number drawn at creation, so that a
-                  reference names this segment and not whatever holds its key later
-    72      ...   the key (cut to fit the page; for listings only)
+The bytes of the control block are specified in ``_control``, next to their codec.
 
 Lifetime. Every attachment holds a shared OFD lock on byte 0 of its own open
 file description. The kernel drops it when the attachment's process dies. A
@@ -52,109 +31,17 @@ name).
 from __future__ import annotations
 
 import errno
-import struct
 import threading
-import time
 import weakref
 from typing import Any
 
-from ._errors import AccessMode, InvalidSizeError, ShmError, UnknownShmError
+from ._errors import AccessMode, InvalidSizeError, ShmError
 from . import _reuse
-from ._lock import MARK_WORD, LockGate
+from ._control import CONTROL, DEAD_OFFSET, MARK_OFFSET, U64, ControlBlock, parse_control
+from ._lock import LockGate
 from ._os import PREFIX, backend
 
-__all__ = ["MAGIC", "CONTROL", "PAGE_SIZE", "HEAD_BYTES", "ControlBlock", "parse_control", "register",
-           "share_named", "share_instance", "held_instance", "release_user", "new_incarnation"]
-
-MAGIC = b"SHMARRAY"
-VERSION = 2
-# Segments an earlier shmarray made (no incarnation) are still read.
-_READABLE = (1, 2)
-FLAG_PERSISTENT = 1
-CONTROL = struct.Struct("<8sIIQQQIIdII")  # fields up to the incarnation; 64 bytes
-_U64 = struct.Struct("<Q")
-_INCARNATION_OFFSET = 64
-_DEAD_OFFSET = 40
-_KEY_OFFSET = 72
-_KEY_OFFSET_V1 = 64
-_MARK_OFFSET = MARK_WORD * 8
-PAGE_SIZE = backend.PAGE_SIZE
-# How much of the user area attach() reads with the control block: a payload
-# header and a typical descriptor (an .npy header is 128 bytes), no more.
-HEAD_BYTES = 448
-
-
-class ControlBlock:
-    """The parsed control block of a shmarray segment."""
-
-    __slots__ = ("version", "flags", "size", "data_offset", "mark", "dead", "creator", "created", "key",
-                 "incarnation")
-
-    def __init__(self, raw: bytes) -> None:
-        (magic, self.version, self.flags, self.size, self.data_offset, self.mark, self.dead,
-         self.creator, self.created, keylen, _) = CONTROL.unpack_from(raw, 0)
-        key_at = _KEY_OFFSET_V1
-        # 0: not known (a version-1 segment, or the control block was read short).
-        self.incarnation = 0
-        if self.version >= 2:
-            key_at = _KEY_OFFSET
-            if len(raw) >= _KEY_OFFSET:
-                self.incarnation = _U64.unpack_from(raw, _INCARNATION_OFFSET)[0]
-        keylen = min(keylen, max(0, len(raw) - key_at))
-        self.key: str | None = (
-            raw[key_at : key_at + keylen].decode("utf-8", "replace") if keylen else None
-        )
-
-    @property
-    def persistent(self) -> bool:
-        """True when the segment outlives its last detach."""
-        return bool(self.flags & FLAG_PERSISTENT)
-
-
-def parse_control(raw: bytes, object_size: int) -> ControlBlock | None:
-    """The control block in *raw*, None if *raw* does not start with one.
-
-    Raises UnknownShmError when the magic is there but the fields are not
-    consistent with an object of *object_size* bytes.
-    """
-    if len(raw) < CONTROL.size or raw[:8] != MAGIC:
-        return None
-    cb = ControlBlock(raw)
-    if cb.version not in _READABLE:
-        raise UnknownShmError(
-            f"segment control block has version {cb.version}; this shmarray reads versions "
-            f"{', '.join(map(str, _READABLE))}: it was made by a newer shmarray, so attach it with that one"
-        )
-    if cb.data_offset < CONTROL.size or cb.data_offset % 64 or cb.data_offset + cb.size > object_size:
-        raise UnknownShmError(
-            f"segment control block is corrupt: data at {cb.data_offset} + {cb.size} bytes "
-            f"does not fit the {object_size}-byte object"
-        )
-    return cb
-
-
-def _control_bytes(size: int, persistent: bool, key: str | None, incarnation: int) -> bytes:
-    raw_key = b"" if key is None else key.encode("utf-8", "surrogatepass")[: PAGE_SIZE - _KEY_OFFSET]
-    head = CONTROL.pack(
-        MAGIC, VERSION, FLAG_PERSISTENT if persistent else 0, size, PAGE_SIZE, 0, 0,
-        backend.getpid() & 0xFFFFFFFF, time.time(), len(raw_key), 0,
-    )
-    return head + _U64.pack(incarnation) + raw_key
-
-
-def new_incarnation() -> int:
-    """A random nonzero 64-bit number for a new segment's control block."""
-    return int(backend.token_hex(8), 16) or 1
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
+__all__ = ["register", "share_named", "share_instance", "held_instance", "release_user", "sweep_orphans"]
 
 class _Attachment:
     """The OS resources of one attachment; closing it is the detach.
@@ -220,10 +107,10 @@ class _Attachment:
     def is_dead(self) -> bool:
         """True once a destroyer has marked the segment dead (read from the mapped control block)."""
         marks = self.marks
-        return marks is not None and (marks[_DEAD_OFFSET // 8] & 0xFFFFFFFF) != 0
+        return marks is not None and (marks[DEAD_OFFSET // 8] & 0xFFFFFFFF) != 0
 
     def _write_mark(self, value: int) -> None:
-        backend.pwrite_all(self.fd, memoryview(_U64.pack(value)), _MARK_OFFSET)
+        backend.pwrite_all(self.fd, memoryview(U64.pack(value)), MARK_OFFSET)
 
     def map(self, cb: ControlBlock | None, map_fd: int | None = None,
             region: "_reuse.Region | None" = None) -> None:
@@ -538,7 +425,7 @@ def sweep_orphans(names: "list[str] | None" = None) -> list[str]:
 
 
 def _mark_dead(fd: int) -> None:
-    backend.pwrite_all(fd, memoryview(b"\x01"), _DEAD_OFFSET)
+    backend.pwrite_all(fd, memoryview(b"\x01"), DEAD_OFFSET)
 
 
 def _retire(fd: int, name: str) -> None:

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from ._admin import collect_garbage, segment_info, unlink_key
-from ._attachment import _human
+from ._display import human as _human
 from ._errors import NotFoundError, ShmError
 from ._listing import describe_payload, entry_for, ls
 

@@ -1,4 +1,6 @@
-"""HTML for Jupyter's rich display (``_repr_html_``) of Segment, SharedArray and ``shmarray.ls()``.
+"""How things look to people: byte counts, and HTML for Jupyter (``_repr_html_``) of segments, arrays, listings.
+
+A leaf: it imports nothing of shmarray, so every layer may use it.
 
 Every cell passes through ``html.escape``: keys, dtype names, field names and
 schemas are user strings, and a key such as ``<script>`` must show as text.
@@ -11,7 +13,17 @@ from __future__ import annotations
 from html import escape
 from typing import Iterable, Sequence
 
-__all__ = ["esc", "facts", "grid", "preformatted"]
+__all__ = ["human", "esc", "facts", "grid", "preformatted"]
+
+
+def human(n: int) -> str:
+    """A byte count for people: '512 B', '1.5 MiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
 
 
 def esc(value: object) -> str:

@@ -13,7 +13,7 @@ import os
 import resource
 from typing import Any
 
-from ._attachment import _human
+from ._display import human as _human
 from ._os import backend
 from ._segment import Dir, _check_dir
 

@@ -15,7 +15,8 @@ import fnmatch
 from typing import Any, Iterable
 
 from ._admin import SegmentInfo, list_segments, read_head
-from ._attachment import _human, sweep_orphans
+from ._attachment import sweep_orphans
+from ._display import human as _human
 from ._os import backend
 from ._segment import Dir
 from ._errors import HeaderError, ShmError

@@ -18,12 +18,12 @@ import threading
 import time
 from typing import Callable
 
+from ._control import MARK_WORD
 from ._errors import LockError
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["LockGate", "SegmentLock", "poll_until", "check_timeout", "MARK_WORD"]
+__all__ = ["LockGate", "SegmentLock", "poll_until", "check_timeout"]
 
-MARK_WORD = 4  # byte 32 of the control block, as a 'Q' index
 _MARK = MARK_WORD
 
 

@@ -18,24 +18,19 @@ from typing import Any, Callable, SupportsIndex, Union
 
 from . import _reuse, _stash
 from ._attachment import (
-    HEAD_BYTES,
-    PAGE_SIZE,
-    ControlBlock,
     _Attachment,
-    _control_bytes,
-    _human,
     _mark_dead,
     _reap_if_dead,
     _retire,
     held_instance,
     holds_name,
-    new_incarnation,
-    parse_control,
     register,
     release_user,
     share_instance,
     share_named,
 )
+from ._control import HEAD_BYTES, MARK_WORD, PAGE_SIZE, ControlBlock, control_bytes, new_incarnation, parse_control
+from ._display import human as _human
 from ._errors import (
     AccessMode,
     AlreadyExistsError,
@@ -49,7 +44,7 @@ from ._errors import (
     UnknownShmError,
     _InvalidSizeTypeError,
 )
-from ._lock import MARK_WORD, SegmentLock, check_timeout
+from ._lock import SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._os._linux import LOCK_EX, LOCK_UN, flock
 from ._transfer import rebuild_specially, special
@@ -103,8 +98,19 @@ def _user_writer(size: int, raw: Callable[[memoryview, int], None],
     return write
 
 
-def _translate(e: OSError, what: str, key: str | None) -> ShmError:
-    """An OSError from the OS layer as the ShmError a user should see."""
+def no_space(what: str, label: str | None, key: str | None, directory: str | None,
+             needed: int | None = None, cause: str = "") -> OutOfResourcesError:
+    """The one out-of-space message: what was needed, what the directory holds, and what to do about it."""
+    where = directory or backend.SHM_DIR
+    need = f"needs {_human(needed)}" if needed is not None else f"is out of space ({cause or 'no space left'})"
+    return OutOfResourcesError(
+        f"{what}: segment {label!r} {need} but {where} has {_human(backend.free_bytes(directory))} free "
+        f"(of {_human(backend.total_bytes(directory))}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
+        f"make it smaller, or enlarge {where}", key)
+
+
+def _translate(e: OSError, what: str, key: str | None, directory: str | None = None) -> ShmError:
+    """An OSError from the OS layer as the ShmError a user should see (*directory*: the segment's)."""
     code = e.errno
     if code == errno.ENOENT:
         return NotFoundError(f"{what}: no segment {key!r}; create() it first", key)
@@ -115,12 +121,10 @@ def _translate(e: OSError, what: str, key: str | None) -> ShmError:
     hint = backend.limits_hint(code) if code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) else ""
     if hint:
         return OutOfResourcesError(f"{what}: out of resources for segment {key!r}: {hint}", key)
-    if code in (errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.EOVERFLOW):
-        return OutOfResourcesError(
-            f"{what}: out of resources for segment {key!r} ({e.strerror}); "
-            f"/dev/shm has {_human(backend.free_bytes())} free",
-            key,
-        )
+    if code in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EOVERFLOW):
+        return no_space(what, key, key, directory, cause=e.strerror or "")
+    if code in (errno.EMFILE, errno.ENFILE):
+        return OutOfResourcesError(f"{what}: out of resources for segment {key!r} ({e.strerror})", key)
     return UnknownShmError(f"{what}: {e.strerror or e} (segment {key!r})", key)
 
 
@@ -298,16 +302,14 @@ class Segment:
                         if attempt == 1 and _stash.give_back(total, self._dir) > 0:
                             continue
                         raise self._fail(self._no_space(total)) from e
-                    raise self._fail(_translate(e, what, self._label())) from e
+                    raise self._fail(_translate(e, what, self._label(), self._dir)) from e
             self._arm()
             self._ok()
             return self
 
-    def _no_space(self, total: int) -> OutOfResourcesError:
-        return OutOfResourcesError(
-            f"create: segment {self._label()!r} needs {_human(total)} but {self.dir} has "
-            f"{_human(backend.free_bytes(self._dir))} free (of {_human(backend.total_bytes(self._dir))}); "
-            f"remove segments (`shmarray gc`, `shmarray rm KEY`) or enlarge {self.dir}", self._key)
+    def _no_space(self, total: int, what: str = "create") -> OutOfResourcesError:
+        """The out-of-space error for a segment of *total* bytes (control page included) here."""
+        return no_space(what, self._label(), self._key, self._dir, total)
 
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
@@ -346,7 +348,7 @@ class Segment:
                 def write(data: memoryview, at: int) -> None:
                     backend.pwrite_all(fd, data, at)
             try:
-                control = _control_bytes(size, persistent, self._key, new_incarnation())
+                control = control_bytes(size, persistent, self._key, new_incarnation())
                 write(memoryview(control), 0)
                 if fill is not None:
                     fill(_user_writer(size, write))
@@ -386,7 +388,7 @@ class Segment:
         written: list[tuple[int, int]] = []
         published = False
         try:
-            control = _control_bytes(size, False, self._key, new_incarnation())
+            control = control_bytes(size, False, self._key, new_incarnation())
             raw_write: Callable[[memoryview, int], None]
             if region is not None:
                 warm = region
@@ -457,7 +459,7 @@ class Segment:
             except ShmError as e:
                 raise self._fail(e) from None
             except OSError as e:
-                raise self._fail(_translate(e, what, self._label())) from e
+                raise self._fail(_translate(e, what, self._label(), self._dir)) from e
             self._arm()
             self._ok()
             return self
@@ -672,7 +674,7 @@ class Segment:
                 try:
                     own.extend((backend.reopen(att.fd, att.writable_fd), backend.getpid()))
                 except OSError as e:
-                    raise self._fail(_translate(e, "attach", self._label())) from e
+                    raise self._fail(_translate(e, "attach", self._label(), self._dir)) from e
             return own[0]
 
     def _head(self) -> bytes:

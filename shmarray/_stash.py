@@ -41,7 +41,8 @@ import time
 from typing import NamedTuple
 
 from . import _reuse
-from ._attachment import CONTROL, _retire, parse_control, sweep_orphans
+from ._attachment import _retire, sweep_orphans
+from ._control import CONTROL, parse_control
 from ._errors import ShmError
 from ._os import PREFIX, backend
 

@@ -338,7 +338,7 @@ def test_ls_payload_column(make_key):
 def test_long_descriptor_is_read_from_the_mapping(key):
     """attach() reads the control block and the first HEAD_BYTES of the user area in one pread; a
     descriptor longer than that (many structured fields) is read through the mapping instead."""
-    from shmarray._attachment import HEAD_BYTES
+    from shmarray._control import HEAD_BYTES
 
     dt = np.dtype([(f"field_{i:03d}", "<f4") for i in range(40)])
     src = np.arange(3 * 40, dtype="<f4").view(dt)

@@ -442,7 +442,7 @@ def test_a_newer_control_block_is_a_clear_error(key):
 
 
 def test_incarnations_differ_and_are_in_the_control_block(key):
-    from shmarray._attachment import ControlBlock
+    from shmarray._control import ControlBlock
 
     def incarnation() -> int:
         with open(f"/dev/shm/{native_key_for(key)}", "rb") as f:
