@@ -34,9 +34,8 @@ from ._npy import (
 )
 from ._control import PAGE_SIZE
 from ._display import human as _human
-from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError, OutOfResourcesError
+from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
-from ._os import backend
 from ._progress import check_progress, label, reporting
 from ._segment import Dir, Segment
 from ._transfer import by_value, rebuild_specially, special

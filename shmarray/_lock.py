@@ -1,4 +1,5 @@
-"""The segment lock: exclusive and shared, timeouts, survives a holder's death.
+"""The locks: the segment lock (exclusive and shared, timeouts, survives a holder's death), the
+byte-range locks a payload layer keeps per item, and the one rule for timeouts and waiting.
 
 Between processes the lock is ``flock(2)`` on the process's one open file
 description of the segment (its attachment), so the kernel releases it when
@@ -9,7 +10,14 @@ mutex that the exclusive holder keeps and that readers pass through, and
 only the first reader in takes (and the last one out drops) the shared
 ``flock``. A holder mark in the segment's control block (the holder's pid,
 written after acquiring exclusively and cleared before releasing) tells the
-next acquirer that the previous exclusive holder died while holding it.
+next acquirer that the previous exclusive holder died while holding it
+(its place in the block: ``_control.MARK_WORD``).
+
+Byte-range locks (:class:`ByteLocks`) are OFD locks on single bytes of the
+segment's file, one per item a payload layer hands out (the ring's slots,
+offsets in ``_ring.layout``), through a description owned by one Segment
+object: the kernel drops them when the holder dies, and a holder that
+vanished is detected by asking, not by taking.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from typing import Callable
 
 from ._control import MARK_WORD
 from ._errors import LockError
+from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["LockGate", "SegmentLock", "poll_until", "check_timeout"]
+__all__ = ["LockGate", "SegmentLock", "ByteLocks", "poll_until", "check_timeout"]
 
 _MARK = MARK_WORD
 
@@ -149,8 +158,8 @@ class SegmentLock:
         self._gate = gate
         self._held = 0  # 0 free, 1 shared, 2 exclusive
         self.recovered = False
-        # Bound once for Segment.lock's inlined path. The descriptor keeps its
-        # number for the attachment's life (across fork too), and so does the mutex.
+        # Bound once for the fast path. The descriptor keeps its number for
+        # the attachment's life (across fork too), and so does the mutex.
         self._fd = gate.fd
         self._marks = gate.marks
         self._try_mutex = gate.mutex.acquire
@@ -162,6 +171,24 @@ class SegmentLock:
 
     def acquire(self, timeout: float | None = None, shared: bool = False) -> bool:
         """Take the lock; True when held, False when *timeout* ran out."""
+        if timeout is None and not shared and not self._held:
+            # The common case first, with nothing looked up twice: a round trip
+            # within 1.3x of a bare flock pair is an aim of the project (issue 2).
+            marks = self._marks
+            if marks is not None and self._try_mutex(False):
+                g = self._gate
+                if not g.readers:
+                    try:
+                        flock(self._fd, LOCK_EX)
+                    except BaseException:
+                        g.mutex.release()
+                        raise
+                    self.recovered = marks[_MARK] != 0
+                    marks[_MARK] = g.pid
+                    self._held = 2
+                    g.owner = self
+                    return True
+                g.mutex.release()
         timeout = check_timeout(timeout)
         if self._held:
             if self._held == 2 or shared:
@@ -241,9 +268,13 @@ class SegmentLock:
         g = self._gate
         self._held = 0
         if held == 2:
-            g.set_mark(0)
+            marks = self._marks
+            if marks is not None:
+                marks[_MARK] = 0
+            else:
+                g.set_mark(0)
             g.owner = None
-            flock(g.fd, LOCK_UN)
+            flock(self._fd, LOCK_UN)
             g.mutex.release()
             return True
         with g.cond:
@@ -253,3 +284,35 @@ class SegmentLock:
                 flock(g.fd, LOCK_UN)
                 g.cond.notify_all()
         return True
+
+
+class ByteLocks:
+    """Byte-range locks on one Segment object's own description: one per item a payload layer hands out.
+
+    *description* returns the fd to lock through (``Segment._lock_fd``: one
+    description per Segment object, opened on first use and again after a
+    fork, so two holders in one process exclude each other too). Offsets are
+    the caller's (see ``_ring.layout``); they must stay clear of the bytes
+    the attachment layer locks (``_os``: below 2**40 + 2**22).
+    """
+
+    __slots__ = ("_description",)
+
+    def __init__(self, description: Callable[[], int]) -> None:
+        self._description = description
+
+    def try_take(self, at: int) -> bool:
+        """Take byte *at* exclusively; False (at once) when another description holds it."""
+        return backend.ofd_lock(self._description(), at, exclusive=True, wait=False)
+
+    def take_shared(self, at: int) -> None:
+        """Hold byte *at* shared (waits out an exclusive holder)."""
+        backend.ofd_lock(self._description(), at, exclusive=False, wait=True)
+
+    def drop(self, at: int) -> None:
+        """Let go of byte *at*."""
+        backend.ofd_unlock(self._description(), at)
+
+    def held_elsewhere(self, at: int) -> bool:
+        """True while another description (a live holder, in any process) holds byte *at*."""
+        return backend.ofd_held_elsewhere(self._description(), at)

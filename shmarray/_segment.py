@@ -29,7 +29,7 @@ from ._attachment import (
     share_instance,
     share_named,
 )
-from ._control import HEAD_BYTES, MARK_WORD, PAGE_SIZE, ControlBlock, control_bytes, new_incarnation, parse_control
+from ._control import HEAD_BYTES, PAGE_SIZE, ControlBlock, control_bytes, new_incarnation, parse_control
 from ._display import human as _human
 from ._errors import (
     AccessMode,
@@ -46,7 +46,6 @@ from ._errors import (
 )
 from ._lock import SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
-from ._os._linux import LOCK_EX, LOCK_UN, flock
 from ._transfer import rebuild_specially, special
 
 __all__ = ["Segment"]
@@ -725,26 +724,6 @@ class Segment:
         the same segment in this process (views share their root's).
         """
         lk = self._lk
-        if lk is not None and timeout is None and not shared and not lk._held:
-            # The common case inlined: a round trip within 1.3x of a bare
-            # flock pair is an aim of the project (issue 2); calls cost ~50 ns each.
-            marks = lk._marks
-            if marks is not None and lk._try_mutex(False):
-                g = lk._gate
-                if not g.readers:
-                    try:
-                        flock(lk._fd, LOCK_EX)
-                    except BaseException:
-                        g.mutex.release()
-                        raise
-                    lk.recovered = marks[MARK_WORD] != 0
-                    marks[MARK_WORD] = g.pid
-                    lk._held = 2
-                    g.owner = lk
-                    if self._error:
-                        self._ok()
-                    return True
-                g.mutex.release()
         if lk is None:
             lk = self._the_lock("lock")  # raises the right LockError
         try:
@@ -760,19 +739,7 @@ class Segment:
     def unlock(self) -> bool:
         """Release the segment lock; False when this object did not hold it."""
         lk = self._lk
-        if lk is None:
-            return False
-        if lk._held == 2:  # inlined like lock()
-            marks = lk._marks
-            if marks is not None:
-                marks[MARK_WORD] = 0
-                lk._held = 0
-                g = lk._gate
-                g.owner = None
-                flock(lk._fd, LOCK_UN)
-                g.mutex.release()
-                return True
-        return lk.release()
+        return lk.release() if lk is not None else False
 
     def locked(self, timeout: float | None = None, *, shared: bool = False) -> "_Locked":
         """Context manager holding the lock; raises LockError on timeout."""

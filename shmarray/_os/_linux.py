@@ -69,12 +69,9 @@ LIVENESS_BYTE = 0
 # another segment's bytes, or lose its pages.
 MAPPED_BYTE = 1
 PID_BASE = 1 << 40
-# Batch rings (shmarray._ring) mark who holds each slot with an exclusive OFD
-# lock on SLOT_BASE + slot, and each consumer with a shared lock on
-# CONSUMER_BYTE; the kernel drops both when the holder dies. They sit far
-# above the pid markers (pids are < 2**22) so listings never mistake them.
-SLOT_BASE = 1 << 42
-CONSUMER_BYTE = SLOT_BASE - 1
+PID_SPAN = 1 << 22  # pids are below 2**22 (the kernel's PID_MAX_LIMIT)
+# Bytes from PID_BASE + PID_SPAN up are free for the payload layers' own
+# byte-range locks (the batch ring's are in shmarray._ring.layout).
 
 
 def path_of(name: str) -> str:
@@ -618,7 +615,7 @@ def lock_report(dev: int, ino: int) -> tuple[set[int], int, str | None, int | No
             s = int(start)
             if s == LIVENESS_BYTE:
                 attachments += 1
-            elif PID_BASE <= s < CONSUMER_BYTE:
+            elif PID_BASE <= s < PID_BASE + PID_SPAN:
                 pids.add(s - PID_BASE)
         elif kind == "FLOCK":
             mode = "exclusive" if rw == "WRITE" else "shared"

@@ -26,6 +26,12 @@ Control block words (u64): see the ``G_*`` (global), ``L_*`` (lost log) and
 (a producer holds it), ``READY`` (published, waiting for ``get()``),
 ``READING`` (a consumer holds it) and ``SENT`` (published for ``claim()``
 with a token that travels another way, e.g. a DataLoader's result queue).
+
+Byte-range locks on the segment's file (``_lock.ByteLocks``): whoever holds a
+slot holds byte SLOT_BASE + slot exclusively, each consumer holds
+CONSUMER_BYTE shared. They sit far above the attachment layer's bytes (0, 1
+and its pid markers at 2**40 + pid, see ``_os``), so listings never mistake
+them for attached processes.
 """
 
 from __future__ import annotations
@@ -70,6 +76,10 @@ FREE, FILLING, READY, READING, SENT = range(5)
 STATE_NAMES = ("free", "filling", "ready", "reading", "handed off")
 FLAG_ORDERED = 1
 SHUTDOWN_OPEN, SHUTDOWN_DRAIN, SHUTDOWN_NOW = 0, 1, 2
+
+# Lock bytes (see the docstring).
+SLOT_BASE = 1 << 42
+CONSUMER_BYTE = SLOT_BASE - 1
 
 
 @dataclasses.dataclass(frozen=True)

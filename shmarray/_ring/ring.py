@@ -55,7 +55,7 @@ from .._header import layout as header_layout
 from .._os import backend
 from .layout import (
     FILLING, FLAG_ORDERED, FREE, G_ABORTED, G_CONSUMER_LOST, G_CONSUMERS_SEEN, G_DELIVERED, G_EPOCH, G_FLAGS,
-    G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLOTS, G_VERSION, MAGIC_WORD,
+    CONSUMER_BYTE, SLOT_BASE, G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLOTS, G_VERSION, MAGIC_WORD,
     READING, READY, S_EPOCH, S_GEN, S_PID, S_ROWS, S_STATE, S_TICKET, SENT, SHUTDOWN_DRAIN, SHUTDOWN_NOW,
     RingLayout, count, log_loss, losses, make_layout, parse_descriptor, pick, slot_word,
 )
@@ -63,7 +63,7 @@ from .slots import (
     LostSlot, RingIterator, RingShutDownError, RingStats, RingTimeoutError, Slot, SlotLostError,
     SlotStateError, SlotToken,
 )
-from .._lock import check_timeout
+from .._lock import ByteLocks, check_timeout
 from .._segment import Dir, Segment
 from .._transfer import rebuild_specially, special
 
@@ -105,6 +105,7 @@ class BatchRing:
         ctl = memoryview(mapping)[payload_offset : payload_offset + lay.control_bytes].cast("Q")
         self._ctl = ctl
         self._seg = seg
+        self._bytes = ByteLocks(lambda: self._live("lock a slot")[0]._lock_fd())
         self._cache: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * lay.slots
         if (ctl[G_MAGIC] != MAGIC_WORD or ctl[G_SLOTS] != lay.slots
                 or bool(ctl[G_FLAGS] & FLAG_ORDERED) != lay.ordered):
@@ -231,7 +232,7 @@ class BatchRing:
                 i = self._take_free(ctl)
             if i is None:
                 if (ctl[G_CONSUMERS_SEEN] and not self._consumer
-                        and not backend.ofd_held_elsewhere(seg._lock_fd(), backend.CONSUMER_BYTE)):
+                        and not self._bytes.held_elsewhere(CONSUMER_BYTE)):
                     raise RingShutDownError(
                         f"batch ring {self._key!r} is full and every consumer has gone (closed or died); "
                         "start a consumer, or shut the ring down", self._key)
@@ -251,11 +252,10 @@ class BatchRing:
             self._leave(seg)
 
     def _take_free(self, ctl: memoryview) -> int | None:
-        fd = self._live("acquire")[0]._lock_fd()
         for i in range(self._lay.slots):
             if ctl[slot_word(i) + S_STATE] == FREE:
                 # A free slot's byte is free unless its last holder is mid-exit; skip it then.
-                if backend.ofd_lock(fd, backend.SLOT_BASE + i, exclusive=True, wait=False):
+                if self._bytes.try_take(SLOT_BASE + i):
                     return i
         return None
 
@@ -318,7 +318,7 @@ class BatchRing:
             raise RingShutDownError(f"batch ring {self._key!r} is shut down and drained", self._key)
         if i is None:
             return None
-        if not backend.ofd_lock(seg._lock_fd(), backend.SLOT_BASE + i, exclusive=True, wait=False):
+        if not self._bytes.try_take(SLOT_BASE + i):
             return None  # a free byte is the rule for a published slot; if not, try next round
         s = slot_word(i)
         ticket, gen, rows = ctl[s + S_TICKET], ctl[s + S_GEN], ctl[s + S_ROWS]
@@ -359,8 +359,7 @@ class BatchRing:
             if ctl[s + S_STATE] != SENT or ctl[s + S_GEN] != token.generation:
                 raise SlotLostError(f"batch ring {self._key!r}: the token for slot {token.index} (ticket "
                                     f"{token.ticket}) is stale; the slot was claimed or reclaimed", self._key)
-            byte = backend.SLOT_BASE + token.index
-            if not backend.ofd_lock(seg._lock_fd(), byte, exclusive=True, wait=False):
+            if not self._bytes.try_take(SLOT_BASE + token.index):
                 raise SlotStateError(f"batch ring {self._key!r}: slot {token.index} is held elsewhere",
                                      self._key)
             rows = ctl[s + S_ROWS]
@@ -386,7 +385,7 @@ class BatchRing:
         seg, ctl = self._live("get")
         self._check_pid()
         if not self._consumer:
-            backend.ofd_lock(seg._lock_fd(), backend.CONSUMER_BYTE, exclusive=False, wait=True)
+            self._bytes.take_shared(CONSUMER_BYTE)
             ctl[G_CONSUMERS_SEEN] = 1
             self._consumer = True
 
@@ -422,7 +421,7 @@ class BatchRing:
     def _let_go(self, slot: Slot) -> None:
         slot._done = True
         del self._held[slot.index]
-        backend.ofd_unlock(self._live("release")[0]._lock_fd(), backend.SLOT_BASE + slot.index)
+        self._bytes.drop(SLOT_BASE + slot.index)
 
     def shutdown(self, immediate: bool = False) -> None:
         """Stop the ring for every process, waking every waiter (like ``queue.Queue.shutdown``).
@@ -470,14 +469,13 @@ class BatchRing:
 
     def _reap(self, ctl: memoryview) -> int:
         """Take back slots of dead holders and stale hand-offs (under the lock); returns how many."""
-        fd = self._live("scan")[0]._lock_fd()
         epoch = ctl[G_EPOCH]
         found = 0
         for i in range(self._lay.slots):
             s = slot_word(i)
             st = self._state(i)
             if st in (FILLING, READING) and i not in self._held:
-                if backend.ofd_held_elsewhere(fd, backend.SLOT_BASE + i):
+                if self._bytes.held_elsewhere(SLOT_BASE + i):
                     continue
                 if st == FILLING:
                     log_loss(ctl, i)
