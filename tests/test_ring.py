@@ -160,7 +160,10 @@ def test_structured_and_subarray_dtypes(key):
     ({"a": ((2,), object)}, 2, TypeError),
     ({"a": ((2,), np.dtype([("o", object)]))}, 2, TypeError),
     ({"a": ((-1,), np.uint8)}, 2, ValueError),
-    ({"a": ((2.5,), np.uint8)}, 2, ValueError),
+    ({"a": ((2.5,), np.uint8)}, 2, TypeError),
+    ({"a": ((2,) * 65, np.uint8)}, 2, shmarray.InvalidSizeError),
+    ({"a": ((2,) * 60, np.dtype(("u1", (2,) * 5)))}, 2, shmarray.InvalidSizeError),
+    ({"a": ((2,), np.dtypes.StringDType())}, 2, TypeError),
     ({"a": ((2,), "not a dtype")}, 2, TypeError),
     ({"a": (2,)}, 2, TypeError),
     ({"": ((2,), np.uint8)}, 2, TypeError),
@@ -172,6 +175,28 @@ def test_bad_fields_refused_before_the_os(key, fields, slots, exc):
     with pytest.raises(exc):
         BatchRing.create(key, fields, slots)
     assert not shmarray.Segment(key).unlink()  # nothing was created
+
+
+@pytest.mark.parametrize("shape, dtype", [((-1,), np.uint8), ((2,) * 65, np.uint8), ((2.5,), np.uint8),
+                                          ((2,), object), ((2,), np.dtypes.StringDType())])
+def test_fields_follow_the_array_rules(key, shape, dtype):
+    """A ring field and an array are checked by one rule: the same error type, the same words."""
+    with pytest.raises(Exception) as for_array:
+        shmarray.create(key, shape, dtype)
+    with pytest.raises(Exception) as for_ring:
+        BatchRing.create(key, {"a": (shape, dtype)}, 2)
+    assert type(for_ring.value) is type(for_array.value)
+    assert str(for_ring.value).split(": ", 1)[1] == str(for_array.value).split(": ", 1)[1]
+    assert not shmarray.Segment(key).unlink()
+
+
+def test_a_field_of_many_dimensions_and_an_empty_dtype(key):
+    with BatchRing.create(key, {"deep": ((1,) * 40, np.int16), "none": ((3,), "S0")}, 2) as ring:
+        with ring.acquire(0) as slot:
+            slot["deep"][(0,) * 40] = 7
+        with ring.get(0) as batch:
+            assert batch["deep"].shape == (1,) * 40 and int(batch["deep"].item()) == 7
+            assert batch["none"].shape == (3,) and batch["none"].dtype == np.dtype("S0")
 
 
 def test_bad_options(key):

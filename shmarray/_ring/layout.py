@@ -46,6 +46,7 @@ from numpy.lib import format as npy_format
 
 from .._errors import HeaderError
 from .._header import ALIGN, align
+from .._npy import check_dtype, check_shape
 
 __all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "FORMAT"]
 
@@ -54,7 +55,6 @@ MAGIC_WORD = int.from_bytes(b"SHMRING\0", "little")
 # A slot table scan is O(slots) per wait step; 4096 keeps it in the microseconds.
 MAX_SLOTS = 4096
 MAX_FIELDS = 256
-MAX_NDIM = 32
 MAX_NAME = 256
 
 # Global words.
@@ -132,39 +132,19 @@ def control_bytes_for(slots: int) -> int:
     return align((CONTROL_WORDS + LOST_LOG * 4 + slots * SLOT_WORDS) * 8)
 
 
-def _check_dtype(name: str, dtype: object) -> tuple[np.dtype[Any], tuple[int, ...]]:
-    try:
-        dt = np.dtype(dtype)  # type: ignore[call-overload]
-    except TypeError as e:
-        raise TypeError(f"field {name!r}: {dtype!r} is not a NumPy dtype") from e
-    extra: tuple[int, ...] = ()
+def _check_field(name: str, shape: object, dtype: object) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """A field's (shape, dtype) by the rules every array in a segment follows (``_npy``), sub-arrays folded in."""
+    what = f"field {name!r}"
+    dims = check_shape(shape, what)
+    dt = check_dtype(dtype, what)
     if dt.subdtype is not None:  # ('i4', (2, 3)): fold the sub-array into the shape
-        dt, extra = dt.subdtype[0], tuple(dt.subdtype[1])
-    if dt.hasobject:
-        raise TypeError(f"field {name!r}: dtype {dt} holds Python objects, which cannot live in shared "
-                        "memory; use a fixed-size dtype")
-    if dt.itemsize == 0:
-        raise TypeError(f"field {name!r}: dtype {dt} has no size; give strings and voids a length")
-    return dt, extra
-
-
-def _check_shape(name: str, shape: object) -> tuple[int, ...]:
-    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
-        shape = (int(shape),)
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"field {name!r}: shape must be a tuple of ints, not {shape!r}")
-    out = []
-    for n in shape:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"field {name!r}: shape {tuple(shape)!r} must hold ints >= 0")
-        out.append(int(n))
-    if len(out) > MAX_NDIM:
-        raise ValueError(f"field {name!r}: {len(out)} dimensions, at most {MAX_NDIM}")
-    return tuple(out)
+        dt, extra = dt.subdtype
+        dims = check_shape(dims + tuple(extra), what)
+    return dims, dt
 
 
 def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool) -> RingLayout:
-    """The layout of a new ring; refuses bad input with TypeError / ValueError.
+    """The layout of a new ring; refuses bad input with TypeError / ValueError (InvalidSizeError is one).
 
     *fields* maps each name to ``(shape, dtype)`` (``{"images": ((256, 3, 224, 224), np.uint8)}``).
     """
@@ -182,9 +162,7 @@ def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool) -> RingLay
                             f"not {name!r}")
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise TypeError(f"field {name!r}: give (shape, dtype), not {spec!r}")
-        shape = _check_shape(name, spec[0])
-        dt, extra = _check_dtype(name, spec[1])
-        shape = shape + extra
+        shape, dt = _check_field(name, spec[0], spec[1])
         nbytes = math.prod(shape) * dt.itemsize  # Python ints: a hostile shape cannot overflow
         out.append(Field(name, dt, shape, offset, nbytes))
         offset = align(offset + nbytes)

@@ -42,7 +42,6 @@ process (see its docstring).
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any, Callable, Mapping, TypeVar
@@ -566,10 +565,7 @@ class BatchRing:
             base = self._base + self._lay.slot_offset(i)
             views = {}
             for f in self._lay.fields:
-                count = math.prod(f.shape)
-                arr = (np.frombuffer(mapping, dtype=f.dtype, count=count, offset=base + f.offset) if count
-                       else np.zeros(0, dtype=f.dtype))
-                views[f.name] = arr.reshape(f.shape)
+                views[f.name] = np.ndarray(f.shape, dtype=f.dtype, buffer=mapping, offset=base + f.offset)
             self._cache[i] = views
         return views
 
