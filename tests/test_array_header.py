@@ -299,9 +299,51 @@ def test_reader_agrees_with_numpy_on_token_soup(tokens, version, skew):
     raw = "".join(tokens).encode("utf-8" if version == (3, 0) else "latin1", "replace")
     desc = _npy(raw, version)
     assert _ours(desc) == _numpys_reading(desc)
+    assert npy_codec._guess(desc) is None or _shortcut_agrees(desc)
     if skew:
         desc = _npy(raw, version, length=len(desc) - 10 + skew)
         assert _ours(desc) == _numpys_reading(desc)
+
+
+def _shortcut_agrees(desc: bytes) -> bool:
+    """The attach shortcut (guess, proven by numpy's writer) gives what numpy's reader gives, or stands aside."""
+    guess = npy_codec._guess(desc)
+    if guess is None:
+        return False
+    shape, fortran, dtype, used = npy_codec._read(desc)
+    assert guess[0] == shape and all(type(d) is int for d in guess[0]) and guess[1] is fortran
+    assert guess[2] == dtype and guess[2].str == dtype.str and used == len(desc)
+    return True
+
+
+def test_the_shortcut_takes_every_plain_dtype_numpy_writes():
+    taken = 0
+    for dt in ALL_DTYPES:
+        for shape in [(), (0,), (7,), (3, 4), (1, 2, 3, 4, 5)]:
+            for fortran in (False, True):
+                taken += _shortcut_agrees(npy_codec.encode_descriptor(shape, dt, fortran, "test"))
+    assert taken >= 400
+
+
+_PLAIN_DESCRS = ["<f8", "|b1", "=i8", "<m8[W]", "<M8", ">U10", "<f2", "<c16", "|u1", ">i4", "<M8[ns]",
+                 "<M8[25s]", "|S0", "|S3", "|V0", "|V16", "<U0", ">c8", "<g", "<G", "|O", "<f7", "<M8[xy]"]
+
+
+@settings(max_examples=1000, database=None, deadline=None, derandomize=True)
+@given(st.sampled_from(_PLAIN_DESCRS), st.booleans(), st.lists(st.integers(0, 2**64), max_size=4).map(tuple),
+       st.sampled_from(["", " ", "  \n", "\n"]), st.data())
+def test_the_shortcut_agrees_with_numpy_near_canonical(descr, fortran, shape, tail, data):
+    body = _dict(repr(descr), repr(fortran), repr(shape))
+    for variant in (body, body + tail, body.replace(", }", "}"), body.replace(", ", ",")):
+        _shortcut_agrees(_npy(variant))
+    text = bytearray(_npy(body))
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(10, len(text) - 1))
+        text[at] = data.draw(st.sampled_from(b"0123456789-+(),' []TrueFalsxjM<>|\\\n\t\x00\xe9"))
+    try:
+        _shortcut_agrees(bytes(text))
+    except (ValueError, SyntaxError):  # numpy refuses it: then the shortcut must have stood aside
+        assert npy_codec._guess(bytes(text)) is None
 
 
 @settings(max_examples=300, database=None, deadline=None, derandomize=True)
@@ -310,6 +352,7 @@ def test_reader_agrees_with_numpy_on_random_bytes(junk, version):
     length = struct.pack("<H" if version == b"\x01\x00" else "<I", len(junk))
     desc = b"\x93NUMPY" + version + length + junk
     assert _ours(desc) == _numpys_reading(desc)
+    assert npy_codec._guess(desc) is None or _shortcut_agrees(desc)
 
 
 # -- what `shmarray ls` shows ---------------------------------------------------------------------------------
