@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster", "dirs")
+GROUPS = ("lock", "wake", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster", "dirs")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -31,7 +31,7 @@ from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["LockGate", "SegmentLock", "ByteLocks", "poll_until", "check_timeout"]
+__all__ = ["LockGate", "SegmentLock", "ByteLocks", "Backoff", "poll_until", "check_timeout"]
 
 _MARK = MARK_WORD
 
@@ -56,30 +56,49 @@ def check_timeout(timeout: object, what: str = "timeout") -> float | None:
     return value
 
 
-def poll_until(attempt: "object", timeout: float | None) -> bool:
-    """Call ``attempt()`` until it returns True or *timeout* seconds pass.
+FIRST_NAP = 5e-5
+LAST_NAP = 5e-3
 
-    One timeout rule everywhere: None waits forever, 0 tries once, > 0 is a
-    deadline on the monotonic clock. Sleeps back off from 50 us to 5 ms so a
-    release is noticed quickly without spinning.
+
+class Backoff:
+    """Naps that double from FIRST_NAP to *cap* seconds: a change is seen quickly, and waiting costs little."""
+
+    __slots__ = ("delay", "cap")
+
+    def __init__(self, cap: float = LAST_NAP) -> None:
+        self.delay = FIRST_NAP
+        self.cap = cap
+
+    def __call__(self, left: float | None) -> None:
+        time.sleep(self.delay if left is None else min(self.delay, left))
+        self.delay = min(self.delay * 2, self.cap)
+
+
+def poll_until(attempt: Callable[[], bool], timeout: float | None,
+               nap: Callable[[float | None], None] | None = None) -> bool:
+    """Call ``attempt()`` until it returns True or *timeout* seconds pass: the one waiting rule.
+
+    None waits forever, 0 tries once, > 0 is a deadline on the monotonic
+    clock (timeouts are checked by :func:`check_timeout` first). Between
+    attempts ``nap(left)`` sleeps at most *left* seconds (None: no deadline):
+    by default a :class:`Backoff`; a waiter with a doorbell sleeps on it.
     """
-    if attempt():  # type: ignore[operator]
+    if attempt():
         return True
     if timeout is not None and timeout <= 0:
         return False
     deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 5e-5
+    if nap is None:
+        nap = Backoff()
     while True:
+        left = None
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            time.sleep(min(delay, left))
-        else:
-            time.sleep(delay)
-        if attempt():  # type: ignore[operator]
+        nap(left)
+        if attempt():
             return True
-        delay = min(delay * 2, 5e-3)
 
 
 class LockGate:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROUPS = ("lock", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster", "dirs")
+GROUPS = ("lock", "wake", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster", "dirs")
 
 
 def _bench_entries() -> set[str]:

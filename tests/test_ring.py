@@ -636,3 +636,95 @@ def test_ls_describes_the_ring(key):
         text = describe_payload(shmarray.segment_info(key))
         assert text.startswith("batch ring, 3 slots")
         assert "images" in text and "uint8 (4, 3, 8, 8)" in text and "int64 (4,)" in text
+
+
+# -- waiting: the doorbell ---------------------------------------------------------------------------
+
+
+def _sleepy_get(key: str, timeout: float) -> tuple[int, float]:
+    """get() with the dead-holder scan pushed past the timeout: only the doorbell can end the wait early."""
+    from shmarray._ring import ring as ring_module
+
+    ring_module._SCAN_EVERY = 3600.0
+    with BatchRing.attach(key) as ring:
+        t0 = time.monotonic()
+        with ring.get(timeout) as batch:
+            return int(batch["labels"][0]), time.monotonic() - t0
+
+
+def _sleepers(ring: BatchRing) -> int:
+    from shmarray._ring.layout import G_SLEEPERS
+
+    return int(ring._ctl[G_SLEEPERS])
+
+
+def test_sleeping_consumers_are_woken_by_the_doorbell(key):
+    with BatchRing.create(key, FIELDS, slots=4) as ring:
+        assert ring._bell is not None  # futexes work here: the doorbell is in use
+        children = [start(_sleepy_get, key, 20.0) for _ in range(2)]
+        wait_for(lambda: _sleepers(ring) == 2, 30, "both consumers asleep on the doorbell")
+        for value in (7, 8):
+            with ring.acquire(5) as slot:
+                fill(slot, value)
+        got = sorted(c.result(30) for c in children)
+        # Woken long before their 20 s timeouts; nothing else could wake them before it.
+        assert [v for v, _ in got] == [7, 8] and all(t < 15 for _, t in got), got
+        assert _sleepers(ring) == 0
+
+
+def test_sleepers_are_counted_back_after_timeouts_and_close(key):
+    with BatchRing.create(key, FIELDS, slots=2) as ring:
+        for _ in range(3):
+            with pytest.raises(RingTimeoutError):
+                ring.get(0.08)
+        assert _sleepers(ring) == 0
+        other = BatchRing.attach(key)
+        other._asleep = True  # as if a nap was interrupted (Ctrl-C) after being counted
+        from shmarray._ring.layout import G_SLEEPERS
+
+        ring._ctl[G_SLEEPERS] += 1
+        other.close()
+        assert _sleepers(ring) == 0
+
+
+def test_without_a_doorbell_waiters_poll(key, monkeypatch):
+    from shmarray._os import backend
+
+    monkeypatch.setattr(backend, "doorbell", lambda *a, **k: None)
+    with BatchRing.create(key, FIELDS, slots=2) as ring:
+        assert ring._bell is None
+
+        def later() -> None:
+            time.sleep(0.1)
+            with ring.acquire(5) as slot:
+                fill(slot, 5)
+
+        import threading
+
+        t = threading.Thread(target=later)
+        t.start()
+        with ring.get(10) as batch:
+            assert int(batch["labels"][0]) == 5
+        t.join()
+        assert _sleepers(ring) == 0
+        with pytest.raises(RingTimeoutError):
+            ring.get(0.05)
+
+
+def test_the_os_doorbell():
+    import mmap
+
+    from shmarray._os import backend
+
+    mm = mmap.mmap(-1, 4096)
+    words = memoryview(mm).cast("Q")
+    bell = backend.doorbell(words, 8)
+    assert bell is not None
+    t0 = time.monotonic()
+    bell.wait(123, 5.0)  # the word holds 0, not 123: returns at once
+    assert time.monotonic() - t0 < 2.5
+    bell.ring()  # nobody asleep: a no-op
+    assert backend.doorbell(memoryview(bytes(16)), 0) is None  # read-only: no futex, poll
+    assert backend.doorbell(words, 2) is None  # not a 4-byte aligned word
+    words.release()
+    mm.close()  # the doorbell took no lasting export of the mapping

@@ -21,7 +21,7 @@ import functools
 import mmap
 import os
 import struct
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = [
     "SHM_DIR",
@@ -583,6 +583,77 @@ def try_sole(fd: int) -> bool:
 def share_liveness(fd: int) -> None:
     """Downgrade an exclusive liveness lock to shared (atomic for fcntl locks)."""
     ofd_lock(fd, LIVENESS_BYTE, exclusive=False, wait=True)
+
+
+# -- futex: sleeping in the kernel until a word of a shared mapping changes -----
+
+# syscall(2) numbers of futex by machine; elsewhere waiters poll instead.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "ppc64": 221,
+              "s390x": 238, "armv7l": 240, "i686": 240}.get(os.uname().machine)
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+
+
+@functools.lru_cache(maxsize=1)
+def _futex_call() -> tuple[Any, Any] | None:
+    """(ctypes, libc's syscall) on first use: ctypes costs ~2 ms to import, and only rings wait."""
+    if _SYS_FUTEX is None:
+        return None
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError, ImportError):  # pragma: no cover - a libc without syscall()
+        return None
+    call.restype = ctypes.c_long
+    return ctypes, call
+
+
+class Doorbell:
+    """futex(2) on the 32-bit word at *offset* of *buffer*, a writable view of a shared file mapping.
+
+    ``wait(expected, timeout)`` sleeps in the kernel while the word still
+    holds *expected* (its low 32 bits), for at most *timeout* seconds, and
+    returns early on ``ring()`` from any process mapping the same file (or
+    a signal). No named object: nothing outlives its segment or a crash.
+    The caller keeps *buffer* mapped while it uses the doorbell (the word's
+    address is taken once); a wait on a mapping that went away returns at once.
+    """
+
+    __slots__ = ("_ct", "_call", "_addr", "_ts")
+
+    def __init__(self, ct: Any, call: Any, addr: int) -> None:
+        self._ct = ct
+        self._call = call
+        self._addr = ct.c_void_p(addr)
+        self._ts = (ct.c_long * 2)()
+
+    def wait(self, expected: int, timeout: float) -> None:
+        """Sleep while the word holds *expected*, at most *timeout* seconds (or until ring())."""
+        ts = self._ts
+        ts[0] = int(timeout)
+        ts[1] = int((timeout - int(timeout)) * 1e9)
+        # EAGAIN (it changed already), ETIMEDOUT and EINTR all mean: look again.
+        self._call(_SYS_FUTEX, self._addr, _FUTEX_WAIT, self._ct.c_uint(expected & 0xFFFFFFFF),
+                   self._ct.byref(ts), None, 0)
+
+    def ring(self) -> None:
+        """Wake every process sleeping in wait() on this word."""
+        self._call(_SYS_FUTEX, self._addr, _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+
+
+def doorbell(buffer: memoryview, offset: int) -> Doorbell | None:
+    """A Doorbell on the word at byte *offset* of *buffer*; None where futexes cannot be used (then poll)."""
+    found = _futex_call()
+    if found is None or buffer.readonly or offset % 4:
+        return None
+    ct, call = found
+    try:
+        anchor = ct.c_char.from_buffer(buffer, offset)
+    except (TypeError, ValueError, BufferError):
+        return None
+    addr = ct.addressof(anchor)
+    del anchor  # gives up its export of the mapping at once
+    return Doorbell(ct, call, addr)
 
 
 # -- /proc/locks: who is attached, who holds the data lock ---------------------

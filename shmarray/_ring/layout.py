@@ -60,6 +60,12 @@ MAX_NAME = 256
 # Global words.
 G_MAGIC, G_SLOTS, G_SHUTDOWN, G_VERSION, G_NEXT_TICKET, G_NEXT_DELIVER, G_EPOCH, G_LOST = range(8)
 G_CONSUMER_LOST, G_ABORTED, G_PUBLISHED, G_DELIVERED, G_CONSUMERS_SEEN, G_FLAGS = range(8, 14)
+# Processes asleep on the ring's doorbell (a futex on G_VERSION's low half):
+# whoever changes G_VERSION while it is nonzero rings. Rings made before this
+# word existed hold 0 there, so an older writer only makes a waiter wait for
+# its next scan (20 ms); a sleeper that died leaves it high, which costs
+# writers a futex syscall (~1 us) per change, nothing more.
+G_SLEEPERS = 14
 CONTROL_WORDS = 16
 # The last LOST_LOG producer deaths: (ticket, slot, pid, epoch) each; entry k of
 # the log is the (k+1)-th loss overall, at position k % LOST_LOG.

@@ -18,10 +18,12 @@ per change). Whoever holds a slot (a producer filling it, a consumer reading
 it) also holds an exclusive OFD byte lock on the segment's file at
 ``SLOT_BASE + slot``; the kernel drops it when the holder dies, so a slot
 whose state says "held" while its byte is free belongs to a dead process and
-is taken back. Waiting is polling with sleeps that back off from 50 us to
-1 ms (so a long-waiting process notices a change within about 1 ms, and
-waiting costs ~1000 cheap wake-ups a second); every 20 ms a waiter also
-scans for dead holders, so a killed holder's slot comes back within ~25 ms.
+is taken back. A waiter sleeps in the kernel on the ring's doorbell (a
+futex on the version word, which every state change bumps; the changer
+rings it when someone sleeps) and wakes every 20 ms regardless to scan for
+dead holders, so a killed holder's slot comes back within ~25 ms. Where
+futexes cannot be used the waiter polls instead, with naps doubling from
+50 us to 1 ms (``_lock.poll_until`` is the one waiting loop either way).
 
 Ordering. ``ordered=True`` delivers batches in ticket order: the ticket is
 taken at ``acquire()``, so the oldest ticket always holds a slot and the
@@ -54,7 +56,7 @@ from .._header import layout as header_layout
 from .._os import backend
 from .layout import (
     FILLING, FLAG_ORDERED, FREE, G_ABORTED, G_CONSUMER_LOST, G_CONSUMERS_SEEN, G_DELIVERED, G_EPOCH, G_FLAGS,
-    CONSUMER_BYTE, SLOT_BASE, G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLOTS, G_VERSION, MAGIC_WORD,
+    CONSUMER_BYTE, SLOT_BASE, G_LOST, G_MAGIC, G_NEXT_DELIVER, G_NEXT_TICKET, G_PUBLISHED, G_SHUTDOWN, G_SLEEPERS, G_SLOTS, G_VERSION, MAGIC_WORD,
     READING, READY, S_EPOCH, S_GEN, S_PID, S_ROWS, S_STATE, S_TICKET, SENT, SHUTDOWN_DRAIN, SHUTDOWN_NOW,
     RingLayout, count, log_loss, losses, make_layout, parse_descriptor, pick, slot_word,
 )
@@ -62,15 +64,17 @@ from .slots import (
     LostSlot, RingIterator, RingShutDownError, RingStats, RingTimeoutError, Slot, SlotLostError,
     SlotStateError, SlotToken,
 )
-from .._lock import ByteLocks, check_timeout
+from .._lock import Backoff, ByteLocks, check_timeout, poll_until
 from .._segment import Dir, Segment
 from .._transfer import rebuild_specially, special
 
 __all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
            "RingShutDownError", "SlotLostError", "SlotStateError"]
 
-_FIRST_SLEEP = 5e-5
-_MAX_SLEEP = 1e-3
+# Without a doorbell, waiters poll (naps doubling to 1 ms); with one they
+# sleep in the kernel until rung, but wake at least this often to look for
+# holders that died (a dead process rings nothing).
+_LAST_NAP = 1e-3
 _SCAN_EVERY = 0.02
 # The segment lock is held for microseconds by ring operations; even timeout=0
 # waits this long for it, so "tries once" is not defeated by a neighbour's update.
@@ -105,6 +109,11 @@ class BatchRing:
         self._ctl = ctl
         self._seg = seg
         self._bytes = ByteLocks(lambda: self._live("lock a slot")[0]._lock_fd())
+        # Waiting: the version word is the doorbell (see _nap).
+        self._bell = backend.doorbell(ctl, G_VERSION * 8)
+        self._asleep = False  # counted in G_SLEEPERS until our next _enter
+        self._entered_at = 0  # G_VERSION when this object last took the lock
+        self._left_at = 0  # and when it let go
         self._cache: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * lay.slots
         if (ctl[G_MAGIC] != MAGIC_WORD or ctl[G_SLOTS] != lay.slots
                 or bool(ctl[G_FLAGS] & FLAG_ORDERED) != lay.ordered):
@@ -513,6 +522,7 @@ class BatchRing:
             self._pid = pid
             self._held = {}
             self._consumer = False
+            self._asleep = False  # a sleeper count, if any, is the parent's to take back
             self._tlock = threading.Lock()
 
     def _enter(self, deadline: float | None) -> tuple[Segment, memoryview]:
@@ -528,35 +538,81 @@ class BatchRing:
         except BaseException:
             self._tlock.release()
             raise
+        if self._asleep:  # back from a nap: no longer a sleeper to ring for
+            ctl[G_SLEEPERS] -= 1
+            self._asleep = False
+        self._entered_at = ctl[G_VERSION]
         return seg, ctl
 
     def _leave(self, seg: Segment) -> None:
+        ctl = self._ctl
+        ring = False
+        if ctl is not None:
+            self._left_at = ctl[G_VERSION]
+            ring = self._left_at != self._entered_at and ctl[G_SLEEPERS] != 0
         seg.unlock()
         self._tlock.release()
+        if ring and self._bell is not None:
+            self._bell.ring()  # after the unlock: the woken would only queue for the lock
 
     def _wait(self, attempt: Callable[[float | None], _T | None], timeout: float | None, what: str) -> _T:
         timeout = check_timeout(timeout)
-        ctl = self._live("wait")[1]
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = _FIRST_SLEEP
-        while True:
-            seen = ctl[G_VERSION]
+        found: list[_T] = []
+
+        def once() -> bool:
             result = attempt(deadline)
             if result is not None:
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                raise RingTimeoutError(f"batch ring {self._key!r}: timed out after {timeout} s "
-                                       f"waiting {what}",
-                                       self._key)
-            scanned = time.monotonic()
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                time.sleep(delay if left is None else min(delay, left))
-                delay = min(delay * 2, _MAX_SLEEP)
-                if self._ctl is None or ctl[G_VERSION] != seen or time.monotonic() - scanned >= _SCAN_EVERY:
-                    break
+                found.append(result)
+            return result is not None
+
+        nap = self._nap if self._bell is not None else self._poll_nap()
+        if poll_until(once, timeout, nap):
+            return found[0]
+        raise RingTimeoutError(f"batch ring {self._key!r}: timed out after {timeout} s waiting {what}", self._key)
+
+    def _nap(self, left: float | None) -> None:
+        """Sleep until the ring changes (its doorbell rings) or _SCAN_EVERY passes, at most *left* seconds.
+
+        Counted as a sleeper in G_SLEEPERS first, under the lock, so whoever
+        changes the ring next rings the bell; a change that came in between
+        the last attempt and now is seen here and not slept through, and one
+        that comes after the count makes the futex return at once.
+        """
+        span = _SCAN_EVERY if left is None else min(left, _SCAN_EVERY)
+        try:
+            seg, ctl = self._enter(time.monotonic() + span)
+        except RingTimeoutError:
+            return  # someone holds the lock: the next attempt waits for it
+        try:
+            seen = ctl[G_VERSION]
+            if seen != self._left_at:
+                return  # it changed since our attempt: try again now
+            ctl[G_SLEEPERS] += 1
+            self._asleep = True
+        finally:
+            self._leave(seg)
+        bell = self._bell
+        if bell is not None and self._ctl is not None:
+            bell.wait(seen, span)
+
+    def _poll_nap(self) -> Callable[[float | None], None]:
+        """Without a doorbell: naps doubling to 1 ms, cut short by a change, at most _SCAN_EVERY."""
+        backoff = Backoff(_LAST_NAP)
+
+        def nap(left: float | None) -> None:
+            ctl = self._ctl
+            if ctl is None:
+                return
+            seen = ctl[G_VERSION]
+            until = time.monotonic() + (_SCAN_EVERY if left is None else min(left, _SCAN_EVERY))
+            while self._ctl is not None and ctl[G_VERSION] == seen:
+                rest = until - time.monotonic()
+                if rest <= 0:
+                    return
+                backoff(rest)
+
+        return nap
 
     def _slot_views(self, i: int) -> dict[str, np.ndarray[Any, Any]]:
         views = self._cache[i]
@@ -581,7 +637,7 @@ class BatchRing:
         if seg is None:
             return
         try:
-            if self._held and self._ctl is not None and backend.getpid() == self._pid:
+            if (self._held or self._asleep) and self._ctl is not None and backend.getpid() == self._pid:
                 _, ctl = self._enter(time.monotonic() + 1.0)
                 try:
                     for i, gen in list(self._held.items()):

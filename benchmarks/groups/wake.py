@@ -1,0 +1,238 @@
+"""wake: how soon a waiting process sees an event, and what waiting costs it while nothing happens.
+
+One figure per method, the wake latency: a waiter process is told to wait,
+the producer sleeps 6-12 ms (so the waiter is idle, as a consumer between
+batches is), stamps the monotonic clock (system-wide) and makes the event;
+the waiter stamps it when its wait returns. The sample is the difference.
+Every method pays the same kernel wake-up of an idle process (100-200 us
+here), which the floor row shows alone.
+
+The cost of waiting: for each method the waiter then waits 1 s with no
+event, and the group reports its voluntary context switches per second
+(``/proc/PID/status``), i.e. how often waiting wakes the process up.
+
+Methods:
+
+- ``BatchRing.get()``: the producer ``acquire()``s a slot and ``publish()``es
+  it; the consumer sleeps on the ring's doorbell (a futex on the ring's
+  version word), waking every 20 ms to look for dead holders;
+- the same with the doorbell off in the waiter (it polls: naps doubling
+  from 50 us to 1 ms), the ring's wait before the doorbell;
+- ``posix_ipc.Semaphore``: the named-semaphore doorbell shmarray could have
+  used instead (release / acquire with a timeout);
+- ``multiprocessing.Queue``: put / get;
+- floor: a blocking read on a ``multiprocessing.Pipe`` (the kernel's wake-up alone).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from .._harness import MP, Context, GroupResult, Row, have, interleave
+
+NAME = "wake"
+TITLE = "Wake-up: event to a waiting process (latency), and the idle waiter's wake-ups"
+
+RING = "shmarray BatchRing get() (doorbell)"
+RING_POLL = "shmarray BatchRing get(), doorbell off (polling)"
+SEM = "posix_ipc.Semaphore release / acquire"
+QUEUE = "multiprocessing.Queue put / get"
+FLOOR = "floor: blocking read on a multiprocessing.Pipe"
+
+_FIELDS = {"x": ((8,), "<i8")}
+
+
+def _switches(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _waiter(conn: Any, kind: str, spec: dict[str, Any], queue: Any, pipe: Any) -> None:
+    """Wait for one event per 'go' from *conn*; send back the monotonic time the wait returned."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ring: Any = None
+    sem: Any = None
+    if kind in (RING, RING_POLL):
+        import shmarray
+        from shmarray._os import backend
+
+        if kind == RING_POLL:
+            backend.doorbell = lambda *a, **k: None  # type: ignore[assignment]
+        ring = shmarray.BatchRing.attach(spec["key"])
+    elif kind == SEM:
+        import posix_ipc
+
+        sem = posix_ipc.Semaphore(spec["name"])
+
+    def wait(timeout: float) -> None:
+        if ring is not None:
+            with ring.get(timeout):
+                pass
+        elif sem is not None:
+            sem.acquire(timeout)
+        elif kind == QUEUE:
+            queue.get(timeout=timeout)
+        else:
+            if not pipe.poll(timeout):
+                raise TimeoutError("no event")
+            pipe.recv_bytes()
+
+    try:
+        conn.send(os.getpid())
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            try:
+                wait(msg)
+                conn.send(time.perf_counter_ns())
+            except Exception as e:  # noqa: BLE001 - reported as the method's error
+                conn.send(f"{type(e).__name__}: {e}")
+    except (EOFError, OSError):
+        return
+    finally:
+        if ring is not None:
+            ring.close()
+        if sem is not None:
+            sem.close()
+
+
+class _Method:
+    """The producer's side of one method, with its waiter process."""
+
+    def __init__(self, ctx: Context, kind: str, producer: Any, spec: dict[str, Any]) -> None:
+        self.kind = kind
+        self.queue = MP.Queue() if kind == QUEUE else None
+        self.pipe_r, self.pipe_w = MP.Pipe(duplex=False) if kind == FLOOR else (None, None)
+        self.conn, child = MP.Pipe()
+        self.proc = MP.Process(target=_waiter, args=(child, kind, spec, self.queue, self.pipe_r), daemon=True)
+        self.proc.start()
+        child.close()
+        if not self.conn.poll(60):
+            raise RuntimeError(f"{kind}: the waiter did not start within 60 s")
+        self.pid = self.conn.recv()
+        self.fire = self._firing(producer)
+        self.rounds = 0
+
+    def _firing(self, producer: Any) -> Callable[[], None]:
+        kind = self.kind
+        if kind in (RING, RING_POLL):
+            def fire() -> None:
+                producer.acquire(0).publish()
+            return fire
+        if kind == SEM:
+            return producer.release  # type: ignore[no-any-return]
+        if kind == QUEUE:
+            q = self.queue
+            return lambda: q.put(1)  # type: ignore[union-attr]
+        w = self.pipe_w
+        return lambda: w.send_bytes(b"x")  # type: ignore[union-attr]
+
+    def _answer(self, timeout: float) -> int:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.kind}: the waiter gave no answer within {timeout} s")
+        out = self.conn.recv()
+        if isinstance(out, str):
+            raise RuntimeError(out)
+        return int(out)
+
+    def sample(self) -> float:
+        """Seconds from the event to the waiter's wait returning."""
+        self.conn.send(10.0)
+        self.rounds += 1
+        time.sleep(0.006 + (self.rounds % 7) * 0.001)
+        t0 = time.perf_counter_ns()
+        self.fire()
+        return (self._answer(15) - t0) / 1e9
+
+    def idle_switches(self, seconds: float) -> int:
+        """The waiter's voluntary context switches per second of waiting with no event (over *seconds*)."""
+        self.conn.send(10.0)
+        time.sleep(0.05)
+        before = _switches(self.pid)
+        time.sleep(seconds)
+        after = _switches(self.pid)
+        self.fire()
+        self._answer(15)
+        return round((after - before) / seconds)
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+
+
+def run(ctx: Context) -> GroupResult:
+    """Measure the wake latency of each method, then each idle waiter's wake-ups per second."""
+    import shmarray
+
+    res = GroupResult(NAME, TITLE)
+    cl = ctx.cleanup
+    key = cl.name("wake")
+    ring = shmarray.BatchRing.create(key, _FIELDS, slots=4)
+    cl.add(f"ring {key}", ring.close)
+    producers: dict[str, tuple[Any, dict[str, Any]]] = {RING: (ring, {"key": key}),
+                                                         RING_POLL: (ring, {"key": key})}
+    if have("posix_ipc"):
+        import posix_ipc
+
+        name = "/" + cl.name("sem")
+        sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=0)
+        cl.add(name, lambda: posix_ipc.unlink_semaphore(name))
+        cl.add(f"{name} handle", sem.close)
+        producers[SEM] = (sem, {"name": name})
+    else:
+        res.skipped.append(f"{SEM}: posix_ipc is not installed (pip install 'shmarray-zerocopy[bench]')")
+    producers[QUEUE] = (None, {})
+    producers[FLOOR] = (None, {})
+
+    methods: dict[str, _Method] = {}
+    try:
+        for kind, (producer, spec) in producers.items():
+            methods[kind] = _Method(ctx, kind, producer, spec)
+        ctx.log(f"  latency: {len(methods)} methods")
+        samples, errors = interleave(ctx, {k: m.sample for k, m in methods.items()},
+                                     reps=ctx.reps(41, 7), warmup=2)
+        idle_s = 0.5 if ctx.quick else 1.0
+        ctx.log(f"  idle wake-ups: {idle_s} s each")
+        idle = {}
+        for kind, m in methods.items():
+            if kind not in errors:
+                try:
+                    idle[kind] = m.idle_switches(idle_s)
+                except Exception as e:  # noqa: BLE001 - reported
+                    errors[kind] = f"{type(e).__name__}: {e}"
+    finally:
+        for m in methods.values():
+            m.close()
+    for kind in producers:
+        role = "shmarray" if kind.startswith("shmarray") else "floor" if kind == FLOOR else "peer"
+        res.rows.append(Row(kind, samples.get(kind, []), variant="wake latency", role=role,
+                            error=errors.get(kind, ""), extra={"idle_wakeups_per_s": idle.get(kind)}))
+    res.notes.append("Idle waiter's voluntary context switches per second, waiting with no event: "
+                     + "; ".join(f"{k}: {v}" for k, v in idle.items()) + ".")
+    res.notes.append("The ring's doorbell wakes every 20 ms on its own to look for slot holders that "
+                     "died (a dead process rings nothing), hence its ~50 wake-ups a second.")
+    ours, polled = res.median(RING, variant="wake latency"), res.median(RING_POLL, variant="wake latency")
+    if ours and polled:
+        res.headline("ring wake latency: polling (before the doorbell) / doorbell", polled / ours, ">= 2",
+                     polled / ours >= 2, f"doorbell {ours * 1e6:.0f} us, polling {polled * 1e6:.0f} us; "
+                     f"idle wake-ups/s {idle.get(RING)} vs {idle.get(RING_POLL)}")
+    s = res.median(SEM, variant="wake latency")
+    if ours and s:
+        res.headline("ring wake latency: doorbell / posix_ipc semaphore (the doorbell not chosen)",
+                     ours / s, "-", None, f"doorbell {ours * 1e6:.0f} us, semaphore {s * 1e6:.0f} us")
+    return res
