@@ -4,12 +4,9 @@
 # line here (and set its __module__ to "shmarray" where it is defined).
 #
 # Names from the modules in _EAGER (shmarray/__init__.py) load at import; the
-# rest (Arrow, the ring, torch, the listing, the doctor) on first use.
+# rest (Arrow, the ring, torch, the listing and inspection, the doctor) on first use.
 
-from ._admin import SegmentInfo as SegmentInfo
 from ._admin import collect_garbage as collect_garbage
-from ._admin import list_segments as list_segments
-from ._admin import segment_info as segment_info
 from ._admin import unlink as unlink
 from ._array import SharedArray as SharedArray
 from ._array import attach as attach
@@ -37,9 +34,12 @@ from ._errors import PermissionDeniedError as PermissionDeniedError
 from ._errors import SharedMemoryError as SharedMemoryError
 from ._errors import ShmError as ShmError
 from ._errors import UnknownShmError as UnknownShmError
-from ._listing import Listing as Listing
-from ._listing import SegmentEntry as SegmentEntry
-from ._listing import ls as ls
+from ._inspect import Listing as Listing
+from ._inspect import SegmentEntry as SegmentEntry
+from ._inspect import SegmentInfo as SegmentInfo
+from ._inspect import list_segments as list_segments
+from ._inspect import ls as ls
+from ._inspect import segment_info as segment_info
 from ._ring.ring import BatchRing as BatchRing
 from ._ring.slots import LostSlot as LostSlot
 from ._ring.slots import RingIterator as RingIterator

@@ -173,8 +173,8 @@ def parse_descriptor(raw: bytes, *, key: str | None = None) -> TableDescriptor:
                            schema=schema)
 
 
-def describe_descriptor(raw: bytes) -> str:
-    """One line for `shmarray ls`: rows, columns and the schema summary."""
+def describe_descriptor(raw: bytes, payload_length: int = 0) -> str:
+    """One line for `shmarray ls`: rows, columns and the schema summary (never raises on corrupt bytes)."""
     try:
         d = parse_descriptor(raw)
     except HeaderError:

@@ -9,10 +9,10 @@ import os
 import sys
 from typing import Sequence
 
-from ._admin import collect_garbage, segment_info, unlink_key
+from ._admin import collect_garbage, unlink_key
 from ._display import human as _human
 from ._errors import NotFoundError, ShmError
-from ._listing import describe_payload, entry_for, ls
+from ._inspect import describe_payload, ls, segment_info
 
 __all__ = ["main", "describe_payload"]
 
@@ -29,7 +29,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     info = segment_info(None if args.native else args.key, native_key=args.key if args.native else None,
                         dir=args.dir)
-    row = entry_for(info).as_dict()
+    row = info.as_dict()
     if args.json:
         print(json.dumps(row, indent=2))
         return 0

@@ -147,7 +147,7 @@ def _stop_pool(pool: Any) -> None:
 
 def _cleanup(keys: list[str], arrays: list[SharedArray], where: str | None = None) -> list[str]:
     """Detach and remove the demo's segments; returns the keys still present afterwards."""
-    from ._admin import list_segments
+    from ._inspect import list_segments
     from ._admin import unlink_key as _unlink_key
 
     for a in arrays:

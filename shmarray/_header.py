@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ._errors import HeaderError, NotFoundError
 from ._lock import poll_until
@@ -227,14 +227,3 @@ def _hint(kind: Kind) -> str:
         Kind.ARROW: "use shmarray.attach_table()",
         Kind.RING: "open it as a batch ring",
     }[kind]
-
-
-def describe_head(head: bytes | memoryview, size: int) -> dict[str, Any]:
-    """A summary of a payload header for listings: {'kind': ..., 'descriptor': bytes}."""
-    try:
-        hdr = parse_header(head, size)
-    except HeaderError:
-        return {"kind": "raw"}
-    d = bytes(head[hdr.descriptor_offset : hdr.descriptor_offset + hdr.descriptor_length])
-    return {"kind": hdr.kind.label, "kind_id": hdr.kind, "ready": hdr.ready, "descriptor": d,
-            "payload_length": hdr.payload_length}

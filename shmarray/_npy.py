@@ -346,7 +346,7 @@ def describe_spec(spec: ArraySpec) -> str:
     return f"ndarray {_dtype_label(spec.dtype)} {spec.shape} {spec.order}"
 
 
-def describe_descriptor(descriptor: bytes) -> str:
+def describe_descriptor(descriptor: bytes, payload_length: int = 0) -> str:
     """A listing's summary of an ndarray descriptor; never raises on corrupt bytes."""
     try:
         return describe_spec(parse_descriptor(descriptor))

@@ -22,7 +22,7 @@ print(json.dumps(sorted(m for m in sys.modules
 def test_import_loads_only_the_array_path():
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60, check=True)
     loaded = set(json.loads(out.stdout))
-    for heavy in ("shmarray._arrow", "shmarray._ring", "shmarray._torch", "shmarray._listing",
+    for heavy in ("shmarray._arrow", "shmarray._ring", "shmarray._torch", "shmarray._inspect",
                   "pyarrow", "pandas", "torch", "ctypes.util", "secrets"):
         assert heavy not in loaded, f"import shmarray loaded {heavy}"
     assert {"shmarray._array", "shmarray._segment"} <= loaded

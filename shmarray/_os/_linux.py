@@ -270,6 +270,15 @@ def pread(fd: int, length: int, offset: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
+def peek(name: str, length: int, offset: int = 0) -> bytes:
+    """Up to *length* bytes of the object *name* at *offset*: open, pread, close (OSError when it cannot)."""
+    fd = open_existing(name, False)
+    try:
+        return pread(fd, length, offset)
+    finally:
+        close(fd)
+
+
 def size_of(fd: int) -> int:
     """The object's length in bytes."""
     return os.fstat(fd).st_size

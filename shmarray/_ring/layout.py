@@ -48,7 +48,7 @@ from .._errors import HeaderError
 from .._header import ALIGN, align
 from .._npy import check_dtype, check_shape
 
-__all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "FORMAT"]
+__all__ = ["Field", "RingLayout", "make_layout", "parse_descriptor", "describe_descriptor", "FORMAT"]
 
 FORMAT = "shmarray.ring/1"
 MAGIC_WORD = int.from_bytes(b"SHMRING\0", "little")
@@ -213,6 +213,18 @@ def parse_descriptor(raw: bytes, payload_length: int, *, key: str | None) -> Rin
         raise bad(f"{lay.slots} slots of {lay.stride} bytes need {lay.payload_bytes} payload bytes, "
                   f"the header says {payload_length}")
     return lay
+
+
+def describe_descriptor(raw: bytes, payload_length: int) -> str:
+    """One line for `shmarray ls`: the slots and their fields (never raises on corrupt bytes)."""
+    try:
+        lay = parse_descriptor(raw, payload_length, key=None)
+    except HeaderError:
+        return "batch ring (corrupt descriptor)"
+    fields = ", ".join(f"{f.name}: {f.dtype} {f.shape}" for f in lay.fields)
+    if len(fields) > 160:
+        fields = fields[:157] + "..."
+    return f"batch ring, {lay.slots} slots of {fields}"
 
 
 def _tuples(x: object) -> Any:

@@ -1,0 +1,328 @@
+"""Looking at segments without attaching: one record per segment, for ``ls()``, the CLI and ``segment_info``.
+
+``shmarray ls``, ``shmarray info``, ``shmarray.ls()``, ``list_segments()``
+and ``segment_info()`` all give :class:`SegmentEntry` records (also named
+``SegmentInfo``: one type). Each is read with one open of the segment: one
+pread of its control block and the start of its user bytes (a second only
+for a long descriptor), then /proc/locks for who is attached. Nothing is
+attached, so looking never changes a segment's life.
+
+What a segment holds (the ``kind`` and ``payload`` columns) comes from its
+payload header; each payload kind describes its own descriptor (``_KINDS``:
+``_npy``, ``_arrow``, ``_ring.layout``), loaded only when a segment of that
+kind is listed. This module sits above the payload layers for that reason.
+To change what ``shmarray ls`` prints: :meth:`SegmentEntry._cells` (the
+table) and :meth:`SegmentEntry.as_dict` (``--json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+from typing import Iterable
+
+from . import _stash
+from ._admin import _name, _where
+from ._attachment import sweep_orphans
+from ._control import HEAD_BYTES, MAGIC, PAGE_SIZE, parse_control
+from ._display import human as _human
+from ._errors import HeaderError, NotFoundError
+from ._header import HEADER, Kind, parse_header
+from ._os import PREFIX, TEMP_PREFIX, backend
+from ._segment import Dir
+from ._stash import KEEP_PREFIX
+
+__all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "segment_info", "describe_payload"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentEntry:
+    """One segment as ``shmarray ls`` lists it (``pandas.DataFrame(shmarray.ls())`` makes a table).
+
+    ``kind`` is 'ndarray', 'arrow table', 'batch ring', 'raw', 'foreign' or
+    'kept' (memory a process keeps for reuse; ``kept`` is then (owner alive,
+    other names)); ``payload`` says what it holds in a few words.
+    """
+
+    key: str | None
+    native_key: str
+    size: int
+    kind: str
+    payload: str
+    pids: tuple[int, ...]
+    attachments: int
+    persistent: bool
+    orphan: bool  # nobody attached and not persistent: gc removes it
+    lock: str | None
+    lock_holder: int | None
+    creator_pid: int
+    created: float
+    shmarray: bool
+    dir: str = backend.SHM_DIR  # the directory the segment lives in
+    kept: tuple[bool, int] | None = None
+
+    @property
+    def processes(self) -> int:
+        """How many processes are attached."""
+        return len(self.pids)
+
+    @property
+    def attached_pids(self) -> tuple[int, ...]:
+        """The attached processes' pids (the same as ``pids``)."""
+        return self.pids
+
+    def as_dict(self) -> dict[str, object]:
+        """The entry as ``shmarray ls --json`` prints it."""
+        return {
+            "key": self.key,
+            "native_key": self.native_key,
+            "size": self.size,
+            "kind": self.kind,
+            "payload": self.payload,
+            "processes": self.processes,
+            "attachments": self.attachments,
+            "pids": list(self.pids),
+            "persistent": self.persistent,
+            "orphan": self.orphan,
+            "lock": self.lock,
+            "lock_holder": self.lock_holder,
+            # A foreign object has no creator or creation time (not 0, not 1970).
+            "creator_pid": self.creator_pid if self.shmarray else None,
+            "created": self.created if self.shmarray and self.created else None,
+            "dir": self.dir,
+        }
+
+    def _cells(self) -> tuple[str, ...]:
+        """The columns of the text and HTML tables (HEADER_ROW)."""
+        procs = str(self.processes) + (" (orphan: gc removes it)" if self.orphan else "")
+        lock = self.lock or "-"
+        if self.lock == "exclusive" and self.lock_holder is not None:
+            lock = f"exclusive (pid {self.lock_holder})"
+        return (
+            self.key if self.key is not None else "-",
+            "/" + self.native_key,
+            _human(self.size),
+            self.payload,
+            procs,
+            "yes" if self.persistent else "no",
+            lock,
+        )
+
+    def _html_cells(self) -> tuple[str, ...]:
+        """The table's columns, with the attached pids spelled out (HTML has the room)."""
+        cells = list(self._cells())
+        if self.pids:
+            cells[4] += f" (pid{'s' if len(self.pids) > 1 else ''} {', '.join(map(str, self.pids))})"
+        return tuple(cells)
+
+    def __repr__(self) -> str:
+        name = repr(self.key) if self.key is not None else f"/{self.native_key}"
+        extra = ", persistent" if self.persistent else ""
+        return (f"<shmarray segment {name}: {_human(self.size)}, {self.payload}, "
+                f"{self.processes} attached{extra}>")
+
+    def _repr_html_(self) -> str:
+        from ._display import grid
+
+        return grid(HEADER_ROW, [self._html_cells()])
+
+
+#: The same record under the name ``list_segments`` and ``segment_info`` have always returned.
+SegmentInfo = SegmentEntry
+SegmentEntry.__module__ = "shmarray"
+
+HEADER_ROW = ("KEY", "NATIVE NAME", "SIZE", "PAYLOAD", "PROCS", "PERSISTENT", "LOCK")
+
+
+# -- what a segment holds: each payload kind describes itself -------------------------------------
+
+# kind -> (label, module, its describer: descriptor bytes, payload length -> one line)
+_KINDS = {
+    Kind.NDARRAY: ("ndarray", "._npy", "describe_descriptor"),
+    Kind.ARROW: ("arrow table", "._arrow", "describe_descriptor"),
+    Kind.RING: ("batch ring", "._ring.layout", "describe_descriptor"),
+}
+
+
+def _describe(head: bytes, size: int, read_more: "object") -> tuple[str, str]:
+    """(kind, one line) of what the user bytes starting with *head* hold; never raises on bad bytes."""
+    try:
+        hdr = parse_header(head[: HEADER.size], size)
+    except HeaderError:
+        return "raw", "raw"
+    label, module, name = _KINDS[hdr.kind]
+    if not hdr.ready and hdr.kind == Kind.ARROW:  # a table is published by its ready flag
+        return label, f"{label} (being written)"
+    end = hdr.descriptor_offset + hdr.descriptor_length
+    if end > len(head):
+        try:
+            head = read_more(end)  # type: ignore[operator]
+        except OSError:
+            return label, f"{label} (unreadable header)"
+    descriptor = bytes(head[hdr.descriptor_offset : end])
+    describe = getattr(importlib.import_module(module, __package__), name)
+    try:
+        return label, describe(descriptor, hdr.payload_length)
+    except Exception:  # noqa: BLE001 - belt and braces for `shmarray ls`: the describers do not raise
+        return label, f"{label} (unreadable header)"
+
+
+def _read(name: str, directory: str | None) -> SegmentEntry | None:
+    """The record of the object *name* in *directory*, None when it cannot be opened."""
+    try:
+        fd = backend.open_existing(backend.qualify(directory, name), False)
+    except OSError:
+        return None
+    try:
+        size = backend.size_of(fd)
+        raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
+        try:
+            cb = parse_control(raw[:PAGE_SIZE], size)
+        except Exception:  # noqa: BLE001 - a corrupt control block lists as foreign
+            cb = None
+        where = directory or backend.SHM_DIR
+        if cb is None:
+            return SegmentEntry(None, name, size, "foreign", "foreign", (), 0, False, False, None, None, 0, 0.0,
+                                False, where)
+        user = raw[cb.data_offset : cb.data_offset + min(cb.size, HEAD_BYTES)]
+        if cb.data_offset > PAGE_SIZE:  # made on a machine with larger pages: read where its data is
+            user = backend.pread(fd, min(cb.size, HEAD_BYTES), cb.data_offset)
+        kind, payload = _describe(user, cb.size,
+                                  lambda n: backend.pread(fd, min(n, cb.size), cb.data_offset))
+        dev, ino = backend.identity(fd)
+        pids, attachments, lock, holder = backend.lock_report(dev, ino)
+    finally:
+        backend.close(fd)
+    return SegmentEntry(
+        key=cb.key, native_key=name, size=cb.size, kind=kind, payload=payload, pids=tuple(sorted(pids)),
+        attachments=attachments, persistent=cb.persistent, orphan=attachments == 0 and not cb.persistent,
+        lock=lock, lock_holder=holder if lock else None, creator_pid=cb.creator, created=cb.created,
+        shmarray=True, dir=where,
+    )
+
+
+def _kept(name: str, pid: int, size: int, alive: bool, nlink: int, where: str) -> SegmentEntry:
+    text = f"kept for reuse by pid {pid}"
+    if nlink > 1:
+        text += " (its segment is still in use)"
+    if not alive:
+        text += " (owner gone: the next create, ls or gc frees it)"
+    return SegmentEntry(None, name, size, "kept", text, (), 0, False, False, None, None, pid, 0.0, True,
+                        where, kept=(alive, nlink - 1))
+
+
+def describe_payload(entry: SegmentEntry) -> str:
+    """What the segment holds, in a few words: 'ndarray float64 (1000, 480) C', 'arrow table, ...'."""
+    return entry.payload
+
+
+# -- listing -----------------------------------------------------------------------------------------
+
+
+def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[SegmentEntry]:
+    """Every shmarray segment in the segment directory (and, with *include_foreign*, other objects and kept memory).
+
+    *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
+    """
+    d = _where(dir, "list")
+    out = []
+    if not include_foreign:
+        # Memory kept by processes that died goes whenever segments are listed;
+        # the full listing (--all) is the one that shows it until then.
+        _stash.reap_orphans(d)
+    for name in sorted(backend.list_names(d)):
+        if name.startswith(TEMP_PREFIX) or name.startswith(KEEP_PREFIX):
+            continue
+        if not include_foreign and not name.startswith(PREFIX):
+            # Segments created by native key carry our magic under any name.
+            try:
+                if backend.peek(backend.qualify(d, name), 8) != MAGIC:
+                    continue
+            except OSError:
+                continue
+        entry = _read(name, d)
+        if entry is not None and (include_foreign or entry.shmarray):
+            out.append(entry)
+    if include_foreign:
+        for name, pid, size, alive, nlink in _stash.kept_entries(d):
+            out.append(_kept(name, pid, size, alive, nlink, d or backend.SHM_DIR))
+    return out
+
+
+def segment_info(key: str | None = None, *, native_key: str | None = None, dir: Dir = None) -> SegmentEntry:
+    """The listing entry of one segment (in *dir*); NotFoundError if there is none."""
+    name, label = _name(key, native_key)
+    entry = _read(name, _where(dir, "info"))
+    if entry is None:
+        raise NotFoundError(f"no segment {label!r}; `shmarray ls` lists the segments there are", key)
+    return entry
+
+
+class Listing(list[SegmentEntry]):
+    """The result of ``shmarray.ls()``: a list of SegmentEntry, shown as a table."""
+
+    pattern: str | None = None  # what ls() was asked for, for the "nothing" message
+    dir: str = backend.SHM_DIR  # the directory listed
+
+    def __init__(self, entries: Iterable[SegmentEntry] = (), *, pattern: str | None = None,
+                 dir: str | None = None) -> None:
+        super().__init__(entries)
+        self.pattern = pattern
+        self.dir = dir or backend.SHM_DIR
+
+    def keys(self) -> list[str | None]:
+        """The keys, in listing order (None for segments made by native key)."""
+        return [e.key for e in self]
+
+    def to_text(self) -> str:
+        """The table ``shmarray ls`` prints."""
+        if not self:
+            if self.pattern is not None:
+                return f"no shmarray segments match {self.pattern!r}"
+            return f"no shmarray segments in {self.dir}"
+        lines = [HEADER_ROW, *(e._cells() for e in self)]
+        widths = [max(len(r[i]) for r in lines) for i in range(len(HEADER_ROW))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        from ._display import esc, grid
+
+        if not self:
+            return f"<p>{esc(self.to_text())}</p>"
+        n = len(self)
+        return grid(HEADER_ROW, (e._html_cells() for e in self),
+                    caption=f"{n} segment{'s' if n != 1 else ''} in {esc(self.dir)}")
+
+
+Listing.__module__ = "shmarray"
+
+
+def ls(pattern: str | None = None, *, include_foreign: bool = False, dir: Dir = None) -> Listing:
+    """The shmarray segments in the segment directory, as ``shmarray ls`` lists them.
+
+    *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
+
+    *pattern* keeps the keys that match it (``fnmatch``: ``"frames-*"``);
+    segments made by native key match on their native name. With
+    *include_foreign*, other objects in /dev/shm are listed too. In Jupyter
+    the result shows as a table; it is a list of :class:`SegmentEntry`.
+    """
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"ls: pattern must be a str such as 'frames-*', not {type(pattern).__name__}")
+    entries = list_segments(include_foreign=include_foreign, dir=dir)
+    if not include_foreign:
+        # Segments whose users all died are gone for the API already; listing them
+        # frees their memory too. The full listing (--all) shows them as they are.
+        names = {id(e): backend.qualify(e.dir, e.native_key) for e in entries if e.shmarray}
+        gone = set(sweep_orphans(list(names.values())))
+        entries = [e for e in entries if names.get(id(e)) not in gone]
+    kept = []
+    for e in entries:
+        name = e.key if e.key is not None else e.native_key
+        if pattern is None or fnmatch.fnmatchcase(name, pattern):
+            kept.append(e)
+    return Listing(kept, pattern=pattern, dir=None if dir is None else backend.normal_dir(dir))
