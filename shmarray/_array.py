@@ -180,13 +180,14 @@ class SharedArray(np.ndarray):
         if seg is None:
             return None  # a copy outside any segment: IPython shows the plain repr
         from ._display import facts, preformatted
+        from ._inspect import segment_facts
 
         flags = self.flags
         order = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "strided view"
         mine = [("dtype", str(self.dtype)), ("shape", str(self.shape)), ("order", order),
                 ("nbytes", f"{_human(self.nbytes)} ({self.nbytes:,} bytes)"),
                 ("writeable", "yes" if flags.writeable else "no (read-only)")]
-        seg_rows = [("segment size" if name == "size" else name, value) for name, value in seg._facts()]
+        seg_rows = [("segment size" if name == "size" else name, value) for name, value in segment_facts(seg)]
         rows = seg_rows[:1] + mine + seg_rows[1:]
         preview = np.array2string(np.asarray(self), threshold=60, edgeitems=3, max_line_width=100)
         return facts("shmarray.SharedArray", rows) + preformatted(preview)

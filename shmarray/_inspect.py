@@ -12,7 +12,8 @@ payload header; each payload kind describes its own descriptor (``_KINDS``:
 ``_npy``, ``_arrow``, ``_ring.layout``), loaded only when a segment of that
 kind is listed. This module sits above the payload layers for that reason.
 To change what ``shmarray ls`` prints: :meth:`SegmentEntry._cells` (the
-table) and :meth:`SegmentEntry.as_dict` (``--json``).
+table) and :meth:`SegmentEntry.as_dict` (``--json``); what a Segment shows in
+Jupyter: :func:`segment_facts`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from ._admin import _name, _where
 from ._attachment import sweep_orphans
 from ._control import HEAD_BYTES, MAGIC, PAGE_SIZE, parse_control
 from ._display import human as _human
-from ._errors import HeaderError, NotFoundError
+from ._errors import AccessMode, HeaderError, NotFoundError
 from ._header import HEADER, Kind, parse_header
 from ._os import PREFIX, TEMP_PREFIX, backend
-from ._segment import Dir
+from ._segment import Dir, Segment
 from ._stash import KEEP_PREFIX
 
-__all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "segment_info", "describe_payload"]
+__all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "segment_info", "describe_payload",
+           "segment_facts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,50 @@ def _kept(name: str, pid: int, size: int, alive: bool, nlink: int, where: str) -
         text += " (owner gone: the next create, ls or gc frees it)"
     return SegmentEntry(None, name, size, "kept", text, (), 0, False, False, None, None, pid, 0.0, True,
                         where, kept=(alive, nlink - 1))
+
+
+def segment_facts(seg: Segment) -> list[tuple[str, str]]:
+    """What a Segment object's rich display shows: (name, value) rows, plain text."""
+    rows = [("key", repr(seg.key))] if seg.key is not None else []
+    rows.append(("native name", f"/{seg.native_key}" if seg.native_key is not None else "-"))
+    if not seg.is_attached:
+        rows.append(("state", "detached"))
+        return rows
+    rows.append(("size", f"{_human(seg.size)} ({seg.size:,} bytes)"))
+    rows.append(("mode", "ReadOnly" if seg.mode == AccessMode.ReadOnly else "ReadWrite"))
+    if seg.is_foreign:
+        rows.append(("foreign", "no shmarray control block: no lock, never removed by detach"))
+        return rows
+    rows.append(("persistent", "yes: stays until shmarray.unlink(key)" if seg.persistent
+                 else "no: goes with its last user"))
+    ident = seg._ident()
+    try:
+        live = None if ident is None else backend.lock_report(*ident)
+    except OSError:
+        live = None
+    if live is None:
+        rows.append(("attached", "unknown"))
+        return rows
+    pids, attachments, mode, holder = sorted(live[0]), live[1], live[2], live[3]
+    me = backend.getpid()
+    who = ", ".join(f"{p} (this process)" if p == me else str(p) for p in pids)
+    text = f"{len(pids)} process{'es' if len(pids) != 1 else ''}: {who}" if pids else "none"
+    if attachments != len(pids):
+        text += f" ({attachments} attachments)"
+    rows.append(("attached", text))
+    held = seg.lock_held
+    if held is not None:
+        lock = f"{held}, held by this object"
+    elif mode is None:
+        lock = "free"
+    elif mode == "exclusive":
+        lock = f"exclusive, held by pid {holder}" if holder is not None else "exclusive"
+    else:
+        lock = "shared (readers)"
+    rows.append(("lock", lock))
+    if seg.lock_recovered:
+        rows.append(("lock recovered", "yes: the previous holder died holding it; check the data"))
+    return rows
 
 
 def describe_payload(entry: SegmentEntry) -> str:

@@ -48,7 +48,11 @@ from ._lock import SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._transfer import rebuild_specially, special
 
-__all__ = ["Segment"]
+__all__ = ["Segment", "PAYLOAD_INTERFACE"]
+
+#: The private names of Segment that the layers above may use (see the end of the class).
+PAYLOAD_INTERFACE = frozenset({"_create", "_boundary", "_no_space", "_mapping", "_root", "_head", "_cache",
+                               "_lock_fd", "_reference", "_of_instance", "_dir", "_ident"})
 
 #: A ``dir=`` argument: the segment directory (None: ``SHMARRAY_DIR``, else /dev/shm).
 Dir = Union[str, "os.PathLike[str]", None]
@@ -173,12 +177,6 @@ class Segment:
         """The OS name of the segment (without the leading '/')."""
         return self._native
 
-    def _boundary(self) -> tuple[int, int] | None:
-        """(user offset of the first 2 MiB boundary of the file, 2 MiB) where huge pages back segments, else None."""
-        if backend.huge_pages(self._dir) is None:
-            return None
-        return backend.HUGE_PAGE - PAGE_SIZE, backend.HUGE_PAGE
-
     @property
     def dir(self) -> str:
         """The directory the segment lives in (``dir=``, else ``SHMARRAY_DIR``, else /dev/shm)."""
@@ -251,64 +249,6 @@ class Segment:
     ) -> Segment:
         """Create a new segment of *size* usable bytes (zero-filled) and attach to it."""
         return self._create(size, mode, persistent=persistent, permissions=permissions)
-
-    def _create(
-        self,
-        size: int,
-        mode: AccessMode = AccessMode.ReadWrite,
-        *,
-        persistent: bool = False,
-        permissions: int = 0o600,
-        fill: Callable[[Callable[[memoryview, int], None]], None] | None = None,
-        reserve: bool = True,
-    ) -> Segment:
-        """create(), with *fill* called before the segment is published.
-
-        *fill* receives ``write(data, offset)``, which writes into the user
-        bytes through the fd (faster than faulting fresh pages through a
-        mapping). With ``reserve=False`` pages are not pre-allocated; *fill*
-        must then write every page it wants reserved (ENOSPC surfaces there).
-        """
-        with self._mutex:
-            what = "create"
-            try:
-                size = _check_size(size, f"create segment {self._label()!r}")
-                mode = AccessMode(mode)
-            except ShmError as e:
-                raise self._fail(e) from None
-            name = self._need_name(what)
-            if self._att is not None:
-                raise self._fail(AlreadyExistsError(
-                    f"create: this object is already attached to segment {self._label()!r}; "
-                    "detach() it first", self._key))
-            total = PAGE_SIZE + size
-            _stash.maybe_reap(self._dir)
-            free = backend.free_bytes(self._dir)
-            if total > free:
-                # Memory kept for reuse gives way before a create fails for lack of room.
-                _stash.give_back(total - free, self._dir)
-                if total > backend.free_bytes(self._dir):
-                    raise self._fail(self._no_space(total))
-            for attempt in (1, 2):
-                try:
-                    self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
-                    register(self._att)
-                    break
-                except ShmError as e:
-                    raise self._fail(e) from None
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EFBIG):
-                        if attempt == 1 and _stash.give_back(total, self._dir) > 0:
-                            continue
-                        raise self._fail(self._no_space(total)) from e
-                    raise self._fail(_translate(e, what, self._label(), self._dir)) from e
-            self._arm()
-            self._ok()
-            return self
-
-    def _no_space(self, total: int, what: str = "create") -> OutOfResourcesError:
-        """The out-of-space error for a segment of *total* bytes (control page included) here."""
-        return no_space(what, self._label(), self._key, self._dir, total)
 
     def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
                fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
@@ -654,54 +594,6 @@ class Segment:
         att = self._att
         return att is not None and att.pinned is not None
 
-    def _lock_fd(self) -> int:
-        """A description of this object's own (for byte-range locks of the payload layers).
-
-        OFD locks belong to a description, and the attachment's is shared by
-        every user in this process: a ring's slot locks must tell two rings
-        of one process apart. Opened on first use, closed at detach.
-        """
-        with self._mutex:
-            att = self._att
-            own = self._own_fd
-            if att is None or own is None:
-                raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-            if not own or own[1] != backend.getpid():
-                if own:  # inherited through fork: the parent's description
-                    backend.close(own[0])
-                    own.clear()
-                try:
-                    own.extend((backend.reopen(att.fd, att.writable_fd), backend.getpid()))
-                except OSError as e:
-                    raise self._fail(_translate(e, "attach", self._label(), self._dir)) from e
-            return own[0]
-
-    def _head(self) -> bytes:
-        """The first bytes of the user area as read at attach (b"" when not read)."""
-        att = self._att
-        return att.head if att is not None else b""
-
-    def _root(self) -> Any:
-        """The uint8 ndarray over the user bytes that array views are built on (see _Attachment.root)."""
-        att = self._att
-        if att is None:
-            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.root()
-
-    def _cache(self) -> dict[str, Any]:
-        """A dict the payload layers fill once per attachment (it goes with the attachment)."""
-        att = self._att
-        if att is None:
-            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.cache
-
-    def _mapping(self) -> Any:
-        """The data mmap (for layers above that build views on it)."""
-        att = self._att
-        if att is None:
-            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.data_map
-
     # -- the lock ---------------------------------------------------------------------
 
     def _the_lock(self, what: str) -> SegmentLock:
@@ -775,70 +667,12 @@ class Segment:
         extra += " foreign" if self._att.foreign else ""
         return f"<shmarray.Segment {name} size={self._att.size} {mode}{extra}>"
 
-    def _live(self) -> tuple[tuple[int, ...], int, str | None, int | None] | None:
-        """(attached pids, attachments, lock mode, lock holder) from the kernel's lock table, or None."""
-        att = self._att
-        if att is None or att.foreign or att.closed:
-            return None
-        try:
-            pids, attachments, mode, holder = backend.lock_report(*backend.identity(att.fd))
-        except OSError:  # detached meanwhile by another thread: nothing to report
-            return None
-        return tuple(sorted(pids)), attachments, mode, holder
-
-    def _facts(self) -> list[tuple[str, str]]:
-        """Segment-level facts for rich displays: (name, value) rows, plain text."""
-        rows = [("key", repr(self._key))] if self._key is not None else []
-        rows.append(("native name", f"/{self._native}" if self._native is not None else "-"))
-        att = self._att
-        if att is None:
-            rows.append(("state", "detached"))
-            return rows
-        rows.append(("size", f"{_human(att.size)} ({att.size:,} bytes)"))
-        rows.append(("mode", "ReadOnly" if att.mode == AccessMode.ReadOnly else "ReadWrite"))
-        if att.foreign:
-            rows.append(("foreign", "no shmarray control block: no lock, never removed by detach"))
-            return rows
-        rows.append(("persistent", "yes: stays until shmarray.unlink(key)" if att.persistent
-                     else "no: goes with its last user"))
-        live = self._live()
-        if live is None:
-            rows.append(("attached", "unknown"))
-            return rows
-        pids, attachments, mode, holder = live
-        me = backend.getpid()
-        who = ", ".join(f"{p} (this process)" if p == me else str(p) for p in pids)
-        text = f"{len(pids)} process{'es' if len(pids) != 1 else ''}: {who}" if pids else "none"
-        if attachments != len(pids):
-            text += f" ({attachments} attachments)"
-        rows.append(("attached", text))
-        rows.append(("lock", self._lock_text(mode, holder)))
-        if self.lock_recovered:
-            rows.append(("lock recovered", "yes: the previous holder died holding it; check the data"))
-        return rows
-
-    def _lock_text(self, mode: str | None, holder: int | None) -> str:
-        held = self.lock_held
-        if held is not None:
-            return f"{held}, held by this object"
-        if mode is None:
-            return "free"
-        if mode == "exclusive":
-            return f"exclusive, held by pid {holder}" if holder is not None else "exclusive"
-        return "shared (readers)"
-
     def _repr_html_(self) -> str:
-        """Jupyter's rich display: key, size, mode, persistence, attached processes, lock."""
+        """Jupyter's rich display: key, size, mode, persistence, attached processes, lock (see ``_inspect``)."""
         from ._display import facts
+        from ._inspect import segment_facts
 
-        return facts("shmarray.Segment", self._facts())
-
-    def _reference(self) -> tuple[int, int]:
-        """(host, incarnation): what a pickled reference names besides the key (0, 0 when detached)."""
-        att = self._att
-        if att is None:
-            return 0, 0
-        return backend.host_identity(self._dir), att.incarnation
+        return facts("shmarray.Segment", segment_facts(self))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickles as a reference to this segment instance: the receiver attaches it.
@@ -846,6 +680,146 @@ class Segment:
         mode = att.mode if att is not None else None
         host, incarnation = self._reference()
         return _rebuild_segment, (self._key, self._native, mode, host, incarnation, self._dir)
+
+    def _open_again(self, held: _Attachment, mode: AccessMode) -> _Attachment:
+        """An attachment in *mode* of the instance *held* is attached to (the name may be elsewhere by now)."""
+        fd = backend.reopen(held.fd, held.writable_fd)
+        try:
+            backend.hold_liveness(fd, backend.getpid())
+            raw, cb = _read_control(fd, backend.size_of(fd))
+            if cb is None or cb.dead:  # pragma: no cover - we hold it attached
+                raise NotFoundError(f"attach: segment {self._label()!r} is gone", self._key)
+            return _attachment_of(held.name, fd, held.writable_fd, mode, held.ident, raw, cb)
+        except BaseException:
+            backend.close(fd)
+            raise
+
+    # -- the interface of the payload layers (_array, _arrow, _ring, _inspect) ------------------
+    #
+    # What the layers above may use of a Segment besides its public API (a test checks that they
+    # use nothing else): build a segment with a writer (_create), its size rules (_boundary,
+    # _no_space), its memory (_mapping, _root, _head, _cache), a description of its own for
+    # byte-range locks (_lock_fd), what a reference names (_reference, _of_instance, _dir) and the
+    # identity its listing reads (_ident). The segment lock is the public lock()/unlock().
+
+    def _create(
+        self,
+        size: int,
+        mode: AccessMode = AccessMode.ReadWrite,
+        *,
+        persistent: bool = False,
+        permissions: int = 0o600,
+        fill: Callable[[Callable[[memoryview, int], None]], None] | None = None,
+        reserve: bool = True,
+    ) -> Segment:
+        """create(), with *fill* called before the segment is published.
+
+        *fill* receives ``write(data, offset)``, which writes into the user
+        bytes through the fd (faster than faulting fresh pages through a
+        mapping). With ``reserve=False`` pages are not pre-allocated; *fill*
+        must then write every page it wants reserved (ENOSPC surfaces there).
+        """
+        with self._mutex:
+            what = "create"
+            try:
+                size = _check_size(size, f"create segment {self._label()!r}")
+                mode = AccessMode(mode)
+            except ShmError as e:
+                raise self._fail(e) from None
+            name = self._need_name(what)
+            if self._att is not None:
+                raise self._fail(AlreadyExistsError(
+                    f"create: this object is already attached to segment {self._label()!r}; "
+                    "detach() it first", self._key))
+            total = PAGE_SIZE + size
+            _stash.maybe_reap(self._dir)
+            free = backend.free_bytes(self._dir)
+            if total > free:
+                # Memory kept for reuse gives way before a create fails for lack of room.
+                _stash.give_back(total - free, self._dir)
+                if total > backend.free_bytes(self._dir):
+                    raise self._fail(self._no_space(total))
+            for attempt in (1, 2):
+                try:
+                    self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
+                    register(self._att)
+                    break
+                except ShmError as e:
+                    raise self._fail(e) from None
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EFBIG):
+                        if attempt == 1 and _stash.give_back(total, self._dir) > 0:
+                            continue
+                        raise self._fail(self._no_space(total)) from e
+                    raise self._fail(_translate(e, what, self._label(), self._dir)) from e
+            self._arm()
+            self._ok()
+            return self
+
+    def _boundary(self) -> tuple[int, int] | None:
+        """(user offset of the first 2 MiB boundary of the file, 2 MiB) where huge pages back segments, else None."""
+        if backend.huge_pages(self._dir) is None:
+            return None
+        return backend.HUGE_PAGE - PAGE_SIZE, backend.HUGE_PAGE
+
+    def _no_space(self, total: int, what: str = "create") -> OutOfResourcesError:
+        """The out-of-space error for a segment of *total* bytes (control page included) here."""
+        return no_space(what, self._label(), self._key, self._dir, total)
+
+    def _mapping(self) -> Any:
+        """The data mmap (for layers above that build views on it)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.data_map
+
+    def _root(self) -> Any:
+        """The uint8 ndarray over the user bytes that array views are built on (see _Attachment.root)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.root()
+
+    def _cache(self) -> dict[str, Any]:
+        """A dict the payload layers fill once per attachment (it goes with the attachment)."""
+        att = self._att
+        if att is None:
+            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+        return att.cache
+
+    def _head(self) -> bytes:
+        """The first bytes of the user area as read at attach (b"" when not read)."""
+        att = self._att
+        return att.head if att is not None else b""
+
+    def _lock_fd(self) -> int:
+        """A description of this object's own (for byte-range locks of the payload layers).
+
+        OFD locks belong to a description, and the attachment's is shared by
+        every user in this process: a ring's slot locks must tell two rings
+        of one process apart. Opened on first use, closed at detach.
+        """
+        with self._mutex:
+            att = self._att
+            own = self._own_fd
+            if att is None or own is None:
+                raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
+            if not own or own[1] != backend.getpid():
+                if own:  # inherited through fork: the parent's description
+                    backend.close(own[0])
+                    own.clear()
+                try:
+                    own.extend((backend.reopen(att.fd, att.writable_fd), backend.getpid()))
+                except OSError as e:
+                    raise self._fail(_translate(e, "attach", self._label(), self._dir)) from e
+            return own[0]
+
+    def _reference(self) -> tuple[int, int]:
+        """(host, incarnation): what a pickled reference names besides the key (0, 0 when detached)."""
+        att = self._att
+        if att is None:
+            return 0, 0
+        return backend.host_identity(self._dir), att.incarnation
 
     @classmethod
     def _of_instance(cls, key: str | None, native: str | None, mode: AccessMode, host: int,
@@ -897,18 +871,15 @@ class Segment:
                 "(the key now names another segment); the reference cannot be used", key))
         return seg
 
-    def _open_again(self, held: _Attachment, mode: AccessMode) -> _Attachment:
-        """An attachment in *mode* of the instance *held* is attached to (the name may be elsewhere by now)."""
-        fd = backend.reopen(held.fd, held.writable_fd)
+    def _ident(self) -> tuple[int, int] | None:
+        """(device, inode) of the attached shmarray segment's file, for /proc/locks; None when there is none."""
+        att = self._att
+        if att is None or att.foreign or att.closed:
+            return None
         try:
-            backend.hold_liveness(fd, backend.getpid())
-            raw, cb = _read_control(fd, backend.size_of(fd))
-            if cb is None or cb.dead:  # pragma: no cover - we hold it attached
-                raise NotFoundError(f"attach: segment {self._label()!r} is gone", self._key)
-            return _attachment_of(held.name, fd, held.writable_fd, mode, held.ident, raw, cb)
-        except BaseException:
-            backend.close(fd)
-            raise
+            return backend.identity(att.fd)
+        except OSError:  # detached meanwhile by another thread
+            return None
 
 
 def _read_control(fd: int, object_size: int) -> tuple[bytes, ControlBlock | None]:
