@@ -3,6 +3,10 @@
 The core is :class:`Segment`, Qt's ``QSharedMemory`` model on POSIX shared
 memory: a named segment with create/attach/detach, a segment lock that
 survives its holder's death, and Qt's error codes.
+
+How the code is laid out (the layers, one line a module, where each byte
+layout lives): CONTRIBUTING.md. The public surface is written once, in
+``__init__.pyi`` beside this file.
 """
 
 from __future__ import annotations
