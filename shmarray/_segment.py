@@ -766,26 +766,23 @@ class Segment:
         """The out-of-space error for a segment of *total* bytes (control page included) here."""
         return no_space(what, self._label(), self._key, self._dir, total)
 
-    def _mapping(self) -> Any:
-        """The data mmap (for layers above that build views on it)."""
+    def _attached(self) -> _Attachment:
         att = self._att
         if att is None:
             raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.data_map
+        return att
+
+    def _mapping(self) -> Any:
+        """The data mmap (for layers above that build views on it)."""
+        return self._attached().data_map
 
     def _root(self) -> Any:
         """The uint8 ndarray over the user bytes that array views are built on (see _Attachment.root)."""
-        att = self._att
-        if att is None:
-            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.root()
+        return self._attached().root()
 
     def _cache(self) -> dict[str, Any]:
         """A dict the payload layers fill once per attachment (it goes with the attachment)."""
-        att = self._att
-        if att is None:
-            raise NotFoundError(f"segment {self._label()!r} is not attached", self._key)
-        return att.cache
+        return self._attached().cache
 
     def _head(self) -> bytes:
         """The first bytes of the user area as read at attach (b"" when not read)."""
