@@ -12,8 +12,6 @@ import gc
 import os
 import pickle
 import struct
-import subprocess
-import sys
 import threading
 import time
 
