@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 from . import _stash
 from ._admin import _name, _where
@@ -147,7 +147,7 @@ _KINDS = {
 }
 
 
-def _describe(head: bytes, size: int, read_more: "object") -> tuple[str, str]:
+def _describe(head: bytes, size: int, read_more: Callable[[int], bytes]) -> tuple[str, str]:
     """(kind, one line) of what the user bytes starting with *head* hold; never raises on bad bytes."""
     try:
         hdr = parse_header(head[: HEADER.size], size)
@@ -159,7 +159,7 @@ def _describe(head: bytes, size: int, read_more: "object") -> tuple[str, str]:
     end = hdr.descriptor_offset + hdr.descriptor_length
     if end > len(head):
         try:
-            head = read_more(end)  # type: ignore[operator]
+            head = read_more(end)
         except OSError:
             return label, f"{label} (unreadable header)"
     descriptor = bytes(head[hdr.descriptor_offset : end])

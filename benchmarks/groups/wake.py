@@ -32,7 +32,7 @@ import os
 import time
 from typing import Any, Callable
 
-from .._harness import MP, Context, GroupResult, Row, have, interleave
+from .._harness import MP, Context, GroupResult, Row, Worker, have, inherited, interleave
 
 NAME = "wake"
 TITLE = "Wake-up: event to a waiting process (latency), and the idle waiter's wake-ups"
@@ -55,91 +55,83 @@ def _switches(pid: int) -> int:
     return 0
 
 
-def _waiter(conn: Any, kind: str, spec: dict[str, Any], queue: Any, pipe: Any) -> None:
-    """Wait for one event per 'go' from *conn*; send back the monotonic time the wait returned."""
-    import signal
+# -- the waiter's side (runs in a harness Worker; state lives here between calls) ----------------------
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ring: Any = None
-    sem: Any = None
-    seg: Any = None
+_W: dict[str, Any] = {}
+
+
+def _open_waiter(kind: str, spec: dict[str, Any]) -> int:
+    """Open what *kind* waits on; returns this process's pid."""
+    _W.clear()
+    _W["kind"] = kind
     if kind == BELL:
         import shmarray
         from shmarray._os import backend
 
         seg = shmarray.Segment(spec["key"]).attach()
         word = seg.data.cast("Q")
-        bell = backend.doorbell(word, 0)
-    if kind in (RING, RING_POLL):
+        _W.update(seg=seg, word=word, bell=backend.doorbell(word, 0))
+    elif kind in (RING, RING_POLL):
         import shmarray
         from shmarray._os import backend
 
         if kind == RING_POLL:
             backend.doorbell = lambda *a, **k: None  # type: ignore[assignment]
-        ring = shmarray.BatchRing.attach(spec["key"])
+        _W["ring"] = shmarray.BatchRing.attach(spec["key"])
     elif kind == SEM:
         import posix_ipc
 
-        sem = posix_ipc.Semaphore(spec["name"])
+        _W["sem"] = posix_ipc.Semaphore(spec["name"])
+    return os.getpid()
 
-    def wait(timeout: float) -> None:
-        if seg is not None:
-            seen = word[1]  # the producer's count of events so far, sent as word 1 before each 'go'
-            deadline = time.monotonic() + timeout
-            while word[0] == seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("no event")
-                bell.wait(seen, min(left, 0.02))
-        elif ring is not None:
-            with ring.get(timeout):
-                pass
-        elif sem is not None:
-            sem.acquire(timeout)
-        elif kind == QUEUE:
-            queue.get(timeout=timeout)
-        else:
-            if not pipe.poll(timeout):
+
+def _wait_once(timeout: float) -> int:
+    """Wait for one event; the monotonic time (ns) the wait returned."""
+    kind = _W["kind"]
+    if kind == BELL:
+        word, bell = _W["word"], _W["bell"]
+        seen = word[1]  # the producer's count of events so far, set before each wait
+        deadline = time.monotonic() + timeout
+        while word[0] == seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError("no event")
-            pipe.recv_bytes()
+            bell.wait(seen, min(left, 0.02))
+    elif kind in (RING, RING_POLL):
+        with _W["ring"].get(timeout):
+            pass
+    elif kind == SEM:
+        _W["sem"].acquire(timeout)
+    elif kind == QUEUE:
+        inherited("queue").get(timeout=timeout)
+    else:
+        pipe = inherited("pipe")
+        if not pipe.poll(timeout):
+            raise TimeoutError("no event")
+        pipe.recv_bytes()
+    return time.perf_counter_ns()
 
-    try:
-        conn.send(os.getpid())
-        while True:
-            msg = conn.recv()
-            if msg is None:
-                return
-            try:
-                wait(msg)
-                conn.send(time.perf_counter_ns())
-            except Exception as e:  # noqa: BLE001 - reported as the method's error
-                conn.send(f"{type(e).__name__}: {e}")
-    except (EOFError, OSError):
-        return
-    finally:
-        if ring is not None:
-            ring.close()
-        if sem is not None:
-            sem.close()
-        if seg is not None:
-            word.release()
-            seg.detach()
+
+def _close_waiter() -> None:
+    if "ring" in _W:
+        _W["ring"].close()
+    if "sem" in _W:
+        _W["sem"].close()
+    if "seg" in _W:
+        _W["word"].release()
+        _W["seg"].detach()
+    _W.clear()
 
 
 class _Method:
-    """The producer's side of one method, with its waiter process."""
+    """The producer's side of one method, with its waiter (a harness Worker)."""
 
     def __init__(self, ctx: Context, kind: str, producer: Any, spec: dict[str, Any]) -> None:
         self.kind = kind
         self.queue = MP.Queue() if kind == QUEUE else None
         self.pipe_r, self.pipe_w = MP.Pipe(duplex=False) if kind == FLOOR else (None, None)
-        self.conn, child = MP.Pipe()
-        self.proc = MP.Process(target=_waiter, args=(child, kind, spec, self.queue, self.pipe_r), daemon=True)
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(60):
-            raise RuntimeError(f"{kind}: the waiter did not start within 60 s")
-        self.pid = self.conn.recv()
+        self.worker = Worker(queue=self.queue, pipe=self.pipe_r)
+        self.pid = self.worker.call(_open_waiter, kind, spec, timeout=60)
         self.arm: Callable[[], None] = lambda: None
         self.fire = self._firing(producer)
         self.rounds = 0
@@ -169,46 +161,34 @@ class _Method:
         w = self.pipe_w
         return lambda: w.send_bytes(b"x")  # type: ignore[union-attr]
 
-    def _answer(self, timeout: float) -> int:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.kind}: the waiter gave no answer within {timeout} s")
-        out = self.conn.recv()
-        if isinstance(out, str):
-            raise RuntimeError(out)
-        return int(out)
-
     def sample(self) -> float:
         """Seconds from the event to the waiter's wait returning."""
         self.arm()
-        self.conn.send(10.0)
+        self.worker.send(_wait_once, 10.0)
         self.rounds += 1
         time.sleep(0.006 + (self.rounds % 7) * 0.001)
         t0 = time.perf_counter_ns()
         self.fire()
-        return (self._answer(15) - t0) / 1e9
+        return (int(self.worker.result(15)) - t0) / 1e9
 
     def idle_switches(self, seconds: float) -> int:
         """The waiter's voluntary context switches per second of waiting with no event (over *seconds*)."""
         self.arm()
-        self.conn.send(10.0)
+        self.worker.send(_wait_once, 10.0)
         time.sleep(0.05)
         before = _switches(self.pid)
         time.sleep(seconds)
         after = _switches(self.pid)
         self.fire()
-        self._answer(15)
+        self.worker.result(15)
         return round((after - before) / seconds)
 
     def close(self) -> None:
         try:
-            self.conn.send(None)
-        except OSError:
+            self.worker.call(_close_waiter, timeout=10)
+        except Exception:  # noqa: BLE001 - closing at the end of a benchmark
             pass
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.conn.close()
+        self.worker.close()
 
 
 def run(ctx: Context) -> GroupResult:
