@@ -320,9 +320,13 @@ class ByteLocks:
     def __init__(self, description: Callable[[], int]) -> None:
         self._description = description
 
-    def try_take(self, at: int) -> bool:
+    def fd(self) -> int:
+        """The description, for a loop over many bytes under one ring operation (asked for once, not per byte)."""
+        return self._description()
+
+    def try_take(self, at: int, fd: int | None = None) -> bool:
         """Take byte *at* exclusively; False (at once) when another description holds it."""
-        return backend.ofd_lock(self._description(), at, exclusive=True, wait=False)
+        return backend.ofd_lock(self._description() if fd is None else fd, at, exclusive=True, wait=False)
 
     def take_shared(self, at: int) -> None:
         """Hold byte *at* shared (waits out an exclusive holder)."""
@@ -332,6 +336,6 @@ class ByteLocks:
         """Let go of byte *at*."""
         backend.ofd_unlock(self._description(), at)
 
-    def held_elsewhere(self, at: int) -> bool:
+    def held_elsewhere(self, at: int, fd: int | None = None) -> bool:
         """True while another description (a live holder, in any process) holds byte *at*."""
-        return backend.ofd_held_elsewhere(self._description(), at)
+        return backend.ofd_held_elsewhere(self._description() if fd is None else fd, at)

@@ -260,10 +260,11 @@ class BatchRing:
             self._leave(seg)
 
     def _take_free(self, ctl: memoryview) -> int | None:
+        fd = self._bytes.fd()
         for i in range(self._lay.slots):
             if ctl[slot_word(i) + S_STATE] == FREE:
                 # A free slot's byte is free unless its last holder is mid-exit; skip it then.
-                if self._bytes.try_take(SLOT_BASE + i):
+                if self._bytes.try_take(SLOT_BASE + i, fd):
                     return i
         return None
 
@@ -478,12 +479,13 @@ class BatchRing:
     def _reap(self, ctl: memoryview) -> int:
         """Take back slots of dead holders and stale hand-offs (under the lock); returns how many."""
         epoch = ctl[G_EPOCH]
+        fd = self._bytes.fd()
         found = 0
         for i in range(self._lay.slots):
             s = slot_word(i)
             st = self._state(i)
             if st in (FILLING, READING) and i not in self._held:
-                if self._bytes.held_elsewhere(SLOT_BASE + i):
+                if self._bytes.held_elsewhere(SLOT_BASE + i, fd):
                     continue
                 if st == FILLING:
                     log_loss(ctl, i)
