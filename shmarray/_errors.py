@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "QtEnum",
+    "qt_value",
     "AccessMode",
     "SharedMemoryError",
     "ShmError",
@@ -26,14 +28,45 @@ __all__ = [
 ]
 
 
-class AccessMode(enum.IntEnum):
+class QtEnum(enum.IntEnum):
+    """An IntEnum that also equals a Qt binding's enum (PySide6, PyQt6) of the same name and value.
+
+    PySide6's and PyQt6's enums are plain ``enum.Enum``s, equal only to
+    themselves; Qt's C++ enums compare by value. So ``AccessMode.ReadOnly ==
+    PySide6.QtCore.QSharedMemory.AccessMode.ReadOnly`` holds, both ways round
+    (their ``__eq__`` defers to ours). Hashes stay those of the ints.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, enum.Enum) and not isinstance(other, QtEnum):
+            return type(other).__name__ == type(self).__name__ and other.value == self.value
+        return int.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = enum.IntEnum.__hash__
+
+
+def qt_value(value: object, enum_type: type[QtEnum]) -> object:
+    """A Qt binding's enum member of *enum_type*'s name as that member of ours; anything else as is."""
+    if isinstance(value, enum.Enum) and not isinstance(value, QtEnum) \
+            and type(value).__name__ == enum_type.__name__ and isinstance(value.value, int):
+        try:
+            return enum_type(value.value)
+        except ValueError:
+            return value
+    return value
+
+
+class AccessMode(QtEnum):
     """How a segment is mapped: ``ReadOnly`` (0) or ``ReadWrite`` (1), as in Qt."""
 
     ReadOnly = 0
     ReadWrite = 1
 
 
-class SharedMemoryError(enum.IntEnum):
+class SharedMemoryError(QtEnum):
     """Qt's ``QSharedMemory::SharedMemoryError`` codes, with Qt's values."""
 
     NoError = 0
