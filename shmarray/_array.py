@@ -70,14 +70,53 @@ class _Locked:
 
 def _plain(result: Any) -> Any:
     """A result that does not live in a segment, as a plain ndarray (tuples and lists too)."""
-    if type(result) is SharedArray:
-        return result if result._shm_seg is not None else result.view(np.ndarray)
+    if isinstance(result, MappedArray):
+        return result if result._home() is not None else result.view(np.ndarray)
     if type(result) in (tuple, list):
         return type(result)(_plain(r) for r in result)
     return result
 
 
-class SharedArray(np.ndarray):
+class MappedArray(np.ndarray):
+    """The ``numpy.memmap`` model, for ndarrays over a mapping (SharedArray, and shmarray.qt's QtArray).
+
+    ``_HOME`` names the attributes that say where the memory lives (the first
+    is None outside any mapping). Views of it carry them on; results that
+    live elsewhere (ufunc outputs, copies, fancy indexing) are plain ndarrays.
+    """
+
+    _HOME: tuple[str, ...] = ()
+    # As numpy.memmap: mixed with plain arrays, the plain type wins.
+    __array_priority__ = -100.0
+
+    def _home(self) -> Any:
+        return getattr(self, self._HOME[0])
+
+    def __array_finalize__(self, obj: Any) -> None:
+        if getattr(obj, self._HOME[0], None) is not None and (
+                np.may_share_memory(self, obj) or (self.size == 0 and self.base is not None)):
+            for name in self._HOME:
+                setattr(self, name, getattr(obj, name))
+
+    def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        arr = super().__array_wrap__(arr, context)
+        if isinstance(arr, MappedArray) and arr._home() is not None:
+            return arr  # written in place into the mapping (out=)
+        if return_scalar:
+            return arr[()]
+        return arr.view(np.ndarray)
+
+    def __getitem__(self, index: Any) -> Any:
+        res = super().__getitem__(index)
+        if isinstance(res, MappedArray) and res._home() is None:
+            return res.view(np.ndarray)
+        return res
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return _plain(super().__array_function__(func, types, args, kwargs))
+
+
+class SharedArray(MappedArray):
     """An ndarray whose memory lives in a shared-memory segment (the ``numpy.memmap`` model).
 
     Made by :func:`create`, :func:`share` and :func:`attach`. Views (slices,
@@ -90,42 +129,16 @@ class SharedArray(np.ndarray):
     """
 
     # Class-level defaults: a SharedArray outside any segment (e.g. a copy
-    # that escaped the downgrades below) behaves as a plain array.
+    # that escaped the downgrades) behaves as a plain array.
     _shm_seg: Segment | None = None
     _shm_map: Any = None  # the segment's data mapping: user byte 0 is its first byte
-    # As numpy.memmap: mixed with plain arrays, the plain type wins.
-    __array_priority__ = -100.0
+    _HOME = ("_shm_seg", "_shm_map")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SharedArray:
         raise TypeError(
             "SharedArray is not built directly; use shmarray.create(key, shape, dtype), "
             "shmarray.share(key, array) or shmarray.attach(key)"
         )
-
-    # -- the memmap model -------------------------------------------------------------
-
-    def __array_finalize__(self, obj: Any) -> None:
-        seg = getattr(obj, "_shm_seg", None)
-        if seg is not None and (np.may_share_memory(self, obj) or (self.size == 0 and self.base is not None)):
-            self._shm_seg = seg
-            self._shm_map = obj._shm_map
-
-    def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
-        arr = super().__array_wrap__(arr, context)
-        if isinstance(arr, SharedArray) and arr._shm_seg is not None:
-            return arr  # written in place into the segment (out=)
-        if return_scalar:
-            return arr[()]
-        return arr.view(np.ndarray)
-
-    def __getitem__(self, index: Any) -> Any:
-        res = super().__getitem__(index)
-        if type(res) is SharedArray and res._shm_seg is None:
-            return res.view(np.ndarray)
-        return res
-
-    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        return _plain(super().__array_function__(func, types, args, kwargs))
 
     # -- the segment ------------------------------------------------------------------
 
@@ -220,16 +233,16 @@ class SharedArray(np.ndarray):
 
 
 def _copy_returns_plain(name: str) -> None:
-    """Make ``SharedArray.<name>`` give a plain ndarray when its result is a copy."""
+    """Make ``MappedArray.<name>`` give a plain ndarray when its result is a copy."""
     method = getattr(np.ndarray, name)
 
-    def wrapper(self: SharedArray, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: MappedArray, *args: Any, **kwargs: Any) -> Any:
         return _plain(method(self, *args, **kwargs))
 
     wrapper.__name__ = name
-    wrapper.__qualname__ = f"SharedArray.{name}"
+    wrapper.__qualname__ = f"MappedArray.{name}"
     wrapper.__doc__ = method.__doc__
-    setattr(SharedArray, name, wrapper)
+    setattr(MappedArray, name, wrapper)
 
 
 # The ndarray methods that can return a new array of the caller's type
