@@ -51,6 +51,8 @@ from ._ring.slots import SlotLostError as SlotLostError
 from ._ring.slots import SlotStateError as SlotStateError
 from ._ring.slots import SlotToken as SlotToken
 from ._segment import Segment as Segment
+from .qt import attach_qt as attach_qt
+from .qt import QtArray as QtArray
 from ._torch import RingCollate as RingCollate
 from ._torch import RingLoader as RingLoader
 from ._torch import fill_slot as fill_slot

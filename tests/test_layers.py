@@ -15,7 +15,7 @@ PKG = pathlib.Path(shmarray.__file__).parent
 # rank or below. Leaves that import nothing of shmarray may be used by any layer.
 RANKS = [
     {"_errors", "_display", "_progress"},
-    {"_os", "_os._linux", "_os._names", "_cuda"},
+    {"_os", "_os._linux", "_os._names", "_os._qtipc", "_cuda"},
     {"_control", "_reuse"},
     {"_lock"},
     {"_attachment", "_stash"},
@@ -23,7 +23,7 @@ RANKS = [
     {"_segment"},
     {"_header", "_npy"},
     {"_array", "_arrow", "_ring", "_ring.layout", "_ring.slots", "_ring.ring", "_torch"},
-    {"_admin", "_doctor"},
+    {"_admin", "_doctor", "_qtkeys", "_qtnative"},
     {"_inspect", "qt", "dask"},
     {"_demo"},
     {"_cli", "__main__", "__init__"},
