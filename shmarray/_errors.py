@@ -28,6 +28,16 @@ __all__ = [
 ]
 
 
+# The Qt class each of our Qt enums belongs to: PySide6 names QSystemSemaphore's AccessMode
+# "QSystemSemaphore.AccessMode", which must not pass for QSharedMemory's.
+_QT_SCOPE = {"AccessMode": "QSharedMemory", "SharedMemoryError": "QSharedMemory", "Type": "QNativeIpcKey"}
+
+
+def _same_qt_enum(theirs: type, ours: type) -> bool:
+    name = ours.__name__
+    return theirs.__name__ == name and theirs.__qualname__ in (name, f"{_QT_SCOPE.get(name, '')}.{name}")
+
+
 class QtEnum(enum.IntEnum):
     """An IntEnum that also equals a Qt binding's enum (PySide6, PyQt6) of the same name and value.
 
@@ -39,7 +49,7 @@ class QtEnum(enum.IntEnum):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, enum.Enum) and not isinstance(other, QtEnum):
-            return type(other).__name__ == type(self).__name__ and other.value == self.value
+            return _same_qt_enum(type(other), type(self)) and other.value == self.value
         return int.__eq__(self, other)
 
     def __ne__(self, other: object) -> bool:
@@ -51,7 +61,7 @@ class QtEnum(enum.IntEnum):
 def qt_value(value: object, enum_type: type[QtEnum]) -> object:
     """A Qt binding's enum member of *enum_type*'s name as that member of ours; anything else as is."""
     if isinstance(value, enum.Enum) and not isinstance(value, QtEnum) \
-            and type(value).__name__ == enum_type.__name__ and isinstance(value.value, int):
+            and _same_qt_enum(type(value), enum_type) and isinstance(value.value, int):
         try:
             return enum_type(value.value)
         except ValueError:

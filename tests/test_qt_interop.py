@@ -29,7 +29,7 @@ KINDS = ("posix", "sysv", "legacy")
 
 def _has_pyside() -> bool:
     try:
-        import PySide6.QtCore  # noqa: F401
+        import PySide6.QtCore  # noqa: F401  # pyflakes: F401 (only whether it imports)
     except ImportError:
         return False
     return True
@@ -315,13 +315,16 @@ def test_derivations_match_pyside6():
 
 @needs_qt
 def test_enums_and_keys_of_pyside6_are_taken(qt_name):
-    from PySide6.QtCore import QNativeIpcKey as PyKey, QSharedMemory as PyMem
+    from PySide6.QtCore import QNativeIpcKey as PyKey, QSharedMemory as PyMem, QSystemSemaphore
 
     assert QSharedMemory.ReadOnly == PyMem.AccessMode.ReadOnly and PyMem.AccessMode.ReadOnly == AccessMode.ReadOnly
     assert QSharedMemory.ReadWrite != PyMem.AccessMode.ReadOnly
     assert QSharedMemory.NotFound == PyMem.SharedMemoryError.NotFound
     assert T.SystemV == PyKey.Type.SystemV and PyKey.Type.PosixRealtime == T.PosixRealtime
     assert T.SystemV != PyKey.Type.PosixRealtime
+    assert QSharedMemory.ReadOnly != QSystemSemaphore.AccessMode.Open  # another class's AccessMode
+    with pytest.raises(ValueError):
+        QSharedMemory().attach(QSystemSemaphore.AccessMode.Open)
     theirs = PyMem.legacyNativeKey(qt_name)
     m = QSharedMemory(theirs)  # their key, their legacy key included
     assert m.key() == qt_name and m.nativeIpcKey() == QSharedMemory.legacyNativeKey(qt_name)
