@@ -55,31 +55,36 @@ def _is_posix(key: QNativeIpcKey) -> bool:
     return key.type() == QNativeIpcKey.Type.PosixRealtime
 
 
-# Qt's QSharedMemoryPrivate::setUnixErrorString and QSystemSemaphorePrivate::setUnixErrorString.
-def _shm_errno(number: int | None, function: str) -> tuple[E, str]:
-    if number == errno.EACCES:
-        return E.PermissionDenied, f"{function}: permission denied"
-    if number == errno.EEXIST:
-        return E.AlreadyExists, f"{function}: already exists"
-    if number == errno.ENOENT:
-        return E.NotFound, f"{function}: doesn't exist"
-    if number in (errno.EMFILE, errno.ENOMEM, errno.ENOSPC):
-        return E.OutOfResources, f"{function}: out of resources"
+# Qt's QSharedMemoryPrivate::setUnixErrorString and QSystemSemaphorePrivate::setUnixErrorString:
+# (errnos, code, reason) rows; any other errno is UnknownError with strerror's text.
+_SHM_REASONS = [
+    ((errno.EACCES,), E.PermissionDenied, "permission denied"),
+    ((errno.EEXIST,), E.AlreadyExists, "already exists"),
+    ((errno.ENOENT,), E.NotFound, "doesn't exist"),
+    ((errno.EMFILE, errno.ENOMEM, errno.ENOSPC), E.OutOfResources, "out of resources"),
+]
+_SEM_REASONS = [
+    ((errno.EPERM, errno.EACCES), E.PermissionDenied, "permission denied"),
+    ((errno.EEXIST,), E.AlreadyExists, "already exists"),
+    ((errno.ENOENT,), E.NotFound, "does not exist"),
+    ((errno.ERANGE, errno.ENOSPC, errno.EMFILE), E.OutOfResources, "out of resources"),
+    ((errno.ENAMETOOLONG,), E.KeyError, "key too long"),
+]
+
+
+def _unix_error(number: int | None, function: str, reasons: list[tuple[tuple[int, ...], E, str]]) -> tuple[E, str]:
+    for numbers, code, reason in reasons:
+        if number in numbers:
+            return code, f"{function}: {reason}"
     return E.UnknownError, f"{function}: unknown error: {os.strerror(number or 0)}"
+
+
+def _shm_errno(number: int | None, function: str) -> tuple[E, str]:
+    return _unix_error(number, function, _SHM_REASONS)
 
 
 def _sem_errno(number: int | None, function: str) -> tuple[E, str]:
-    if number in (errno.EPERM, errno.EACCES):
-        return E.PermissionDenied, f"{function}: permission denied"
-    if number == errno.EEXIST:
-        return E.AlreadyExists, f"{function}: already exists"
-    if number == errno.ENOENT:
-        return E.NotFound, f"{function}: does not exist"
-    if number in (errno.ERANGE, errno.ENOSPC, errno.EMFILE):
-        return E.OutOfResources, f"{function}: out of resources"
-    if number == errno.ENAMETOOLONG:
-        return E.KeyError, f"{function}: key too long"
-    return E.UnknownError, f"{function}: unknown error: {os.strerror(number or 0)}"
+    return _unix_error(number, function, _SEM_REASONS)
 
 
 class _Semaphore:

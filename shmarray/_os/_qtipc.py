@@ -32,6 +32,9 @@ import struct
 import time
 from typing import Any
 
+# close(2) ignoring EBADF, and fstat's st_size: the ones the segments use.
+from ._linux import close, size_of as posix_size
+
 __all__ = [
     "MissingModuleError",
     "posix_available",
@@ -115,24 +118,10 @@ def truncate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
-def close(fd: int) -> None:
-    """close(2), ignoring EBADF."""
-    try:
-        os.close(fd)
-    except OSError as e:  # pragma: no cover - defensive
-        if e.errno != errno.EBADF:
-            raise
-
-
 def posix_open(name: str, writable: bool) -> int:
     """shm_open of an existing object (O_RDWR or O_RDONLY): the fd Qt keeps while attached."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
     return os.open(shm_path(name), flags, 0o600 if writable else 0o400)
-
-
-def posix_size(fd: int) -> int:
-    """fstat's st_size."""
-    return os.fstat(fd).st_size
 
 
 def posix_unlink(name: str) -> bool:
