@@ -99,6 +99,8 @@ def test_readme_block_runs(line, src, tmp_path):
         pytest.skip("the README's keys are fixed: needs root and unshare(1) for a private /dev/shm")
     if "import numpy as np, shmarray, torch" in src:
         pytest.importorskip("torch", reason="the DataLoader block needs torch (see the README's test command)")
+    if "from PySide6" in src:
+        pytest.importorskip("PySide6.QtCore", reason="the Qt block needs PySide6-Essentials (in the test extras)")
     paths = []
     for i, part in enumerate(parts(src)):
         path = str(tmp_path / f"part{i}.py")
