@@ -4,14 +4,18 @@ The key derivations are checked against values Qt computed (PySide6 6.12,
 written down here) and, where PySide6 is installed, against PySide6 itself.
 The interop tests run PySide6's QSharedMemory in spawned processes
 (tests/_qt_peer.py) for both key types Linux has, PosixRealtime and
-SystemV, and for the legacy key (``QSharedMemory("name")``, System V).
+SystemV, and for the legacy key (``QSharedMemory("name")``, System V); and
+a C++ Qt program (tests/qt_cpp/peer.cpp, built against the machine's Qt 6
+where its development files are installed) on the legacy key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pickle
+import random
 import time
 
 import numpy as np
@@ -303,6 +307,9 @@ def test_attach_qt_errors(qt_name):
 def test_derivations_match_pyside6():
     names = ["frames", "/frames", "a b", "100%", "a?b#c", "é/ü 画像", "x" * 300, "A1_b-2.c", "a+b&=c",
              "~!$'()*,;@", "tab\tx", "//x/y", "Qt-Frames-123"]
+    rng = random.Random(18)
+    alphabet = "aZ09 _-./%?#&=+:;@~!$'()*,[]\t\x7féüß画像😀"
+    names += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(200)]
     qt = run(_peer().qt_keys, names, timeout=60)
     for name, theirs in zip(names, qt):
         keys = [QSharedMemory.platformSafeKey(name), QSharedMemory.platformSafeKey(name, T.SystemV),
@@ -459,3 +466,82 @@ def test_no_key_files_left(qt_name):
     assert m.create(10) and m.detach()
     del m
     assert not glob.glob(QSharedMemory.legacyNativeKey(qt_name).nativeKey() + "*")
+
+
+# -- against a C++ Qt program ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpp_peer(tmp_path_factory):
+    """tests/qt_cpp/peer.cpp built against the machine's Qt 6 (Debian's qt6-base-dev; .ci/run installs it)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("g++") or not shutil.which("pkg-config"):
+        pytest.skip("needs g++ and pkg-config to build the C++ Qt peer")
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "Qt6Core"], capture_output=True, text=True)
+    if flags.returncode != 0:
+        pytest.skip("needs Qt 6's development files (Debian: qt6-base-dev) to build the C++ Qt peer")
+    out = str(tmp_path_factory.mktemp("qtcpp") / "peer")
+    source = os.path.join(os.path.dirname(__file__), "qt_cpp", "peer.cpp")
+    built = subprocess.run(["g++", "-std=c++17", "-fPIC", "-O1", source, *flags.stdout.split(), "-o", out],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+@contextlib.contextmanager
+def _cpp(peer: str, *args: str):
+    """The C++ peer running with *args*; killed (if still running) and reaped on the way out."""
+    import subprocess
+
+    with subprocess.Popen([peer, *args], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _line(proc, timeout: float = 30) -> str:
+    """The next line the C++ peer prints, bounded by *timeout*."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError("the C++ Qt peer printed nothing")
+    return proc.stdout.readline().strip()
+
+
+def test_a_cpp_qt_program_creates_we_answer(cpp_peer, qt_name):
+    ours = our_memory("legacy", qt_name)
+    with _cpp(cpp_peer, "create", qt_name, "4096") as peer:
+        assert _line(peer) == f"ready {ours.nativeKey()}"
+        assert ours.attach(), ours.errorString()
+        assert ours.lock(timeout=10)
+        assert bytes(ours.constData()[0:17]) == b"\x01written by C++.."
+        ours.data()[1:17] = b"python answers.."
+        ours.data()[0:1] = b"\x02"
+        assert ours.unlock()
+        assert _line(peer) == "got python answers.."
+        assert peer.wait(30) == 0
+    assert ours.detach()
+
+
+def test_a_cpp_qt_program_attaches_to_ours_and_dies_holding_the_lock(cpp_peer, qt_name):
+    ours = our_memory("legacy", qt_name)
+    assert ours.create(4096)
+    assert ours.lock()
+    ours.data()[1:17] = b"made in python.."
+    ours.data()[0:1] = b"\x01"
+    assert ours.unlock()
+    with _cpp(cpp_peer, "attach", qt_name) as peer:
+        assert _line(peer) == "got made in python.. stage 1 size 4096"
+        assert peer.wait(30) == 0
+    assert ours.lock(timeout=10) and bytes(ours.constData()[0:17]) == b"\x02answered by C++."
+    assert ours.unlock()
+    with _cpp(cpp_peer, "die", qt_name) as dying:
+        assert _line(dying) == "locked"
+        assert dying.wait(30) == 0
+    assert ours.lock(timeout=10)  # System V: the kernel gave the dead C++ holder's lock back
+    assert ours.unlock() and ours.detach()
