@@ -214,7 +214,7 @@ class PosixSemaphore:
 class SysVSemaphore:
     """A one-element System V semaphore set, as Qt's QSystemSemaphoreSystemV::handle() opens it."""
 
-    __slots__ = ("key", "ident", "created")
+    __slots__ = ("key", "ident", "created", "_ops")
 
     def __init__(self, key: int, initial: int, reset: bool) -> None:
         """semget(IPC_CREAT|IPC_EXCL, 0600), else semget(IPC_CREAT); SETVAL *initial* when made or *reset*."""
@@ -229,16 +229,18 @@ class SysVSemaphore:
             if ident == -1:
                 raise _call_failed()
         self.ident = int(ident)
+        # Qt's semop() always sets SEM_UNDO: the kernel gives a dead holder's count back.
+        down, up = _SemBuf(0, -1, _SEM_UNDO), _SemBuf(0, 1, _SEM_UNDO)
+        self._ops = {-1: (down, ctypes.byref(down)), 1: (up, ctypes.byref(up))}
         if self.created or reset:
             if libc.semctl(self.ident, 0, _SETVAL, ctypes.c_int(initial)) == -1:
                 raise _call_failed()
 
     def _semop(self, delta: int, timeout: float | None) -> bool:
         ct, libc = _libc()
-        # Qt's semop() always sets SEM_UNDO: the kernel gives a dead holder's count back.
-        op = _SemBuf(0, delta, _SEM_UNDO)
+        op = self._ops[delta][1]
         if timeout is None:
-            while libc.semop(self.ident, ct.byref(op), 1) == -1:
+            while libc.semop(self.ident, op, 1) == -1:
                 if _errno() != errno.EINTR:
                     raise _call_failed()
             return True
@@ -246,7 +248,7 @@ class SysVSemaphore:
         while True:
             left = max(0.0, deadline - time.monotonic())
             ts = _TimeSpec(int(left), int((left - int(left)) * 1e9))
-            if libc.semtimedop(self.ident, ct.byref(op), 1, ct.byref(ts)) == 0:
+            if libc.semtimedop(self.ident, op, 1, ct.byref(ts)) == 0:
                 return True
             number = _errno()
             if number == errno.EAGAIN:
