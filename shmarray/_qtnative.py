@@ -210,6 +210,7 @@ class QtNative:
         self.key_file = ""
         self.unix_key = 0
         self.deferred = 0  # our mapping outlived detach() (views of it live): shm_nattch still counts it
+        self.pid = os.getpid()
 
     # -- errors --------------------------------------------------------------------------------------
 
@@ -459,7 +460,14 @@ class QtNative:
         self.unix_key = 0
 
     def destroy(self) -> None:
-        """~QSharedMemory: detach, clean the handle, and the semaphore's own clean-up."""
+        """~QSharedMemory: detach, clean the handle, and the semaphore's own clean-up.
+
+        Only in the process that made the object: a forked child exiting does
+        not run its parent's destructors in C++ either (it would remove the
+        parent's semaphore).
+        """
+        if os.getpid() != self.pid:
+            return
         try:
             if self.memory is not None:
                 self.detach()

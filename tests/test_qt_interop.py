@@ -12,6 +12,7 @@ where its development files are installed) on the legacy key.
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import os
 import pickle
@@ -238,6 +239,22 @@ def test_a_failed_create_resets_the_lock_as_qt_does(kind, qt_name):
     assert b.lock(timeout=1)  # not excluded any more
     assert b.unlock() and a.unlock()
     assert b.detach() and a.detach()
+
+
+def test_a_forked_child_does_not_clean_up_its_parents_objects(qt_name):
+    a = our_memory("posix", qt_name)
+    assert a.create(64)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the object: its finalizer runs here, and must do nothing
+        try:
+            del a
+            gc.collect()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.path.exists(f"/dev/shm/sem.{qt_name}")  # the parent's semaphore is still there
+    assert a.lock(timeout=5) and a.unlock() and a.detach()
 
 
 def test_system_v_detach_removes_only_when_nobody_is_attached(qt_name):
