@@ -152,7 +152,8 @@ class QSharedMemory:
                 )
             key = None  # QSharedMemory(parent)
         if self._qt:
-            self._enter_qt(QSharedMemory.legacyNativeKey(key) if key else QNativeIpcKey())
+            self._enter_qt(QSharedMemory.legacyNativeKey(key) if key else
+                           QNativeIpcKey(QNativeIpcKey.legacyDefaultTypeForOs()))
         else:
             self.setKey(key)
 

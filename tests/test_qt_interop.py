@@ -289,6 +289,7 @@ def test_qt_mode_is_sticky_and_set_key_follows_qt6(qt_name):
     assert m.nativeIpcKey() == QNativeIpcKey("plain") and m.key() == ""
     m.setNativeKey("/" + qt_name, T.PosixRealtime)
     assert m.nativeKey() == "/" + qt_name
+    assert QSharedMemory(qt_compat=True).nativeIpcKey() == QNativeIpcKey(T.SystemV)  # Qt's QSharedMemory()
     shm = QSharedMemory("plain-shmarray-key")  # a str key without qt_compat: shmarray's segment, as before
     assert shm.nativeKey().startswith("shmarray_")
 
