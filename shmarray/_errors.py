@@ -25,6 +25,7 @@ __all__ = [
     "OutOfResourcesError",
     "UnknownShmError",
     "HeaderError",
+    "error_class",
 ]
 
 
@@ -160,6 +161,15 @@ class HeaderError(ShmError, ValueError):
     """A segment's header is corrupt, truncated, foreign or of another kind."""
 
     code = SharedMemoryError.UnknownError
+
+
+def error_class(code: SharedMemoryError) -> type[ShmError]:
+    """The exception a failure with Qt's *code* raises (UnknownShmError for UnknownError and NoError)."""
+    for cls in (PermissionDeniedError, InvalidSizeError, InvalidKeyError, AlreadyExistsError,
+                NotFoundError, LockError, OutOfResourcesError):
+        if cls.code == code:
+            return cls
+    return UnknownShmError
 
 
 class _InvalidSizeTypeError(InvalidSizeError, TypeError):

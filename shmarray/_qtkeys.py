@@ -22,10 +22,12 @@ Only the Linux build's rules are here (not Apple's 30-character names).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pwd
 from typing import Any
+from urllib.parse import unquote
 
 from ._errors import QtEnum, qt_value
 
@@ -57,6 +59,9 @@ class _Type(QtEnum):
 _Type.__name__ = "Type"
 _Type.__qualname__ = "QNativeIpcKey.Type"
 _INVALID = _Type(0)
+# Percent-decoding once, as UTF-8, a malformed escape left as written: what QUrl's path() and Qt's
+# fromPercentEncoding of a query item give.
+_unquote = functools.partial(unquote, encoding="utf-8", errors="replace")
 _TYPE_NAMES = {_Type.SystemV: "systemv", _Type.PosixRealtime: "posix", _Type.Windows: "windows"}
 
 
@@ -182,13 +187,13 @@ class QNativeIpcKey:
             if authority:
                 return invalid
             path = slash + tail
-        key = QNativeIpcKey(_decode(path), kind)
+        key = QNativeIpcKey(_unquote(path), kind)
         if has_query:
             for item in query.split("&"):
                 name, _, value = item.partition("=")
-                if _decode(name) != "legacyKey":
+                if _unquote(name) != "legacyKey":
                     return invalid
-                key._legacy = _decode(value)
+                key._legacy = _unquote(value)
         return key
 
     def __eq__(self, other: object) -> bool:
@@ -271,25 +276,6 @@ def _encode(text: str, also: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-def _decode(text: str) -> str:
-    """Percent-decode once (a malformed escape stays as written), as UTF-8."""
-    raw = bytearray()
-    i = 0
-    data = text.encode("utf-8", "surrogatepass")
-    while i < len(data):
-        if data[i] == 0x25 and  _is_hex(data[i + 1:i + 3]):
-            raw.append(int(data[i + 1:i + 3], 16))
-            i += 3
-        else:
-            raw.append(data[i])
-            i += 1
-    return raw.decode("utf-8", "replace")
-
-
-def _is_hex(pair: bytes) -> bool:
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
 
 
 # -- where Qt puts things (QStandardPaths on Linux) -------------------------------------------------

@@ -175,8 +175,10 @@ class _Semaphore:
             return bool(self.handle.acquire(timeout))
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.EIDRM):  # removed under us: Qt opens it afresh
-                self.handle = None
-                self.removes = False
+                if isinstance(self.handle, _ipc().SysVSemaphore):
+                    self.clean()  # Qt's System V retry runs cleanHandle (the key file goes if it was ours)
+                else:
+                    self.handle = None
                 return self.acquire(timeout)
             self.error, self.error_string = _sem_errno(e.errno, "QSystemSemaphore::modifySemaphore")
             return False

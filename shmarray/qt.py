@@ -44,7 +44,6 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from . import _errors
 from ._errors import (
     AccessMode,
     InvalidKeyError,
@@ -53,12 +52,15 @@ from ._errors import (
     OutOfResourcesError,
     SharedMemoryError,
     ShmError,
+    error_class,
     qt_value,
 )
 from ._os import native_key_for
 from ._qtkeys import QNativeIpcKey, as_key, legacy_key_of, legacy_native_key, platform_safe_key
 from ._qtnative import QtNative, is_supported, remove as _remove
 from ._array import MappedArray
+from ._lock import check_timeout
+from ._npy import check_dtype, check_shape
 from ._segment import Segment
 
 # Annotation names: inside the class body, AccessMode and SharedMemoryError
@@ -151,11 +153,7 @@ class QSharedMemory:
                     f"not {type(key).__name__} ({key!r})"
                 )
             key = None  # QSharedMemory(parent)
-        if self._qt:
-            self._enter_qt(QSharedMemory.legacyNativeKey(key) if key else
-                           QNativeIpcKey(QNativeIpcKey.legacyDefaultTypeForOs()))
-        else:
-            self.setKey(key)
+        self.setKey(key)
 
     # -- Qt mode ---------------------------------------------------------------------------
 
@@ -233,8 +231,7 @@ class QSharedMemory:
         """
         key = _qstring(key, "setKey")
         if self._qt:
-            self._enter_qt(QSharedMemory.legacyNativeKey(key) if key else QNativeIpcKey(
-                QNativeIpcKey.legacyDefaultTypeForOs()))
+            self._enter_qt(legacy_native_key(key))  # '' gives Qt's empty key of the legacy type
             return
         native = native_key_for(key) if key else ""
         if key == self._key and native == self._native:
@@ -400,7 +397,7 @@ class QSharedMemory:
         form, attached or not.
         """
         if self._q is not None:
-            return self._q.lock(None if timeout is None else float(timeout))
+            return self._q.lock(check_timeout(timeout))
         seg = self._seg
         if seg.lock_held is not None:
             _log.warning("QSharedMemory::lock: already locked")
@@ -436,7 +433,6 @@ class QSharedMemory:
 
 def _type_name(value: object) -> str:
     return type(value).__name__
-
 
 
 def remove_qt_segment(key: QNativeIpcKey | Any) -> bool:
@@ -498,17 +494,6 @@ class QtArray(MappedArray):
             memory.unlock()
 
 
-_RAISES = {
-    SharedMemoryError.PermissionDenied: _errors.PermissionDeniedError,
-    SharedMemoryError.InvalidSize: InvalidSizeError,
-    SharedMemoryError.KeyError: InvalidKeyError,
-    SharedMemoryError.AlreadyExists: _errors.AlreadyExistsError,
-    SharedMemoryError.NotFound: _errors.NotFoundError,
-    SharedMemoryError.LockError: LockError,
-    SharedMemoryError.OutOfResources: OutOfResourcesError,
-}
-
-
 def attach_qt(
     key: str | QNativeIpcKey | Any,
     dtype: Any,
@@ -534,32 +519,18 @@ def attach_qt(
     native = as_key(key)
     if native is None:
         raise TypeError(f"attach_qt: key must be a str or a QNativeIpcKey, not {type(key).__name__}")
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        raise TypeError(f"attach_qt: dtype {dt} holds Python objects, which cannot live in shared memory")
+    dt = check_dtype(dtype, "attach_qt")
+    dims = None if shape is None else check_shape(shape, "attach_qt")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidSizeError(f"attach_qt: offset must be an int >= 0, not {offset!r}", None)
     memory = QSharedMemory(native)
     if not memory.attach(mode):
-        if memory.error() == SharedMemoryError.KeyError and not memory.isKeyTypeSupported(native.type()):
-            raise InvalidKeyError(f"{memory.errorString()} ({native!r})", native.nativeKey())
-        raise _RAISES.get(memory.error(), _errors.UnknownShmError)(
-            f"{memory.errorString()} ({native.nativeKey()!r})", native.nativeKey())
+        raise error_class(memory.error())(f"{memory.errorString()} ({native.nativeKey()!r})", native.nativeKey())
     size = memory.size()
-    room = size - offset
-    if shape is None:
-        if dt.itemsize == 0 or room < 0:
-            count = 0 if room >= 0 else -1
-        else:
-            count = room // dt.itemsize
-        dims: tuple[int, ...] = (count,)
-    else:
-        dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in dims):
-        memory.detach()
-        raise InvalidSizeError(f"attach_qt: shape must be ints >= 0, not {shape!r}", native.nativeKey())
+    if dims is None:  # as many items as fit after offset
+        dims = (max(0, size - offset) // dt.itemsize if dt.itemsize else 0,)
     nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
-    if room < 0 or nbytes > room:
+    if offset + nbytes > size:
         memory.detach()
         raise InvalidSizeError(
             f"attach_qt: {dims} of {dt} at offset {offset} needs {offset + nbytes} bytes; "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import glob
 import os
 import pickle
 import random
@@ -216,6 +215,10 @@ def test_qt_mode_between_our_own_objects(kind, qt_name):
     assert a.lock()
     a.data()[:3] = b"abc"
     assert not b.lock(timeout=0.05) and b.error() == QSharedMemory.LockError
+    with pytest.raises(ValueError):
+        b.lock(timeout=-1)  # the one timeout rule (shmarray._lock.check_timeout), as in shmarray mode
+    with pytest.raises(TypeError):
+        b.lock(timeout="1")
     assert a.unlock() and b.lock(timeout=5)
     assert bytes(b.constData()[:3]) == b"abc"
     view = b.constData()
@@ -482,8 +485,10 @@ def test_no_key_files_left(qt_name):
     """The fixture's own check, once without any Qt process: key files of ours go with our objects."""
     m = our_memory("legacy", qt_name)
     assert m.create(10) and m.detach()
+    assert _left("legacy", qt_name) == [QSharedMemory.legacyNativeKey(qt_name).nativeKey().replace(
+        "qipc_sharedmemory_", "qipc_systemsem_")]  # the lock's key file lives as long as its object
     del m
-    assert not glob.glob(QSharedMemory.legacyNativeKey(qt_name).nativeKey() + "*")
+    assert not _left("legacy", qt_name)
 
 
 # -- against a C++ Qt program ---------------------------------------------------------------------------
