@@ -36,6 +36,7 @@ from ._control import PAGE_SIZE
 from ._display import human as _human
 from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
+from ._lock import Guard
 from ._progress import check_progress, label, reporting
 from ._segment import Dir, Segment
 from ._transfer import by_value, rebuild_specially, special
@@ -49,23 +50,6 @@ _CHUNK = 4 << 20
 _INTP_MAX = np.iinfo(np.intp).max
 
 Write = Callable[[memoryview, int], None]
-
-
-class _Locked:
-    """``with a.lock():`` -- the segment lock; the array is what ``as`` gives."""
-
-    __slots__ = ("_arr", "_inner")
-
-    def __init__(self, arr: SharedArray, seg: Segment, timeout: float | None, shared: bool) -> None:
-        self._arr = arr
-        self._inner = seg.locked(timeout, shared=shared)
-
-    def __enter__(self) -> SharedArray:
-        self._inner.__enter__()
-        return self._arr
-
-    def __exit__(self, *exc: object) -> None:
-        self._inner.__exit__(*exc)
 
 
 def _plain(result: Any) -> Any:
@@ -153,16 +137,33 @@ class SharedArray(MappedArray):
         """The :class:`Segment` the array lives in (detached after :meth:`close`)."""
         return self._shm_seg
 
-    def lock(self, timeout: float | None = None, *, shared: bool = False) -> _Locked:
-        """The segment lock as a context manager: ``with a.lock(): a[0] = 1``.
+    def lock(self, timeout: float | None = None, *, shared: bool = False) -> Guard:
+        """Take the segment lock now; the guard it returns releases it (``with``, or :meth:`unlock`).
 
-        Exclusive by default, ``shared=True`` for readers. *timeout* None
-        waits forever, 0 tries once; raises LockError when it runs out.
+        ``a.lock()`` as a statement holds the lock until ``a.unlock()``, as
+        ``threading.Lock.acquire`` does; ``with a.lock(): a[0] = 1`` releases
+        on exit (``as`` gives the array). Exclusive by default,
+        ``shared=True`` for readers. *timeout* None waits forever, 0 tries
+        once; LockError when it runs out. Between processes it is the
+        segment's lock; within a process the threads using this array (and
+        its views) exclude each other too, and a thread that holds it may
+        lock again (each hold is released once).
         """
         seg = self._shm_seg
         if seg is None:
             raise LockError("this array does not live in a segment (it is a copy); it has no segment lock")
-        return _Locked(self, seg, timeout, shared)
+        return seg._holds().acquire(self, timeout, shared, f"lock of array {seg.key!r}")
+
+    def unlock(self) -> None:
+        """Release this thread's latest hold of the segment lock (taken by :meth:`lock`).
+
+        A LockError when this thread holds none: a second unlock never
+        releases another hold.
+        """
+        seg = self._shm_seg
+        if seg is None:
+            raise LockError("this array does not live in a segment (it is a copy); it has no segment lock")
+        seg._holds().release()
 
     def close(self) -> None:
         """Detach the segment now; views already taken keep working until they are collected.

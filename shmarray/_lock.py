@@ -22,16 +22,17 @@ vanished is detected by asking, not by taking.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ._control import MARK_WORD
 from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["LockGate", "SegmentLock", "ByteLocks", "Backoff", "poll_until", "check_timeout"]
+__all__ = ["LockGate", "SegmentLock", "Holds", "Guard", "ByteLocks", "Backoff", "poll_until", "check_timeout"]
 
 _MARK = MARK_WORD
 
@@ -171,7 +172,7 @@ def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float 
 class SegmentLock:
     """The lock of one Segment object (and the views built on it), through its attachment's gate."""
 
-    __slots__ = ("_gate", "_held", "recovered", "_fd", "_marks", "_try_mutex", "__weakref__")
+    __slots__ = ("_gate", "_held", "recovered", "_fd", "_marks", "_try_mutex", "holds", "__weakref__")
 
     def __init__(self, gate: LockGate) -> None:
         self._gate = gate
@@ -182,6 +183,7 @@ class SegmentLock:
         self._fd = gate.fd
         self._marks = gate.marks
         self._try_mutex = gate.mutex.acquire
+        self.holds: Holds | None = None  # the guard rule, made on first SharedArray.lock()
 
     @property
     def held(self) -> str | None:
@@ -339,3 +341,160 @@ class ByteLocks:
     def held_elsewhere(self, at: int, fd: int | None = None) -> bool:
         """True while another description (a live holder, in any process) holds byte *at*."""
         return backend.ofd_held_elsewhere(self._description() if fd is None else fd, at)
+
+
+class Guard:
+    """What ``lock()`` returns: the lock is already held; ``with`` (or :meth:`release`) lets go of it.
+
+    One hold of one lock, taken by one call: releasing it twice, or after
+    ``unlock()`` released it, is a LockError and never lets go of another
+    hold. Dropping the guard does not release (a bare ``a.lock()``
+    statement holds the lock until ``a.unlock()``, as ``threading.Lock.acquire``).
+    """
+
+    __slots__ = ("_holds", "_value", "_thread", "_open", "shared")
+
+    def __init__(self, holds: Holds, value: object, thread: int, shared: bool) -> None:
+        self._holds = holds
+        self._value = value
+        self._thread = thread
+        self._open = True
+        self.shared = shared
+
+    @property
+    def held(self) -> bool:
+        """True until this hold is released (by the guard, ``with`` or ``unlock()``)."""
+        return self._open
+
+    def release(self) -> None:
+        """Let go of this hold (the lock itself goes when the last hold on it does)."""
+        self._holds.release(self)
+
+    def __enter__(self) -> Any:
+        if not self._open:
+            raise LockError("this lock guard was released already; call lock() again for a new hold")
+        return self._value
+
+    def __exit__(self, *exc: object) -> None:
+        self._holds.release(self)
+
+    def __repr__(self) -> str:
+        state = ("shared" if self.shared else "exclusive") if self._open else "released"
+        return f"<shmarray lock guard {state}>"
+
+
+class Holds:
+    """The guard rule for one lock object: ``lock()`` takes the lock when called and returns a :class:`Guard`.
+
+    Among this process's threads it is a re-entrant readers-writer lock over
+    the object's :class:`SegmentLock` (which is per object, as in Qt, and
+    would let a second thread of the same object straight in): a thread that
+    holds it may lock again (each hold released once), readers share, and
+    a writer waits for the other threads' holds to go. The lock between
+    processes is taken by the first hold and dropped with the last.
+    """
+
+    __slots__ = ("_lock", "_cond", "_stacks", "_writer", "_busy", "_borrowed", "_pid")
+
+    def __init__(self, lock: SegmentLock) -> None:
+        self._lock = lock
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._stacks: dict[int, list[Guard]] = {}  # thread -> its open guards, latest last
+        self._writer: int | None = None  # the thread holding exclusively, if any
+        self._busy = False  # a thread is taking or dropping the lock between processes
+        self._borrowed = False  # the lock was held through Segment.lock() when the first guard came
+        self._pid = os.getpid()
+
+    def acquire(self, value: object, timeout: float | None, shared: bool, label: str) -> Guard:
+        """Take a hold for the calling thread; raises LockError when *timeout* seconds run out."""
+        timeout = check_timeout(timeout)
+        if self._pid != os.getpid():
+            self._fresh()  # a forked child: the parent's threads and holds are not here
+        me = threading.get_ident()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._cond
+        with cond:
+            mine = self._stacks.get(me)
+            if mine:
+                if self._writer == me or shared:
+                    return self._push(value, me, mine[-1].shared and shared)
+                raise LockError(f"{label}: this thread holds the shared lock; release it before asking "
+                                "for the exclusive one (an upgrade could deadlock two readers)")
+            while True:
+                if not self._busy:
+                    if not self._stacks:
+                        break  # nobody in this process holds it: take it between processes
+                    if shared and self._writer is None:
+                        return self._push(value, me, True)  # join the other threads' shared hold
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise LockError(f"{label}: timed out after {timeout} s (another thread of this "
+                                    "process holds the lock)")
+                cond.wait(left)
+            self._busy = True
+        lk = self._lock
+        took = False
+        # Held through Segment.lock() already: the guards borrow that hold and leave it held.
+        borrowed = lk._held != 0
+        try:
+            if borrowed and lk._held == 1 and not shared:
+                raise LockError(f"{label}: the shared lock is held through Segment.lock(shared=True); "
+                                "unlock() it before asking for the exclusive one")
+            took = lk.acquire(None if deadline is None else max(0.0, deadline - time.monotonic()), shared)
+        finally:
+            with cond:
+                self._busy = False
+                cond.notify_all()
+                if took:
+                    self._borrowed = borrowed
+                    if lk._held == 2:
+                        self._writer = me
+                    guard = self._push(value, me, shared)
+        if not took:
+            raise LockError(f"{label}: timed out after {timeout} s waiting for the lock")
+        return guard
+
+    def _push(self, value: object, me: int, shared: bool) -> Guard:
+        guard = Guard(self, value, me, shared)
+        self._stacks.setdefault(me, []).append(guard)
+        return guard
+
+    def release(self, guard: Guard | None = None) -> None:
+        """Close *guard* (None: the calling thread's latest hold); the last hold drops the lock."""
+        cond = self._cond
+        with cond:
+            if guard is None:
+                me = threading.get_ident()
+                mine = self._stacks.get(me)
+                if not mine:
+                    if self._stacks:
+                        raise LockError("unlock(): another thread of this process holds this lock; the thread "
+                                        "that took it releases it (or its guard does)")
+                    if self._lock._held and self._pid == os.getpid():
+                        self._lock.release()  # held through Segment.lock(): this object's own hold
+                        return
+                    raise LockError("unlock(): the lock is not held (released already, or never taken)")
+                guard = mine[-1]
+            elif self._pid != os.getpid():
+                raise LockError("this lock guard was taken in the parent process; a forked child does "
+                                "not hold its parent's lock")
+            elif not guard._open:
+                raise LockError("this lock guard was released already (a second release would let go "
+                                "of another hold)")
+            guard._open = False
+            stack = self._stacks[guard._thread]
+            stack.remove(guard)
+            if stack:
+                return
+            del self._stacks[guard._thread]
+            if self._writer == guard._thread:
+                self._writer = None
+            if self._stacks:
+                return
+            if not self._borrowed:
+                self._lock.release()
+            self._borrowed = False
+            cond.notify_all()

@@ -44,7 +44,7 @@ from ._errors import (
     UnknownShmError,
     _InvalidSizeTypeError,
 )
-from ._lock import SegmentLock, check_timeout
+from ._lock import Holds, SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._transfer import rebuild_specially, special
 
@@ -52,7 +52,7 @@ __all__ = ["Segment", "PAYLOAD_INTERFACE"]
 
 #: The private names of Segment that the layers above may use (see the end of the class).
 PAYLOAD_INTERFACE = frozenset({"_create", "_boundary", "_no_space", "_mapping", "_root", "_head", "_cache",
-                               "_lock_fd", "_reference", "_of_instance", "_dir", "_ident"})
+                               "_lock_fd", "_holds", "_reference", "_of_instance", "_dir", "_ident"})
 
 #: A ``dir=`` argument: the segment directory (None: ``SHMARRAY_DIR``, else /dev/shm).
 Dir = Union[str, "os.PathLike[str]", None]
@@ -644,6 +644,16 @@ class Segment:
             return cm
         return _Locked(self, timeout, shared)
 
+    def _holds(self) -> Holds:
+        """The guard rule over this object's lock (what ``SharedArray.lock()`` returns guards of)."""
+        lk = self._lk
+        if lk is None:
+            lk = self._the_lock("lock")  # raises the right LockError
+        holds = lk.holds
+        if holds is None:
+            holds = lk.holds = Holds(lk)
+        return holds
+
     @property
     def lock_recovered(self) -> bool:
         """True when the last acquisition found that the previous exclusive holder had died holding it."""
@@ -699,7 +709,7 @@ class Segment:
     # What the layers above may use of a Segment besides its public API (a test checks that they
     # use nothing else): build a segment with a writer (_create), its size rules (_boundary,
     # _no_space), its memory (_mapping, _root, _head, _cache), a description of its own for
-    # byte-range locks (_lock_fd), what a reference names (_reference, _of_instance, _dir) and the
+    # byte-range locks (_lock_fd), the guard rule of its lock (_holds), what a reference names (_reference, _of_instance, _dir) and the
     # identity its listing reads (_ident). The segment lock is the public lock()/unlock().
 
     def _create(
