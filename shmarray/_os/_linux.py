@@ -26,6 +26,8 @@ from typing import Any, Iterator
 __all__ = [
     "SHM_DIR",
     "PAGE_SIZE",
+    "map_window",
+    "privatize",
     "flock",
     "LOCK_SH",
     "LOCK_EX",
@@ -357,6 +359,82 @@ def map_region(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     """Map *length* bytes at *offset* (a multiple of PAGE_SIZE) of *fd*."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+
+
+# mremap(2) flags (linux/mman.h).
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+# mmap(2) flags Python's mmap module does not export (asm-generic/mman-common.h, the same on every Linux arch).
+_MAP_FIXED = 0x10
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_maps() -> tuple[Any, Any, Any, Any, int]:
+    """(ctypes, libc's mmap, mremap, munmap, MAP_FAILED) on first use: Python's mmap cannot map at an address."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    c_map, c_remap, c_unmap = libc.mmap, libc.mremap, libc.munmap
+    c_map.restype = c_remap.restype = ctypes.c_void_p
+    c_map.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    c_remap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    c_unmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    c_unmap.restype = ctypes.c_int
+    return ctypes, c_map, c_remap, c_unmap, ctypes.c_void_p(-1).value
+
+
+def _address(ctypes: Any, mapping: mmap.mmap) -> int:
+    # The export taken here ends with the c_char object, before we return.
+    return int(ctypes.addressof(ctypes.c_char.from_buffer(mapping)))
+
+
+def map_window(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
+    """Map *length* bytes at *offset* (multiples of PAGE_SIZE) of *fd*, keeping no descriptor.
+
+    Python's mmap of a file keeps a duplicate of the fd for as long as the
+    mapping lives; a consumer that keeps one window per batch it hands out
+    would run out of descriptors. So an anonymous mmap owns the address
+    range (it unmaps it when the last buffer of it goes) and the file is
+    mapped over it with MAP_FIXED; its pages are faulted in at once
+    (MAP_POPULATE), as a window is mapped to be read.
+    """
+    if length <= 0 or offset % PAGE_SIZE or length % PAGE_SIZE:
+        raise ValueError(f"map_window: offset {offset} and length {length} must be positive page multiples")
+    ctypes, c_map, _, _, failed = _libc_maps()
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    mm = mmap.mmap(-1, length, prot=prot)
+    addr = _address(ctypes, mm)
+    flags = mmap.MAP_SHARED | _MAP_FIXED | getattr(mmap, "MAP_POPULATE", 0)
+    got = c_map(addr, length, prot, flags, fd, offset)
+    if got != addr:
+        err = ctypes.get_errno()
+        mm.close()  # MAP_FIXED failed: the range is still the anonymous one (or unmapped): ours to drop
+        raise OSError(err, f"mapping a window of the segment failed: {os.strerror(err)}")
+    return mm
+
+
+def privatize(mapping: mmap.mmap) -> None:
+    """Turn *mapping* (from map_window) into private memory holding the same bytes, at the same address.
+
+    The bytes are copied into a new anonymous mapping, which mremap(2) then
+    moves over the window's range in one step: a thread reading the range
+    meanwhile sees the same bytes before and after, never a hole. The
+    mapping object still owns the range and unmaps it when it goes; the
+    file's pages are no longer reachable through it. MemoryError when the
+    copy cannot be made (nothing changed then).
+    """
+    ctypes, c_map, c_remap, c_unmap, failed = _libc_maps()
+    length = len(mapping)
+    addr = _address(ctypes, mapping)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    new = c_map(None, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if new in (None, failed):
+        err = ctypes.get_errno()
+        raise MemoryError(f"no memory for a private copy of {length} bytes: {os.strerror(err)}")
+    ctypes.memmove(new, addr, length)
+    if c_remap(new, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr) != addr:
+        err = ctypes.get_errno()
+        c_unmap(new, length)
+        raise MemoryError(f"moving a private copy of {length} bytes into place failed: {os.strerror(err)}")
 
 
 # File positions that tag a description for map_marked: far beyond any
