@@ -5,8 +5,10 @@ A ring's segment holds, in its user bytes (``Segment.data``)::
     payload header (shmarray._header, kind RING) + descriptor (JSON, below)
     payload, 64-byte aligned:
       control block     CONTROL_WORDS + LOST_LOG * 4 + slots * SLOT_WORDS little-endian u64 words
+      (slack)           rings with slot_align > 64 only: up to slot_align - 64 bytes, so that
+                        slot 0 starts at a file offset that is a multiple of slot_align
       slot 0            each field at a 64-byte aligned offset inside the slot
-      slot 1            slots are `stride` bytes apart (a multiple of 64)
+      slot 1            slots are `stride` bytes apart (a multiple of 64, and of slot_align)
       ...
 
 Descriptor (UTF-8 JSON object)::
@@ -15,6 +17,9 @@ Descriptor (UTF-8 JSON object)::
      "fields": [{"name": "images", "dtype": "|u1", "shape": [256, 3, 224, 224],
                  "offset": 0, "nbytes": 38535168}, ...],
      "slot_bytes": ..., "stride": ..., "control_bytes": ...}
+
+plus ``"slot_align": A`` when slots are aligned to more than 64 bytes (a
+page: a consumer can then map each slot on its own, see ``_torch``).
 
 ``dtype`` is numpy's ``.npy`` descriptor (``numpy.lib.format.dtype_to_descr``).
 Everything positional is derived from (fields, slots): a reader recomputes
@@ -109,15 +114,20 @@ class RingLayout:
     slot_bytes: int
     stride: int
     control_bytes: int
+    slot_align: int = ALIGN
 
     @property
     def payload_bytes(self) -> int:
-        """Control block plus every slot."""
-        return self.control_bytes + self.slots * self.stride
+        """Control block, slack for the slots' alignment, and every slot."""
+        return self.control_bytes + self.slot_align - ALIGN + self.slots * self.stride
 
-    def slot_offset(self, index: int) -> int:
-        """Offset of slot *index* from the start of the payload."""
-        return self.control_bytes + index * self.stride
+    def slot_offset(self, index: int, shift: int = 0) -> int:
+        """Offset of slot *index* from the start of the payload (*shift*: see ``slot_shift``)."""
+        return self.control_bytes + shift + index * self.stride
+
+    def slot_shift(self, payload_file_offset: int) -> int:
+        """Bytes of slack before slot 0 when the payload starts at *payload_file_offset* in the file."""
+        return -(payload_file_offset + self.control_bytes) % self.slot_align
 
     def descriptor(self) -> bytes:
         """The JSON descriptor."""
@@ -130,6 +140,8 @@ class RingLayout:
             "slot_bytes": self.slot_bytes,
             "stride": self.stride,
             "control_bytes": self.control_bytes,
+            # Only when set: rings made without it keep their descriptor byte for byte.
+            **({"slot_align": self.slot_align} if self.slot_align != ALIGN else {}),
         }, separators=(",", ":")).encode()
 
 
@@ -149,11 +161,16 @@ def _check_field(name: str, shape: object, dtype: object) -> tuple[tuple[int, ..
     return dims, dt
 
 
-def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool) -> RingLayout:
+def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool, slot_align: int = ALIGN) -> RingLayout:
     """The layout of a new ring; refuses bad input with TypeError / ValueError (InvalidSizeError is one).
 
     *fields* maps each name to ``(shape, dtype)`` (``{"images": ((256, 3, 224, 224), np.uint8)}``).
+    *slot_align* (a power of two from 64 to 1 GiB): slots start at file
+    offsets that are multiples of it (a page: each slot can be mapped alone).
     """
+    if (isinstance(slot_align, bool) or not isinstance(slot_align, int) or not ALIGN <= slot_align <= 1 << 30
+            or slot_align & (slot_align - 1)):
+        raise ValueError(f"slot_align must be a power of two from {ALIGN} to 2**30, not {slot_align!r}")
     if not isinstance(fields, Mapping) or not fields:
         raise TypeError("fields must be a non-empty dict of name -> (shape, dtype)")
     if len(fields) > MAX_FIELDS:
@@ -173,8 +190,9 @@ def make_layout(fields: Mapping[str, Any], slots: int, ordered: bool) -> RingLay
         out.append(Field(name, dt, shape, offset, nbytes))
         offset = align(offset + nbytes)
     slot_bytes = max(offset, ALIGN)
-    return RingLayout(int(slots), bool(ordered), tuple(out), slot_bytes, slot_bytes,
-                      control_bytes_for(int(slots)))
+    stride = -(-slot_bytes // slot_align) * slot_align
+    return RingLayout(int(slots), bool(ordered), tuple(out), slot_bytes, stride,
+                      control_bytes_for(int(slots)), slot_align)
 
 
 def parse_descriptor(raw: bytes, payload_length: int, *, key: str | None) -> RingLayout:
@@ -203,7 +221,8 @@ def parse_descriptor(raw: bytes, payload_length: int, *, key: str | None) -> Rin
             raise bad(f"field {f['name']!r} has an invalid dtype ({type(e).__name__})") from None
         spec[f["name"]] = (f.get("shape"), dt)
     try:
-        lay = make_layout(spec, d.get("slots"), bool(d.get("ordered")))  # type: ignore[arg-type]
+        lay = make_layout(spec, d.get("slots"), bool(d.get("ordered")),  # type: ignore[arg-type]
+                          d.get("slot_align", ALIGN))
     except (TypeError, ValueError) as e:
         raise bad(str(e)) from None
     if lay.descriptor() != raw:

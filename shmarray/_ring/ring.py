@@ -105,6 +105,11 @@ class BatchRing:
         self._consumer = False
         self._pid = backend.getpid()
         mapping = seg._mapping()
+        # The user bytes start this far into the file (the control page): slot alignment is by file offset.
+        data_at = np.frombuffer(mapping, np.uint8).ctypes.data
+        whole = mapping.obj if isinstance(mapping, memoryview) else mapping
+        self._file_base = data_at - np.frombuffer(whole, np.uint8).ctypes.data + payload_offset
+        self._shift = lay.slot_shift(self._file_base)
         ctl = memoryview(mapping)[payload_offset : payload_offset + lay.control_bytes].cast("Q")
         self._ctl = ctl
         self._seg = seg
@@ -128,14 +133,16 @@ class BatchRing:
     @classmethod
     def create(cls, key: str, fields: Mapping[str, Any], slots: int = 4, *, ordered: bool = True,
                persistent: bool = False, permissions: int = 0o600, on_lost: str = "raise",
-               dir: Dir = None) -> BatchRing:
+               dir: Dir = None, slot_align: int = 64) -> BatchRing:
         """A new ring of *slots* slots, each holding one array per field: ``{name: (shape, dtype)}``.
 
         Raises AlreadyExistsError when *key* exists, TypeError / ValueError for bad fields.
         *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+        *slot_align*: slots start at file offsets that are multiples of it (a
+        page size lets a consumer map each slot on its own, as ``RingLoader`` does).
         """
         _check_on_lost(on_lost)
-        lay = make_layout(fields, slots, ordered)
+        lay = make_layout(fields, slots, ordered, slot_align)
         desc = lay.descriptor()
         seg = Segment(key, dir=dir)
         p_off, total = header_layout(len(desc), lay.payload_bytes, boundary=seg._boundary())
@@ -620,12 +627,20 @@ class BatchRing:
         views = self._cache[i]
         if views is None:
             mapping = self._live("views")[0]._mapping()
-            base = self._base + self._lay.slot_offset(i)
+            base = self._base + self._lay.slot_offset(i, self._shift)
             views = {}
             for f in self._lay.fields:
                 views[f.name] = np.ndarray(f.shape, dtype=f.dtype, buffer=mapping, offset=base + f.offset)
             self._cache[i] = views
         return views
+
+    def _slot_window(self, i: int) -> tuple[int, int, int] | None:
+        """(fd, file offset, bytes) of slot *i* for a mapping of its own; None unless slots are page-aligned."""
+        lay = self._lay
+        if lay.slot_align % backend.PAGE_SIZE:
+            return None
+        seg = self._live("map a slot")[0]
+        return seg._lock_fd(), self._file_base + lay.slot_offset(i, self._shift), lay.stride
 
     # -- lifetime ----------------------------------------------------------------------------------
 
