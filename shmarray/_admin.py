@@ -6,15 +6,17 @@ and control blocks through the OS layer, without attaching.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from . import _stash
 from ._attachment import sweep_orphans
-from ._control import MAGIC
-from ._stash import KEEP_PREFIX
-from ._errors import NotFoundError, PermissionDeniedError
+from ._control import MAGIC, PAGE_SIZE, parse_control
+from ._errors import NotFoundError, PermissionDeniedError, ShmError
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._segment import Dir, _check_dir, check_usable
+from ._stash import KEEP_PREFIX
 
-__all__ = ["unlink_key", "unlink", "collect_garbage"]
+__all__ = ["unlink_key", "unlink", "collect_garbage", "collect", "Removed"]
 
 
 def _where(directory: "Dir", what: str) -> str | None:
@@ -52,14 +54,45 @@ def unlink(key: str, *, dir: "Dir" = None) -> None:
     unlink_key(key, dir=dir)
 
 
-def collect_garbage(*, dir: "Dir" = None) -> list[str]:
-    """Remove segments nobody is attached to that are not persistent, and dead creators' leftovers.
+class Removed(NamedTuple):
+    """One thing ``shmarray gc`` removed: its bare native name, its key (None if it has none), the bytes freed, what it was."""
 
-    Returns the native names removed (in *dir*: default ``SHMARRAY_DIR``, else /dev/shm).
-    """
+    name: str
+    key: str | None
+    size: int
+    what: str  # 'segment', 'unfinished' (a creator's object it died before publishing) or 'kept'
+
+    def label(self) -> str:
+        """How ``shmarray gc`` names it: the key, as ``rm`` and ``ls`` do, else the native name."""
+        if self.what == "kept":
+            pid = self.name[len(KEEP_PREFIX):].split("-", 1)[0]
+            return f"memory kept for reuse by dead pid {pid} (/{self.name})"
+        if self.what == "unfinished":
+            return f"an unfinished segment (/{self.name})"
+        return self.key if self.key is not None else f"/{self.name}"
+
+
+def _facts(name: str) -> tuple[str | None, int]:
+    """(key, usable size) of the segment *name*, as ``shmarray ls`` shows them; (None, file size) if unreadable."""
+    fd = backend.open_existing(name, False)
+    try:
+        size = backend.size_of(fd)
+        try:
+            cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), size)  # the key follows the fixed fields
+        except ShmError:
+            cb = None
+        return (cb.key, cb.size) if cb is not None else (None, size)
+    finally:
+        backend.close(fd)
+
+
+def collect(*, dir: "Dir" = None) -> list[Removed]:
+    """What ``collect_garbage`` does, with each removal's key and size (``shmarray gc`` prints them)."""
     d = _where(dir, "gc")
-    removed = _stash.reap_orphans(d)
-    segments = []
+    # The sizes are read before anything goes: a removed file has none to read.
+    kept = {n: size if nlink <= 1 else 0 for n, _, size, alive, nlink in _stash.kept_entries(d) if not alive}
+    removed = [Removed(n, None, kept.get(n, 0), "kept") for n in _stash.reap_orphans(d)]
+    segments: dict[str, tuple[str | None, int]] = {}
     for bare in sorted(backend.list_names(d)):
         name = backend.qualify(d, bare)
         if bare.startswith(KEEP_PREFIX):
@@ -71,18 +104,28 @@ def collect_garbage(*, dir: "Dir" = None) -> list[str]:
             except OSError:
                 continue
             try:
+                size = backend.size_of(fd)
                 if backend.try_sole(fd) and backend.unlink_if_same(name, fd):
-                    removed.append(bare)
+                    removed.append(Removed(bare, None, size, "unfinished"))
             finally:
                 backend.close(fd)
             continue
-        if bare.startswith(PREFIX):
-            segments.append(name)
-            continue
-        # Segments made by native key carry our magic under any name.
         try:
-            if backend.peek(name, 8) == MAGIC:
-                segments.append(name)
-        except OSError:  # a directory or something else unreadable: not ours
+            # Segments made by native key carry our magic under any name.
+            if bare.startswith(PREFIX) or backend.peek(name, 8) == MAGIC:
+                segments[name] = _facts(name)
+        except OSError:  # a directory or something else unreadable: not ours; or gone meanwhile
             pass
-    return removed + [backend.split_name(n)[1] for n in sweep_orphans(segments)]
+    for name in sweep_orphans(list(segments)):
+        key, size = segments[name]
+        removed.append(Removed(backend.split_name(name)[1], key, size, "segment"))
+    return removed
+
+
+def collect_garbage(*, dir: "Dir" = None) -> list[str]:
+    """Remove segments nobody is attached to that are not persistent, and dead creators' leftovers.
+
+    Returns the native names removed (in *dir*: default ``SHMARRAY_DIR``, else /dev/shm).
+    ``shmarray gc`` prints each one's key and size.
+    """
+    return [r.name for r in collect(dir=dir)]

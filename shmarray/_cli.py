@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from ._admin import collect_garbage, unlink_key
+from ._admin import collect, unlink_key
 from ._display import human as _human
 from ._errors import NotFoundError, ShmError
 from ._inspect import describe_payload, ls, segment_info
@@ -59,10 +59,15 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    removed = collect_garbage(dir=args.dir)
-    for name in removed:
-        print(f"removed /{name}" if args.dir is None else f"removed {os.path.join(args.dir, name)}")
-    print(f"{len(removed)} segment(s) removed")
+    # Keys, as `rm` and `ls` name segments; an owner file of kept memory frees nothing and is not news.
+    removed = [r for r in collect(dir=args.dir) if r.what != "kept" or r.size]
+    for r in removed:
+        print(f"removed {r.label()}  {_human(r.size)}")
+    n = len(removed)
+    if n:
+        print(f"{n} removed, {_human(sum(r.size for r in removed))} freed")
+    else:
+        print("nothing to remove: every segment has a live user or is persistent (`shmarray ls` lists them)")
     return 0
 
 
@@ -83,14 +88,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="shmarray", description="Inspect and manage shmarray segments.")
+    p = argparse.ArgumentParser(prog="shmarray", description="Inspect and manage shmarray segments.",
+                                epilog="`shmarray COMMAND -h` shows a command's options; "
+                                       "`shmarray demo --quick` shows what shmarray is for.")
     p.add_argument("--version", action="version", version=f"shmarray {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")  # none: the help (main)
     # --dir on every command, after the command name (shmarray ls --dir /mnt/huge).
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--dir", metavar="DIR", default=None,
                        help="the segment directory (default: $SHMARRAY_DIR, else /dev/shm)")
-    lister = sub.add_parser("ls", help="list segments", parents=[where])
+    lister = sub.add_parser("ls", help="list segments (what dead processes left shows as orphans; "
+                            "ls never frees anything: gc does)", parents=[where])
     lister.add_argument("pattern", nargs="?", metavar="PATTERN",
                         help="only keys that match this shell pattern (quote it: 'frames-*')")
     lister.add_argument("--all", action="store_true", help="also list objects that are not shmarray segments")
@@ -105,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("keys", nargs="+", metavar="KEY")
     rm.add_argument("--native", action="store_true", help="KEYs are native (OS) names")
     rm.set_defaults(func=_cmd_rm)
-    gc = sub.add_parser("gc", help="remove segments nobody is attached to (not persistent ones)",
+    gc = sub.add_parser("gc", help="remove what dead processes left: segments nobody is attached to "
+                        "(not persistent ones), kept memory; prints each key and size",
                         parents=[where])
     gc.set_defaults(func=_cmd_gc)
     doc = sub.add_parser("doctor", help="what limits shared memory here, and how to fix it", parents=[where])
@@ -122,7 +131,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shmarray`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `shmarray`: what a new user wants is the list of commands
+        parser.print_help()
+        return 0
     try:
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below

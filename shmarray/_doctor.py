@@ -29,7 +29,7 @@ _TMPFS_LINE = "mount -t tmpfs -o size=16g,huge=within_size tmpfs /mnt/shm"
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One thing that limits shared memory here, and how to fix it."""
+    """One finding and what to do about it: a problem (something is wrong or limiting) or advice (faster)."""
 
     what: str
     fix: str
@@ -55,12 +55,16 @@ class Doctor:
     nofile_hard: int
     max_map_count: int | None
     small_container_default: bool
-    problems: tuple[Problem, ...]
+    problems: tuple[Problem, ...]  # something is wrong or limits what segments can do here
+    # What would make it faster (huge pages), not wrong: an ordinary machine's /dev/shm has
+    # 4 KiB pages, and its fix needs root, so it is no problem to report first everywhere.
+    advice: tuple[Problem, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The facts as plain data (``shmarray doctor --json``)."""
         d = dataclasses.asdict(self)
         d["problems"] = [dataclasses.asdict(p) for p in self.problems]
+        d["advice"] = [dataclasses.asdict(p) for p in self.advice]
         return d
 
     def to_json(self) -> str:
@@ -85,12 +89,17 @@ class Doctor:
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         if self.problems:
-            lines.append("")
+            lines.append("\nproblems:")
             for i, p in enumerate(self.problems, 1):
                 lines.append(f"{i}. {p.what}")
                 lines.append(f"   fix: {p.fix}")
         else:
             lines.append("\nno problems found")
+        if self.advice:
+            lines.append("\nadvice (not a problem: faster if you can):")
+            for p in self.advice:
+                lines.append(f"- {p.what}")
+                lines.append(f"  how: {p.fix}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -116,8 +125,10 @@ def _read(path: str) -> str | None:
 def doctor(dir: Dir = None) -> Doctor:
     """The facts that limit shared memory for segments in *dir* (default ``SHMARRAY_DIR``, else /dev/shm).
 
-    Every problem found comes with its fix (a Docker flag, a Kubernetes
-    volume, a mount line, a limit to raise). Nothing is changed.
+    ``problems``: what is wrong or limiting, each with its fix (a Docker
+    flag, a Kubernetes volume, a mount line, a limit to raise). ``advice``:
+    what would be faster though nothing is wrong (huge pages). Nothing is
+    changed.
     """
     d = (_check_dir(dir) if dir is not None else None) or backend.SHM_DIR
     exists = os.path.isdir(d)
@@ -143,6 +154,7 @@ def doctor(dir: Dir = None) -> Doctor:
     small = point == "/dev/shm" and size is not None and size <= _SMALL
 
     problems: list[Problem] = []
+    advice: list[Problem] = []
     if not exists:
         problems.append(Problem(f"the segment directory {d} does not exist (shmarray never creates it)",
                                 f"create or mount it ({_TMPFS_LINE}), or unset SHMARRAY_DIR"))
@@ -166,9 +178,9 @@ def doctor(dir: Dir = None) -> Doctor:
                 "reserve pages as root (sysctl -w vm.nr_hugepages=N, N pages of 2 MiB), or use a tmpfs "
                 f"with transparent huge pages, which needs no reservation: {_TMPFS_LINE}"))
     elif exists and fs == "tmpfs" and not backed:
-        problems.append(Problem(
-            f"{d} is a tmpfs without huge pages (it gives 4 KiB pages): filling fresh shared memory is bound by "
-            "page faults (~2 us a 4 KiB page), not by memory bandwidth",
+        advice.append(Problem(
+            f"huge pages would be faster: {d} is a tmpfs with 4 KiB pages, so filling fresh shared memory "
+            "is bound by page faults (~2 us a page), not by memory bandwidth",
             f"as root: {_TMPFS_LINE}, then SHMARRAY_DIR=/mnt/shm. In a container, bind-mount such a "
             "host tmpfs (Docker -v /mnt/shm:/mnt/shm; Kubernetes a hostPath volume): Docker's "
             "--tmpfs/--shm-size and Kubernetes' emptyDir medium: Memory give 4 KiB pages"))
@@ -184,4 +196,4 @@ def doctor(dir: Dir = None) -> Doctor:
         problems.append(Problem(f"{d} is {100 - free * 100 // size}% full",
                                 "shmarray gc removes segments nobody is attached to; shmarray ls shows the rest"))
     return Doctor(d, exists, writable, fs, point, options, size, free, page, huge, backed, shmem,
-                  soft, hard, maps, small, tuple(problems))
+                  soft, hard, maps, small, tuple(problems), tuple(advice))

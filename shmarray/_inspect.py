@@ -5,7 +5,10 @@ and ``segment_info()`` all give :class:`SegmentEntry` records (also named
 ``SegmentInfo``: one type). Each is read with one open of the segment: one
 pread of its control block and the start of its user bytes (a second only
 for a long descriptor), then /proc/locks for who is attached. Nothing is
-attached, so looking never changes a segment's life.
+attached, and nothing is freed: looking never changes a segment's life.
+What dead processes left (segments whose users all died, memory a killed
+creator kept for reuse) is listed as an orphan with its size; freeing it is
+``shmarray gc``'s job (``_admin.collect_garbage``), which then reports it.
 
 What a segment holds (the ``kind`` and ``payload`` columns) comes from its
 payload header; each payload kind describes its own descriptor (``_KINDS``:
@@ -25,7 +28,6 @@ from typing import Callable, Iterable
 
 from . import _stash
 from ._admin import _name, _where
-from ._attachment import sweep_orphans
 from ._control import HEAD_BYTES, MAGIC, PAGE_SIZE, parse_control
 from ._display import human as _human
 from ._errors import AccessMode, HeaderError, NotFoundError
@@ -55,7 +57,7 @@ class SegmentEntry:
     pids: tuple[int, ...]
     attachments: int
     persistent: bool
-    orphan: bool  # nobody attached and not persistent: gc removes it
+    orphan: bool  # its users (or, for kept memory, its owner) died: gc frees it; ls only shows it
     lock: str | None
     lock_holder: int | None
     creator_pid: int
@@ -97,7 +99,7 @@ class SegmentEntry:
 
     def _cells(self) -> tuple[str, ...]:
         """The columns of the text and HTML tables (HEADER_ROW)."""
-        procs = str(self.processes) + (" (orphan: gc removes it)" if self.orphan else "")
+        procs = str(self.processes) + (" (orphan: shmarray gc frees it)" if self.orphan else "")
         lock = self.lock or "-"
         if self.lock == "exclusive" and self.lock_holder is not None:
             lock = f"exclusive (pid {self.lock_holder})"
@@ -209,9 +211,10 @@ def _kept(name: str, pid: int, size: int, alive: bool, nlink: int, where: str) -
     if nlink > 1:
         text += " (its segment is still in use)"
     if not alive:
-        text += " (owner gone: the next create, ls or gc frees it)"
-    return SegmentEntry(None, name, size, "kept", text, (), 0, False, False, None, None, pid, 0.0, True,
-                        where, kept=(alive, nlink - 1))
+        text += " (owner gone: shmarray gc frees it)"
+    # Memory only this hidden name holds, of a dead owner, is what that owner left behind.
+    return SegmentEntry(None, name, size, "kept", text, (), 0, False, not alive and nlink <= 1, None, None,
+                        pid, 0.0, True, where, kept=(alive, nlink - 1))
 
 
 def segment_facts(seg: Segment) -> list[tuple[str, str]]:
@@ -269,14 +272,13 @@ def describe_payload(entry: SegmentEntry) -> str:
 def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[SegmentEntry]:
     """Every shmarray segment in the segment directory (and, with *include_foreign*, other objects and kept memory).
 
-    *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
+    Segments whose users all died, and memory a dead process kept for
+    reuse, are listed as orphans (``orphan`` is True); nothing is freed
+    (``collect_garbage`` does that). *dir* defaults to ``SHMARRAY_DIR``,
+    else /dev/shm.
     """
     d = _where(dir, "list")
     out = []
-    if not include_foreign:
-        # Memory kept by processes that died goes whenever segments are listed;
-        # the full listing (--all) is the one that shows it until then.
-        _stash.reap_orphans(d)
     for name in sorted(backend.list_names(d)):
         if name.startswith(TEMP_PREFIX) or name.startswith(KEEP_PREFIX):
             continue
@@ -290,9 +292,10 @@ def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[Seg
         entry = _read(name, d)
         if entry is not None and (include_foreign or entry.shmarray):
             out.append(entry)
-    if include_foreign:
-        for name, pid, size, alive, nlink in _stash.kept_entries(d):
-            out.append(_kept(name, pid, size, alive, nlink, d or backend.SHM_DIR))
+    for name, pid, size, alive, nlink in _stash.kept_entries(d):
+        kept = _kept(name, pid, size, alive, nlink, d or backend.SHM_DIR)
+        if include_foreign or kept.orphan:  # a live process's kept memory is its own business
+            out.append(kept)
     return out
 
 
@@ -329,7 +332,19 @@ class Listing(list[SegmentEntry]):
             return f"no shmarray segments in {self.dir}"
         lines = [HEADER_ROW, *(e._cells() for e in self)]
         widths = [max(len(r[i]) for r in lines) for i in range(len(HEADER_ROW))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+        text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+        summary = self.orphans_text()
+        return text + ("\n\n" + summary if summary else "")
+
+    def orphans_text(self) -> str:
+        """One line on what dead processes left in this listing ('' when nothing): gc is what frees it."""
+        orphans = [e for e in self if e.orphan]
+        if not orphans:
+            return ""
+        n = len(orphans)
+        total = sum(e.size for e in orphans)
+        return (f"{n} orphan{'s' if n != 1 else ''} ({_human(total)}): left by processes that died; "
+                f"`shmarray gc` frees {'them' if n != 1 else 'it'}")
 
     def __repr__(self) -> str:
         return self.to_text()
@@ -340,8 +355,10 @@ class Listing(list[SegmentEntry]):
         if not self:
             return f"<p>{esc(self.to_text())}</p>"
         n = len(self)
-        return grid(HEADER_ROW, (e._html_cells() for e in self),
-                    caption=f"{n} segment{'s' if n != 1 else ''} in {esc(self.dir)}")
+        caption = f"{n} segment{'s' if n != 1 else ''} in {esc(self.dir)}"
+        if self.orphans_text():
+            caption += f"; {esc(self.orphans_text())}"
+        return grid(HEADER_ROW, (e._html_cells() for e in self), caption=caption)
 
 
 Listing.__module__ = "shmarray"
@@ -359,13 +376,9 @@ def ls(pattern: str | None = None, *, include_foreign: bool = False, dir: Dir = 
     """
     if pattern is not None and not isinstance(pattern, str):
         raise TypeError(f"ls: pattern must be a str such as 'frames-*', not {type(pattern).__name__}")
+    # Segments whose users all died are listed as orphans, not freed: a listing that
+    # freed memory on the way left `shmarray gc` nothing to report (issue: 1 GiB gone unseen).
     entries = list_segments(include_foreign=include_foreign, dir=dir)
-    if not include_foreign:
-        # Segments whose users all died are gone for the API already; listing them
-        # frees their memory too. The full listing (--all) shows them as they are.
-        names = {id(e): backend.qualify(e.dir, e.native_key) for e in entries if e.shmarray}
-        gone = set(sweep_orphans(list(names.values())))
-        entries = [e for e in entries if names.get(id(e)) not in gone]
     kept = []
     for e in entries:
         name = e.key if e.key is not None else e.native_key

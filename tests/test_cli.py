@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 import shmarray
-from _procs import run_with_small_dev_shm
+from _procs import run_with_small_dev_shm, start, wait_for
+from conftest import SHM
 from shmarray import Segment
 from shmarray._cli import main
 
@@ -176,3 +178,57 @@ def test_a_key_that_is_not_a_str_is_the_public_invalid_key_error():
     assert type(err.value) is shmarray.InvalidKeyError and isinstance(err.value, TypeError)
     with pytest.raises(TypeError):
         Segment(b"frames")  # type: ignore[arg-type]
+
+
+# -- what a new user meets first (issue: small things that cost trust) ----------------------------
+
+
+def test_bare_shmarray_prints_the_help():
+    out = _cli()
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.startswith("usage: shmarray") and all(c in out.stdout for c in ("ls", "gc", "doctor", "demo"))
+
+
+def _create_and_hang(key: str, ready: str) -> None:
+    """In a child: create *key* (1 MiB), say so, and wait to be killed."""
+    seg = Segment(key).create(1 << 20)
+    seg.data[0] = 1
+    open(ready, "w").close()
+    time.sleep(300)
+
+
+def test_ls_shows_what_a_killed_holder_left_and_gc_frees_it(key, tmp_path):
+    ready = str(tmp_path / "ready")
+    child = start(_create_and_hang, key, ready)
+    wait_for(ready)
+    child.kill()  # SIGKILL: its segment has no user left
+    path = os.path.join(SHM, shmarray._os.native_key_for(key))
+    for _ in range(2):  # looking twice, through every door, frees nothing
+        out = _cli("ls")
+        assert out.returncode == 0, out.stderr
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith(key))
+        assert "1.0 MiB" in line and "orphan" in line
+        assert "`shmarray gc` frees" in out.stdout
+        assert [e.orphan for e in shmarray.ls() if e.key == key] == [True]
+        assert [e.size for e in shmarray.list_segments() if e.key == key] == [1 << 20]
+        assert os.path.exists(path)
+    out = _cli("gc")
+    assert out.returncode == 0, out.stderr
+    assert f"removed {key}  1.0 MiB" in out.stdout.splitlines(), out.stdout
+    assert "freed" in out.stdout.splitlines()[-1]
+    assert not os.path.exists(path)
+    again = _cli("gc")
+    assert key not in again.stdout
+
+
+def test_doctor_tells_problems_from_advice():
+    report = shmarray.doctor()
+    assert all("huge" not in p.what for p in report.problems)
+    text = _cli("doctor").stdout
+    data = json.loads(_cli("doctor", "--json").stdout)
+    assert isinstance(data["problems"], list) and isinstance(data["advice"], list)
+    if report.huge_pages_back_new_segments:
+        pytest.skip("huge pages back new segments here: no advice to give")
+    assert any("huge pages would be faster" in p.what for p in report.advice)
+    assert "no problems found" in text or "problems:" in text
+    assert text.index("advice") > text.index("problems" if report.problems else "no problems found")

@@ -280,11 +280,15 @@ def test_after_sigkill_the_next_process_frees_kept_memory(tmp_path, make_key, ne
             proc.kill()
             proc.wait(10)
         proc.stdout.close()
-    # Until someone looks, `ls --all` shows what it left.
+    # Until gc (or a create) frees it, `ls --all` shows what it left.
     listed = [e for e in shmarray.ls(include_foreign=True) if e.kind == "kept" and e.creator_pid == pid]
     assert listed and all("owner gone" in e.payload for e in listed)
     if next_step == "ls":
+        # A listing frees nothing: it shows the dead owner's memory as an orphan, and gc frees it.
         run(_ls_only)
+        assert _kept_of(pid)
+        assert [e for e in shmarray.ls() if e.kind == "kept" and e.creator_pid == pid and e.orphan]
+        shmarray.collect_garbage()
     elif next_step == "create":
         run(_create_one, make_key())
     else:
@@ -294,7 +298,7 @@ def test_after_sigkill_the_next_process_frees_kept_memory(tmp_path, make_key, ne
     assert _kept_of(pid) == []
     # Its alive segment is an orphan now: attach (or gc) reaps it as before.
     alive = f"exit-alive-{pid}"
-    if next_step != "gc":
+    if next_step == "create":
         with pytest.raises(shmarray.NotFoundError):
             shmarray.attach(alive)
     assert not os.path.exists(os.path.join(SHM, native_key_for(alive)))

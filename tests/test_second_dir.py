@@ -414,7 +414,8 @@ def test_doctor_reports_the_facts_and_fixes(tmp_path: Path) -> None:
     assert report.size_bytes and report.free_bytes is not None and report.page_size == 4096
     assert report.nofile_soft > 0 and report.max_map_count
     if not report.huge_pages_back_new_segments:
-        assert any("huge=within_size" in p.fix for p in report.problems)
+        assert any("huge=within_size" in p.fix for p in report.advice)
+        assert not any("huge" in p.what for p in report.problems)  # advice, not a problem
     text = report.to_text()
     assert "segment directory" in text and "RLIMIT_NOFILE" in text
     out = subprocess.run([sys.executable, "-m", "shmarray", "doctor", "--json"],
