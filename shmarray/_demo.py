@@ -12,6 +12,7 @@ the run is interrupted (Ctrl-C, SIGTERM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import secrets
@@ -19,13 +20,14 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing import resource_tracker
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ._array import SharedArray, create, share
-from ._os import backend
 from ._errors import NotFoundError, ShmError
+from ._os import backend
 
 __all__ = ["run_demo", "add_arguments"]
 
@@ -91,8 +93,55 @@ def _best(repeat: int, job: Callable[[], Any]) -> tuple[float, Any]:
     return best, result
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _Interrupts:
+    """The producer's SIGINT and SIGTERM handler: one KeyboardInterrupt, then nothing.
+
+    A second Ctrl-C must not cut the cleanup short, so only the first one
+    raises. While ``held`` (workers being spawned) it is only noted, and
+    raised when the hold ends.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.held = False
+        self.pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.held:
+            self.pending = True
+        elif not self.seen:
+            self.seen = True
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold Ctrl-C back while pool workers are spawned; one that came meanwhile raises on leaving.
+
+        Spawned processes inherit the blocked mask across exec, so a Ctrl-C
+        to the process group while the workers import stays pending in them
+        (``_init_worker`` then ignores it): no traceback of theirs.
+
+        The demo used to set SIGINT to SIG_IGN around Pool() instead, and a
+        Ctrl-C then was thrown away: the demo ran on to its end (2 of 19
+        tries in the issue; 1 in 24 here, Ctrl-C right after share()). The
+        mask alone does not hold it back in this process: a thread that does
+        not block SIGINT (numpy's BLAS threads) may take the signal, and
+        Python then runs this handler in the main thread anyway, which is
+        why the handler notes it instead of raising in the middle of Pool().
+        multiprocessing's resource tracker unblocks SIGINT once it has
+        launched its process, so it is launched before the mask goes on.
+        """
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self.held = True
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # delivers a pending one: noted
+            self.held = False
+        if self.pending:
+            self.pending = False
+            self(signal.SIGINT, None)
 
 
 def _stop_pool(pool: Any) -> None:
@@ -147,8 +196,8 @@ def _stop_pool(pool: Any) -> None:
 
 def _cleanup(keys: list[str], arrays: list[SharedArray], where: str | None = None) -> list[str]:
     """Detach and remove the demo's segments; returns the keys still present afterwards."""
-    from ._inspect import list_segments
     from ._admin import unlink_key as _unlink_key
+    from ._inspect import list_segments
 
     for a in arrays:
         a.close()
@@ -175,14 +224,22 @@ def run_demo(args: argparse.Namespace) -> int:
     tag = f"demo-{os.getpid()}-{secrets.token_hex(4)}"
     keys = [tag, f"{tag}-acc"]
     arrays: list[SharedArray] = []
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C or SIGTERM raise KeyboardInterrupt once; a second one must not cut the cleanup short.
+    stop = _Interrupts()
+    old_int = signal.signal(signal.SIGINT, stop)
+    old_term = signal.signal(signal.SIGTERM, stop)
     pool = None
+    left: list[str] = []
     status = 0
     try:
         print(f"shmarray demo: {workers} worker processes compute column statistics of a "
               f"{rows * _COLS * 8 / 2**20:.0f} MiB float64 array ({rows} x {_COLS})", flush=True)
         t = time.perf_counter()
-        data = np.random.default_rng(0).random((rows, _COLS))
+        # In slices of 8 MiB, between which a Ctrl-C is seen: one call for 512 MiB takes over a second.
+        data = np.empty((rows, _COLS))
+        rng = np.random.default_rng(0)
+        for lo, hi in _spans(rows):
+            rng.random(out=data[lo:hi])
         print(f"  made the data in {time.perf_counter() - t:.2f} s", flush=True)
 
         t = time.perf_counter()
@@ -195,16 +252,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  share(): {share_s:.2f} s -> segment {keys[0]!r} ({os.path.join(place, native or '?')})", flush=True)
 
         t = time.perf_counter()
-        # Workers are born ignoring SIGINT (an ignored signal stays ignored across exec,
-        # and Python then installs no KeyboardInterrupt handler), so a Ctrl-C to the
-        # process group while they import prints no traceback of theirs. A blocked mask
-        # would not do: the spawned child starts with an empty one. The cost: a Ctrl-C
-        # during the few milliseconds Pool() takes to start them is not seen here.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with stop.hold():
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
-        finally:
-            signal.signal(signal.SIGINT, old_int)
         pool.map(_ping, range(workers * 2))
         print(f"  started {workers} workers in {time.perf_counter() - t:.2f} s", flush=True)
 
@@ -243,8 +292,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"shmarray demo: {e}", file=sys.stderr)
         status = 1
     finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop.seen = True  # from here on every signal is ignored, even without an interrupt before
         try:
             if pool is not None:
                 if status == 130:

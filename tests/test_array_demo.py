@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -139,3 +140,53 @@ def test_ctrl_c_to_the_group_while_workers_start_prints_no_worker_traceback(dela
             p.wait()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert p.returncode in (0, 130), rest + err
+
+
+# Each phase of the demo, by the line that starts it, and how long after that line
+# the Ctrl-C may come (at random, so that the tries fall all over the phase).
+PHASES = {
+    "making the data": ("shmarray demo:", 0.15),
+    "share": ("made the data", 0.04),
+    "starting the workers": ("share():", 0.3),  # where a Ctrl-C used to be thrown away
+    "zero-copy": ("zero-copy:", 0.05),
+    "pickled": ("pickled:", 0.4),
+    "the end": ("same result", 0.02),
+}
+TRIES = 4
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_ctrl_c_stops_the_demo_within_a_second_in_every_phase(phase):
+    """A terminal's Ctrl-C (SIGINT to the process group), TRIES times in *phase*: out within 1 s, clean."""
+    start, most = PHASES[phase]
+    for _ in range(TRIES):
+        p = subprocess.Popen([sys.executable, "-m", "shmarray", "demo", "--size-mb", "64", "--repeat", "3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            seen = []
+            for line in p.stdout:
+                seen.append(line)
+                if start in line:
+                    break
+            time.sleep(random.uniform(0, most))
+            t0 = time.monotonic()
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+            except ProcessLookupError:  # "the end": it may have finished already
+                pass
+            rest, err = p.communicate(timeout=30)
+            took = time.monotonic() - t0
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        text = "".join(seen) + rest
+        assert p.returncode == 130 or (phase == "the end" and p.returncode == 0), text + err
+        assert took < 1.0, f"the demo took {took:.2f} s to stop after Ctrl-C in {phase}:\n{text}{err}"
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        tag = re.search(r"segment '(demo-\d+-[0-9a-f]+)'", text)
+        if tag is not None:
+            assert not _demo_entries(tag.group(1)), text
+        assert "cleaned up: no demo segment left" in text, text + err
