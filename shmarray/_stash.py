@@ -31,7 +31,8 @@ Lifetime:
 - At a normal exit the owner frees what it kept (truncated, so the memory is
   back at once, even if another process keeps an idle mapping of it). When
   the owner is killed, its lock goes with it; the next process that creates
-  or lists segments, or ``shmarray gc``, frees its files (``reap_orphans``).
+  segments, or ``shmarray gc``, frees its files (``reap_orphans``); ``shmarray ls``
+  lists them as orphans and frees nothing.
 """
 
 from __future__ import annotations
