@@ -40,6 +40,10 @@ for _name, _module in _PUBLIC.items():
         globals()[_name] = getattr(importlib.import_module(_module, __name__), _name)
 del _name, _module
 
+# SharedArray's Dask serializer, sizeof and token, whenever Dask is imported
+# too (before or after us): without them Dask copies it as an ndarray (_daskhook).
+importlib.import_module("._daskhook", __name__).arm()
+
 
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)

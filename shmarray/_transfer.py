@@ -40,6 +40,11 @@ DEFER = 1
 #: Unpickle references, and turn the ones that cannot be mapped into Unreachable.
 LENIENT = 2
 
+#: Appended to the reason of every Unreachable: what the transport that
+#: delivered the reference should have done (set by shmarray's Dask hooks
+#: in a process without ``shmarray.dask.register``).
+unreachable_hint = ""
+
 _RECIPIENT: contextvars.ContextVar[int | None] = contextvars.ContextVar("shmarray_recipient", default=None)
 _READING: contextvars.ContextVar[int] = contextvars.ContextVar("shmarray_reading", default=0)
 
@@ -65,6 +70,15 @@ def reading(mode: int) -> AbstractContextManager[None]:
     return _setting(_READING, mode)
 
 
+def read_leniently_from_now() -> None:
+    """References unpickled from now on in the current context (thread or task) are read LENIENT.
+
+    For a message loop that is already unpickling when shmarray's Dask hooks
+    arrive (its first reference imported shmarray): no ``with`` can wrap it.
+    """
+    _READING.set(LENIENT)
+
+
 def by_value(host: int) -> bool:
     """Whether a reference to a segment of *host* must travel as its bytes in the pickle being written."""
     recipient = _RECIPIENT.get()
@@ -84,7 +98,7 @@ def rebuild_specially(fn: Rebuild, args: tuple[Any, ...], label: str | None, hos
         with reading(0):
             return fn(*args)
     except Exception as e:  # noqa: BLE001 - one bad reference must not kill the reader's message loop
-        return Unreachable(f"{type(e).__name__}: {e}", label)
+        return Unreachable(f"{type(e).__name__}: {e}{unreachable_hint}", label)
 
 
 class Deferred:
@@ -176,6 +190,8 @@ class Unreachable:
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _fail
     __floordiv__ = __mod__ = __pow__ = __matmul__ = __rmatmul__ = __neg__ = __abs__ = _fail
     __lt__ = __le__ = __gt__ = __ge__ = __float__ = __int__ = __index__ = _fail
+    # A task that writes into it learns why too (not "does not support item assignment").
+    __setitem__ = __iadd__ = __isub__ = __imul__ = __itruediv__ = _fail
 
     def __repr__(self) -> str:
         return f"<shmarray: unusable reference to segment {self.label!r}: {self.reason}>"

@@ -10,6 +10,18 @@
     a = shmarray.share("frames", big)       # lives in /dev/shm
     total = client.submit(np.sum, a).result()   # the worker attaches: ~100 bytes travel
 
+Without ``register``: SharedArray's own Dask serializer, ``sizeof`` and token
+are installed whenever shmarray and ``distributed`` are both imported
+(``shmarray._daskhook``), in the client and in every worker, so Dask never
+copies a SharedArray as an ndarray: given to ``submit``, ``map``, ``scatter``
+(direct or not) or returned by a task, it goes as a reference, and writes
+are seen. No process knows its peers' hosts then, so the reference goes
+even to another host, where it cannot be mapped: the task that uses it
+fails with a ShmError naming ``shmarray.dask.register(client)`` (the worker
+stays up; Dask's unpickling reads references leniently). Never a silent
+copy, never another host's segment of the same name. ``register`` adds the
+hosts, and with them the bytes for other hosts:
+
 How a transfer is decided. Every process that runs this module adds its host
 identity (boot id and /dev/shm device, ``Segment``'s reference rules; never
 the IP address) to the handshake of each Dask connection it opens or
@@ -53,16 +65,14 @@ its host.
 from __future__ import annotations
 
 import functools
-import pickle
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
-from . import _transfer
+from . import _daskhook, _transfer
 from ._array import SharedArray, create
-from ._arrow import TableHandle
 from ._os import backend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,20 +110,14 @@ def install() -> None:
 
     Adds this host's identity to Dask's connection handshake, pickles
     messages for the connection's recipient, reads messages leniently,
-    and registers SharedArray's serializer, ``sizeof`` and tokenizer.
+    and tells SharedArray's Dask serializer (installed at import) each
+    recipient's host, so that another host gets bytes.
     """
     global _installed
     if _installed:
         return
     import distributed.protocol
-    from dask.sizeof import sizeof
     from distributed.comm import core as comm_core
-    from distributed.protocol.serialize import dask_deserialize, dask_serialize
-
-    try:
-        from dask.tokenize import normalize_token
-    except ImportError:  # pragma: no cover - dask before 2024.2
-        from dask.base import normalize_token
 
     handshake_info = comm_core.Comm.handshake_info
 
@@ -148,47 +152,11 @@ def install() -> None:
     distributed.protocol.dumps = dumps_for_recipient
     distributed.protocol.loads = loads_leniently
 
-    # Dask's ndarray serializer would copy a SharedArray (a subclass) by value.
-    dask_serialize.register(SharedArray)(_serialize_array)
-    dask_deserialize.register(SharedArray)(_deserialize_array)
-    sizeof.register(SharedArray)(_sizeof_array)
-    sizeof.register(TableHandle)(_sizeof_handle)
-    normalize_token.register(SharedArray)(_token)
+    # SharedArray's serializer (installed at import, _daskhook) now knows each recipient's host.
+    _daskhook.recipient_of = _recipient
+    _transfer.unreachable_hint = ""  # another host now gets bytes: an Unreachable is a forged or gone reference
+    _daskhook.arm()
     _installed = True
-
-
-def _serialize_array(x: SharedArray, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
-    buffers: list[Any] = []
-    recipient = _recipient(context)
-    if recipient is None:
-        frame = pickle.dumps(x, protocol=5, buffer_callback=buffers.append)
-    else:
-        with _transfer.sending(recipient):
-            frame = pickle.dumps(x, protocol=5, buffer_callback=buffers.append)
-    return {"shmarray": 1}, [frame, *(b.raw() for b in buffers)]
-
-
-def _deserialize_array(header: dict[str, Any], frames: list[Any]) -> Any:
-    return pickle.loads(frames[0], buffers=frames[1:])
-
-
-def _sizeof_array(x: SharedArray) -> int:
-    if x.segment is None:
-        return int(x.nbytes)
-    return len(pickle.dumps(x))
-
-
-def _sizeof_handle(h: TableHandle) -> int:
-    if h.by_value:
-        return int(h._value.nbytes)
-    return 128
-
-
-def _token(x: SharedArray) -> tuple[str, str]:
-    # Never the same token twice: the bytes can change under the same
-    # reference (that is the point), and a repeated token would make Dask
-    # hand back an earlier result computed from older contents.
-    return "shmarray.SharedArray", uuid.uuid4().hex
 
 
 # -- the processes of a cluster ----------------------------------------------------

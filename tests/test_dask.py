@@ -6,6 +6,7 @@ The cluster is started once for the module (about 10 s); every test bounds its w
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -355,3 +356,74 @@ def test_nothing_is_left_in_dev_shm(client: Client, cluster: dict[str, Any]) -> 
         "SharedArray", 10.0)
     del made
     assert _gone(k)
+
+
+# -- without register: by reference, or a loud error naming register -----------------------
+
+
+def _unregistered(*args: str) -> dict[str, Any]:
+    """Run tests/_dask_unregistered.py in a fresh process (this one has run register for good)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(TESTS / "_dask_unregistered.py"), *args], env=env, cwd=TESTS,
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-5000:]
+    return dict(json.loads(lines[-1][len("RESULT "):]))
+
+
+@pytest.mark.timeout(150)
+def test_without_register_writes_are_seen_on_one_host(key: str) -> None:
+    got = _unregistered(key, "one-host")  # a LocalCluster of spawned worker processes
+    assert got["start-method"] == "spawn"
+    for way in ("submit", "scatter-direct", "scatter", "map"):
+        assert got[way] == [["ok", "SharedArray"], 11.0], (way, got[way])  # the task's write, at the creator
+    assert got["map-view"] == 12.0
+    # The same contents twice run twice: the token of a SharedArray never repeats.
+    assert got["same-contents-again"] == [["SharedArray", "SharedArray"], 1.0]
+    # A task's result is the worker's segment: another worker's write and the client's are seen.
+    assert got["result"] == ["SharedArray", 11.0, 13.0, "SharedArray"]
+    assert all(size < 200 for size in got["sizeof"].values()), got["sizeof"]
+
+
+@pytest.mark.timeout(150)
+def test_without_register_another_host_fails_loudly(tmp_path: Path, key: str) -> None:
+    if not _can_unshare():
+        pytest.skip("needs root and unshare -m for a worker with its own /dev/shm")
+    c = Cluster(tmp_path)
+    try:
+        c.scheduler()
+        c.worker("local-0")
+        c.worker("remote", own_dev_shm=True)
+        got = _unregistered(key, "hosts", str(c.file))
+    except BaseException:
+        print((tmp_path / "cluster.log").read_text()[-5000:])
+        raise
+    finally:
+        c.close()
+    hint = "shmarray.dask.register(client)"
+    # Never a copy that the task writes into: the task fails, naming register, and the creator is unchanged.
+    for way in ("submit", "scatter-direct", "scatter", "map"):
+        (outcome, *error), seen = got[way]
+        assert outcome == "error" and error[0] == "ShmError" and hint in error[1], (way, got[way])
+        assert seen == 0.0
+    for case in ("read", "result-to-worker", "result-to-client"):
+        assert got[case][:2] == ["error", "ShmError"] and hint in got[case][2], (case, got[case])
+    # No worker died: the one on this host still works by reference.
+    assert got["local-after"] == ["ok", "SharedArray"] and got["creator-after"] == 5.0
+
+
+@pytest.mark.parametrize("order", ["import shmarray, distributed", "import distributed, shmarray"])
+def test_the_hooks_are_installed_whichever_is_imported_first(order: str) -> None:
+    code = f"""{order}
+import sys
+from dask.sizeof import sizeof
+from dask.tokenize import normalize_token
+serialize = sys.modules["distributed.protocol.serialize"]
+print(serialize.dask_serialize.dispatch(shmarray.SharedArray).__module__,
+      serialize.dask_deserialize.dispatch(shmarray.SharedArray).__module__,
+      sizeof.dispatch(shmarray.SharedArray).__module__, normalize_token.dispatch(shmarray.SharedArray).__module__,
+      serialize.dask_serialize.dispatch(shmarray.QtArray).__module__,  # Qt's arrays go by value, on purpose
+      "shmarray.dask" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["shmarray._daskhook"] * 4 + ["distributed.protocol.numpy", "False"], out.stderr

@@ -23,7 +23,7 @@ RANKS = [
     {"_segment"},
     {"_header", "_npy"},
     {"_array", "_arrow", "_ring", "_ring.layout", "_ring.slots", "_ring.ring", "_torch"},
-    {"_admin", "_doctor", "_qtkeys", "_qtnative"},
+    {"_admin", "_doctor", "_qtkeys", "_qtnative", "_daskhook"},
     {"_inspect", "qt", "dask"},
     {"_demo"},
     {"_cli", "__main__", "__init__"},
