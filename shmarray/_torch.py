@@ -8,17 +8,29 @@ it again into a pinned buffer before it reaches the GPU. Here a worker's
 ring that was created once (warm pages), and returns only a small
 :class:`SlotToken`; the DataLoader sends the token, keeps its ordering,
 worker management and error reporting, and :class:`RingLoader` turns each
-token into ``{name: torch.from_numpy(slot view)}`` (no copy). A pinned ring
-(``pin=True``, ``cudaHostRegister``) goes to the GPU by DMA from the slot.
+token into tensors that are ``torch.from_numpy`` views of the slot (no
+copy), in the structure of the samples (:class:`SampleSchema`, as torch's
+``default_collate`` builds it). A pinned loader (``pin=True``) registers
+its slot mappings with CUDA, so batches go to the GPU by DMA.
 
-The slot of a batch is released when the consumer asks for the next one:
-tensors yielded earlier then alias memory a worker may refill. Clone what
-you keep beyond a step. torch is imported only when these objects are used.
+Kept batches. The consumer maps each slot on its own (a *window*: the ring's
+slots are page-aligned). When the next batch is asked for, the previous
+batch's slot goes back to the workers at once if nothing of that batch is
+referenced any more (weak references to the arrays under its tensors: every
+tensor, view or ``.numpy()`` of it holds one of them); if something is, the
+window's bytes are first moved into private memory at the same addresses
+(``_os`` ``privatize``) and the slot gets a fresh window. So a batch kept
+anywhere (``list(loader)``, a prefetching wrapper, validation outputs) keeps
+its data, and only kept batches pay a copy. Windows hold the file as any
+mapping of shmarray does (``_reuse``'s MAPPED lock): its pages are never
+recycled under them. torch is imported only when these objects are used.
 """
 
 from __future__ import annotations
 
 import secrets
+import sys
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +46,195 @@ _PARENT_CHECK = 0.5
 _RINGS: dict[tuple[str, int], BatchRing] = {}
 
 FillFn = Callable[[Slot, Sequence[Any]], "int | None"]
+# A sample's structure: ("leaf", name) | ("seq", "tuple" or "list", children)
+# | ("dict", keys, children) | ("named", namedtuple type or None, children).
+Node = tuple[Any, ...]
+
+
+def _desc(dtype: Any, shape: tuple[int, ...]) -> str:
+    return f"{np.dtype(dtype)} {tuple(shape)}"
+
+
+def _leaf(value: Any, name: str) -> np.ndarray[Any, Any]:
+    """*value* as an ndarray, or a TypeError naming the field when a ring cannot hold it."""
+    if isinstance(value, np.ndarray):
+        return value
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        try:
+            return value.detach().cpu().numpy()  # type: ignore[no-any-return]
+        except TypeError:
+            raise TypeError(f"field {name!r} is a torch {value.dtype} tensor, which has no NumPy dtype; "
+                            "convert it in the dataset (e.g. .float())") from None
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"field {name!r} is a {type(value).__name__}: a ring holds fixed-shape arrays, "
+                        "tensors and numbers; leave it out of the samples or encode it as numbers")
+    arr = np.asarray(value)
+    if arr.dtype.hasobject:
+        raise TypeError(f"field {name!r} is a {type(value).__name__}, which NumPy reads as objects; a ring "
+                        "holds fixed-shape arrays, tensors and numbers")
+    return arr
+
+
+def _child(parent: str, part: Any, index: bool) -> str:
+    if index:
+        return f"{parent}[{part}]"
+    return f"{parent}.{part}" if parent else str(part)
+
+
+class SampleSchema:
+    """The fields of one sample and the structure they sit in; a ``fill`` for :class:`RingCollate`.
+
+    Build with :meth:`infer` (from a sample) or :meth:`explicit` (from
+    ``{name: (shape, dtype)}`` and a sample for the structure). As a fill it
+    checks every sample against the fields (a mismatch names the field, the
+    expected and the actual dtype and shape) and stacks them into the slot;
+    :meth:`batch` rebuilds a batch's structure as ``default_collate`` does
+    (tuples and lists give lists, dicts dicts, namedtuples namedtuples).
+    """
+
+    def __init__(self, tree: Node, fields: dict[str, tuple[tuple[int, ...], np.dtype[Any]]], *,
+                 inferred: bool = False) -> None:
+        self.tree = tree
+        self.fields = fields
+        self.inferred = inferred
+
+    @classmethod
+    def infer(cls, sample: Any) -> SampleSchema:
+        """The schema of *sample*: arrays, tensors and scalars in tuples, lists, dicts and namedtuples."""
+        fields: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
+
+        def walk(value: Any, name: str) -> Node:
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                return ("named", type(value),
+                        tuple(walk(v, _child(name, f, False)) for f, v in zip(value._fields, value)))
+            if isinstance(value, Mapping):
+                keys = tuple(value)
+                return ("dict", keys, tuple(walk(value[k], _child(name, k, False)) for k in keys))
+            if isinstance(value, (tuple, list)):
+                kind = "tuple" if isinstance(value, tuple) else "list"
+                return ("seq", kind, tuple(walk(v, _child(name, i, True)) for i, v in enumerate(value)))
+            leaf = name or "sample"
+            if leaf in fields:
+                raise ValueError(f"two fields of the sample are both named {leaf!r}; give sample_fields")
+            arr = _leaf(value, leaf)
+            fields[leaf] = (arr.shape, arr.dtype)
+            return ("leaf", leaf)
+
+        tree = walk(sample, "")
+        if not fields:
+            raise ValueError("the first sample holds no arrays, tensors or numbers to batch")
+        return cls(tree, fields, inferred=True)
+
+    @classmethod
+    def explicit(cls, sample_fields: Mapping[str, Any], sample: Any) -> SampleSchema:
+        """*sample_fields* (``{name: (shape, dtype)}``) in the structure of *sample* (dict, tuple or one value)."""
+        fields = {}
+        for name, spec in sample_fields.items():
+            if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+                raise TypeError(f"field {name!r}: give (shape, dtype), not {spec!r}")
+            shape = (spec[0],) if isinstance(spec[0], int) else tuple(spec[0])
+            fields[name] = (shape, np.dtype(spec[1]))
+        names = tuple(fields)
+        leaves = tuple(("leaf", n) for n in names)
+        tree: Node
+        if isinstance(sample, Mapping):
+            tree = ("dict", names, leaves)
+        elif isinstance(sample, tuple) and hasattr(sample, "_fields") and len(sample) == len(names):
+            tree = ("named", type(sample), leaves)
+        elif isinstance(sample, (tuple, list)) and len(sample) == len(names) and (
+                len(names) > 1 or isinstance(sample, tuple)):
+            tree = ("seq", "tuple" if isinstance(sample, tuple) else "list", leaves)
+        elif len(names) == 1:
+            tree = leaves[0]
+        else:
+            raise TypeError(f"the first sample is a {type(sample).__name__}; with sample_fields {list(names)} "
+                            "give dicts of them, or tuples of them in that order")
+        return cls(tree, fields, inferred=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Workers only flatten: namedtuple types stay here (they may not pickle, e.g. made in a function).
+        def strip(node: Node) -> Node:
+            if node[0] == "leaf":
+                return node
+            return (node[0], None if node[0] == "named" else node[1], tuple(strip(c) for c in node[2]))
+
+        return SampleSchema, (strip(self.tree), self.fields), {"inferred": self.inferred}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.inferred = state["inferred"]
+
+    def flatten(self, sample: Any, k: int = 0) -> dict[str, np.ndarray[Any, Any]]:
+        """Each field's value in *sample* (sample number *k* of a batch), checked against the fields."""
+        out: dict[str, np.ndarray[Any, Any]] = {}
+        self._walk(self.tree, sample, "", k, out)
+        return out
+
+    def _walk(self, node: Node, value: Any, name: str, k: int, out: dict[str, np.ndarray[Any, Any]]) -> None:
+        where = " (fields inferred from the first sample; give sample_fields= to set them)" if self.inferred else ""
+        kind = node[0]
+        if kind == "leaf":
+            field = node[1]
+            shape, dtype = self.fields[field]
+            arr = _leaf(value, field)
+            if arr.shape != shape or not np.can_cast(arr.dtype, dtype, "same_kind"):
+                raise ValueError(f"sample {k}: field {field!r} is {_desc(arr.dtype, arr.shape)}, "
+                                 f"expected {_desc(dtype, shape)}{where}")
+            out[field] = arr
+            return
+        what = f"sample {k}" + (f" at {name!r}" if name else "")
+        if kind == "dict":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{what} is a {type(value).__name__}; the first sample had a dict there")
+            for key, child in zip(node[1], node[2]):
+                if key not in value:
+                    raise KeyError(f"{what} has no field {key!r} (it has {sorted(map(str, value))})")
+                self._walk(child, value[key], _child(name, key, False), k, out)
+            if self.inferred and len(value) != len(node[1]):
+                extra = sorted(str(x) for x in value if x not in node[1])
+                raise ValueError(f"{what} has fields {extra} that the first sample did not have{where}")
+            return
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{what} is a {type(value).__name__}; the first sample had a "
+                            f"{'tuple' if kind == 'named' else node[1]} of {len(node[2])} there")
+        if len(value) != len(node[2]):
+            raise ValueError(f"{what} has {len(value)} values; the first sample had {len(node[2])}{where}")
+        for i, (child, v) in enumerate(zip(node[2], value)):
+            self._walk(child, v, _child(name, i, True), k, out)
+
+    def __call__(self, slot: Slot, samples: Sequence[Any]) -> int:
+        """Check *samples* and stack them into *slot* (the fill of a ring made for this schema)."""
+        n = len(samples)
+        columns: dict[str, list[np.ndarray[Any, Any]]] = {name: [] for name in self.fields}
+        for k, sample in enumerate(samples):
+            for name, arr in self.flatten(sample, k).items():
+                columns[name].append(arr)
+        if n:
+            for name, col in columns.items():
+                view = slot[name]
+                if view.shape[0] < n:
+                    raise ValueError(f"field {name!r} holds {view.shape[0]} rows per slot; a batch of {n} "
+                                     "samples does not fit")
+                np.stack(col, axis=0, out=view[:n], casting="same_kind")
+        return n
+
+    def batch(self, columns: Mapping[str, Any]) -> Any:
+        """The batch of *columns* (``{field: batched tensor}``) in the samples' structure."""
+        return _build(self.tree, columns)
+
+
+def _build(node: Node, columns: Mapping[str, Any]) -> Any:
+    # A module function, not a closure: a recursive closure is a reference cycle, which
+    # would keep each batch's tensors alive until the garbage collector runs.
+    kind = node[0]
+    if kind == "leaf":
+        return columns[node[1]]
+    parts = [_build(c, columns) for c in node[2]]
+    if kind == "dict":
+        return dict(zip(node[1], parts))
+    if kind == "named" and node[1] is not None:
+        return node[1](*parts)
+    return parts
 
 
 def fill_slot(slot: Slot, samples: Sequence[Any]) -> int:
@@ -70,7 +271,14 @@ def fill_slot(slot: Slot, samples: Sequence[Any]) -> int:
             raise TypeError(f"sample {k} is a {type(sample).__name__}; give a dict or a tuple of {names}")
     for name in names:
         if n:
-            np.stack([np.asarray(v) for v in columns[name]], axis=0, out=slot[name][:n], casting="same_kind")
+            view = slot[name]
+            values = [_leaf(v, name) for v in columns[name]]
+            for k, arr in enumerate(values):
+                if arr.shape != view.shape[1:]:
+                    raise ValueError(f"sample {k}: field {name!r} is {_desc(arr.dtype, arr.shape)}, the ring's "
+                                     f"field is {_desc(view.dtype, view.shape[1:])} (are the values in the "
+                                     f"order {names}?)")
+            np.stack(values, axis=0, out=view[:n], casting="same_kind")
     return n
 
 
@@ -141,18 +349,123 @@ def _rebuild_collate(key: str, fill: FillFn | None, timeout: float | None, owner
     return c
 
 
-class RingLoader:
-    """Iterate a DataLoader whose ``collate_fn`` is a :class:`RingCollate`: ``{name: tensor}`` per batch.
+class _Windows:
+    """The consumer's own mapping of each slot (see "Kept batches" in the module docstring).
 
-    Tensors are ``torch.from_numpy`` over the slot (no copy); fields torch
-    cannot hold (structured, strings) come as ndarrays. With *device* each
-    batch is copied there (``non_blocking``; by DMA when the ring is
-    pinned) and the slot is released once that copy has completed. The
-    slot of a batch is released when the next batch is asked for; the last
-    batch of an iteration stopped early (``break``, ``next(iter(...))``, an
-    exception) stays valid until the next iteration starts or ``close()``.
-    Stopping early shuts the DataLoader's workers down and takes back the
-    slots of batches never consumed.
+    Without page-aligned slots (a ring made elsewhere) or where a window
+    cannot be mapped (hugetlbfs), batches are copies instead: never the
+    slot's memory, so never overwritten.
+    """
+
+    def __init__(self, ring: BatchRing, pin: bool) -> None:
+        self.ring = ring
+        self.pin = pin
+        n = ring.slots
+        self.maps: list[Any] = [None] * n
+        self.views: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * n
+        self.pins: list[Any] = [None] * n
+        self.hold: _Hold | None = None
+        self.moved = 0  # batches moved out (copied) so far
+        window = ring._slot_window(0)
+        self.usable = window is not None
+        if window is not None:
+            fd = backend.reopen(window[0], True)
+            try:
+                backend.hold_mapped(fd)  # the file is never recycled or truncated under a window
+            except BaseException:
+                backend.close(fd)
+                raise
+            self.hold = _Hold(fd)
+
+    def batch(self, slot: Slot) -> dict[str, np.ndarray[Any, Any]]:
+        """Fresh arrays over *slot*'s window (copies when there is none); their life tells if the batch is kept."""
+        base = self._base(slot.index) if self.usable else None
+        rows = slot.rows
+        if base is None:
+            return {k: v.copy() for k, v in slot.items()}
+        return {k: (v[:rows] if rows is not None and v.ndim else v[...]) for k, v in base.items()}
+
+    def _base(self, i: int) -> dict[str, np.ndarray[Any, Any]] | None:
+        views = self.views[i]
+        if views is not None:
+            return views
+        window, hold = self.ring._slot_window(i), self.hold
+        if window is None or hold is None:
+            return None
+        try:
+            mm = backend.map_window(hold.fd, window[1], window[2], True)
+        except OSError:
+            self.usable = False  # e.g. hugetlbfs, whose pages cannot back a window of 4 KiB pages
+            return None
+        weakref.finalize(mm, _Hold.keep, hold)  # the hold (its fd and lock) lives while any window does
+        views = {name: np.ndarray(shape, dtype=dtype, buffer=mm, offset=off)
+                 for name, (shape, dtype, off) in self._fields().items()}
+        if self.pin:
+            from ._cuda import pin_mapping
+
+            self.pins[i] = pin_mapping(mm, readonly=False, key=self.ring.key)
+        self.maps[i], self.views[i] = mm, views
+        return views
+
+    def _fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype[Any], int]]:
+        return {f.name: (f.shape, f.dtype, f.offset) for f in self.ring._lay.fields}
+
+    def map_all(self) -> None:
+        """Map (and pin) every window now: pin=True's errors come at construction, not mid-epoch."""
+        for i in range(self.ring.slots):
+            if self._base(i) is None and self.pin:
+                self.ring.pin()  # no windows: pin the ring's own mapping, as before windows
+                return
+
+    def move_out(self, i: int) -> None:
+        """Turn slot *i*'s window into private memory (a batch still uses it); the slot gets a new window."""
+        mm, pinned = self.maps[i], self.pins[i]
+        if mm is None:
+            return
+        if pinned is not None:
+            pinned.release()  # CUDA must never hold a range whose pages change under it
+        self.maps[i] = self.views[i] = self.pins[i] = None
+        backend.privatize(mm)
+        self.moved += 1
+
+    def close(self) -> None:
+        """Unpin and drop every window (those a batch still uses stay mapped until it goes)."""
+        for i, pinned in enumerate(self.pins):
+            if pinned is not None:
+                pinned.release()
+            self.pins[i] = None
+        self.maps = [None] * len(self.maps)
+        self.views = [None] * len(self.views)
+        self.hold = None
+
+
+class _Hold:
+    """The description that holds the ring's file for its windows; closed when the last window goes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        weakref.finalize(self, backend.close, fd)
+
+    @staticmethod
+    def keep(hold: _Hold) -> None:
+        """A window's finalizer: it only keeps *hold* alive until then."""
+
+
+class RingLoader:
+    """Iterate a DataLoader whose ``collate_fn`` is a :class:`RingCollate`: batches of tensors over the slots.
+
+    Batches are ``{name: tensor}`` (with :func:`ring_loader`: the samples'
+    structure, as ``default_collate`` gives). Tensors are ``torch.from_numpy``
+    over the slot (no copy); fields torch cannot hold (structured, strings)
+    come as ndarrays. A batch is never overwritten: when the next one is
+    asked for, the previous slot goes back to the workers, and a batch still
+    referenced anywhere is first moved into private memory (one copy, only
+    for kept batches; see the module docstring). With *device* each batch is
+    copied there (``non_blocking``; by DMA when pinned) and the slot is
+    released once that copy has completed. The last batch of an iteration
+    keeps its slot until the next iteration starts or ``close()``. Stopping
+    early shuts the DataLoader's workers down and takes back the slots of
+    batches never consumed.
     """
 
     def __init__(self, loader: Any, ring: BatchRing, *, device: Any = None, non_blocking: bool = True,
@@ -175,31 +488,39 @@ class RingLoader:
         self.device = device
         self.non_blocking = non_blocking
         self._own = own_ring
-        # The last batch of an iteration that stopped early (break, next(iter(...)), an
-        # exception): kept valid until the next iteration starts or close().
-        self._kept: tuple[Slot, Any] | None = None
+        self._schema: SampleSchema | None = collate.fill if isinstance(collate.fill, SampleSchema) else None
+        # Batches handed out whose slots are still held, oldest first: the slot, the CUDA
+        # event of its copy, weak references to its arrays.
+        self._pending: list[tuple[Slot, Any, list[Any]]] = []
+        # In `for batch in loader:` the loop variable still holds the last batch when
+        # the next is asked for; it dies a step later. So the newest batch keeps its
+        # slot one step more before it is taken for kept (and copied), when the ring
+        # has a slot to spare for that beyond what the DataLoader keeps in flight.
+        self._keep = 1 if ring.slots > need else 0
+        self._windows = _Windows(ring, pin)
+        self._pinned = pin
         if pin:
-            ring.pin()
+            try:
+                self._windows.map_all()
+            except BaseException:
+                self._windows.close()
+                raise
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         import torch
 
         ring = self.ring
-        self._drop_kept()
+        self._settle(self._keep)
         ring._new_epoch()
         it = iter(self.loader)
-        held: Slot | None = None
-        done: Any = None  # a CUDA event: the copy out of the held slot has finished
         finished = False
         try:
             while True:
-                if held is not None:
-                    # Released before waiting for the next batch, so workers can refill it meanwhile.
-                    self._let_go(held, done)
-                    held = None
+                # Before waiting for the next batch, so workers can refill the slots meanwhile.
+                self._settle(self._keep)
                 try:
                     token = next(it)
                 except StopIteration:
@@ -208,16 +529,22 @@ class RingLoader:
                     raise TypeError(f"the DataLoader returned a {type(token).__name__}, not a SlotToken; "
                                     "is its collate_fn a RingCollate?")
                 held = ring.claim(token)
-                batch = {name: _tensor(torch, view) for name, view in held.items()}
+                views = self._windows.batch(held)
+                refs = [weakref.ref(v) for v in views.values()]
+                columns = {name: _tensor(torch, view) for name, view in views.items()}
+                del views
+                done = None  # a CUDA event: the copy out of the held slot has finished
                 if self.device is not None:
-                    batch = {k: (v.to(self.device, non_blocking=self.non_blocking)
-                                 if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                    columns = {k: (v.to(self.device, non_blocking=self.non_blocking)
+                                   if isinstance(v, torch.Tensor) else v) for k, v in columns.items()}
                     done = _record(torch, self.device)
+                self._pending.append((held, done, refs))
+                batch = columns if self._schema is None else self._schema.batch(columns)
+                del columns
                 yield batch
+                del batch  # from here on, only the consumer's references keep the batch
             finished = True
         finally:
-            if held is not None:
-                self._kept = (held, done)
             if not finished:
                 # Workers may be waiting for slots that hold batches nobody will
                 # claim: a new epoch makes those stale (freed by the waiters'
@@ -226,31 +553,51 @@ class RingLoader:
                 shutdown = getattr(it, "_shutdown_workers", None)
                 if shutdown is not None and not getattr(self.loader, "persistent_workers", False):
                     shutdown()
-            ring._new_epoch()
+            if not ring.closed:
+                self._settle(self._keep)
+                ring._new_epoch()
 
-    def _let_go(self, slot: Slot, done: Any) -> None:
-        if slot.held:
-            if done is not None:
+    def _settle(self, keep: int) -> None:
+        """Give back the slots of batches nobody references; move out those still used, but the newest *keep*."""
+        pending = self._pending
+        if not pending or self.ring.closed:
+            pending.clear()
+            return
+        for slot, done, _ in pending:
+            if slot.held and done is not None:
                 done.synchronize()
-            elif self.ring.is_pinned:
-                _sync_cuda()
+        if (self._pinned or self.ring.is_pinned) and any(d is None for _, d, _ in pending):
+            _sync_cuda()  # the user may have started non_blocking copies out of the pinned slots
+        still = []
+        for entry in pending:
+            slot, _, refs = entry
+            if not slot.held:
+                continue
+            if any(r() is not None for r in refs):
+                still.append(entry)
+            else:
+                slot.release()
+        for slot, _, _ in still[: len(still) - keep] if keep else still:
+            self._windows.move_out(slot.index)
             slot.release()
-
-    def _drop_kept(self) -> None:
-        kept, self._kept = self._kept, None
-        if kept is not None and not self.ring.closed:
-            self._let_go(*kept)
+        self._pending = [e for e in still if e[0].held]
 
     def close(self) -> None:
-        """Shut the ring down and detach it (and remove it, when this loader created it)."""
+        """Shut the ring down and detach it (and remove it, when this loader created it).
+
+        Batches still referenced keep their data (the last one is moved out of the ring first).
+        """
         ring = self.ring
         if ring.closed:
             return
-        self._drop_kept()
-        if self._own:
-            ring.shutdown()
-            ring.unlink()
-        ring.close()
+        try:
+            self._settle(0)
+        finally:
+            self._windows.close()
+            if self._own:
+                ring.shutdown()
+                ring.unlink()
+            ring.close()
 
     def __enter__(self) -> RingLoader:
         return self
@@ -283,43 +630,70 @@ def _sync_cuda() -> None:
         torch.cuda.current_stream().synchronize()
 
 
-def ring_loader(dataset: Any, sample_fields: Mapping[str, Any], batch_size: int, *, num_workers: int = 2,
-                slots: int | None = None, key: str | None = None, prefetch_factor: int = 2,
-                fill: FillFn | None = None, device: Any = None, pin: bool = False,
+def _first_sample(dataset: Any) -> Any:
+    """One sample to learn the fields from: ``dataset[0]``, or the first an iterable dataset yields."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        for sample in dataset:
+            return sample
+        raise ValueError("the dataset yielded no sample to infer the fields from; give sample_fields")
+    try:
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: no sample to infer the fields from; give sample_fields")
+    except TypeError:  # no len(): try index 0 anyway
+        pass
+    return dataset[0]
+
+
+def ring_loader(dataset: Any, sample_fields: Mapping[str, Any] | None = None, batch_size: int = 1, *,
+                num_workers: int = 2, slots: int | None = None, key: str | None = None,
+                prefetch_factor: int = 2, fill: FillFn | None = None, device: Any = None, pin: bool = False,
                 timeout: float | None = None, dir: Dir = None, **loader_kwargs: Any) -> RingLoader:
     """A DataLoader over *dataset* feeding a new ring, wrapped in a RingLoader; ``close()`` removes the ring.
 
-    *sample_fields* gives each field of ONE sample, ``{"images": ((3, 224, 224),
-    np.uint8), "labels": ((), np.int64)}``; slots hold *batch_size* rows.
-    *slots* defaults to ``prefetch_factor * num_workers + 2``. Other keyword
-    arguments go to ``torch.utils.data.DataLoader`` (shuffle, sampler,
-    drop_last, persistent_workers, multiprocessing_context, ...). *dir* is the
-    ring's segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    Batches look like ``default_collate``'s: samples that are tuples or
+    lists give lists of batched tensors, dicts give dicts, namedtuples
+    namedtuples, a single array a tensor. The fields are learned from the
+    first sample (``dataset[0]``); *sample_fields*, ``{"images": ((3, 224,
+    224), np.uint8), "labels": ((), np.int64)}``, sets them instead (samples
+    are then dicts of them, tuples of them in that order, or the one value).
+    A sample that does not fit raises, naming the field and both shapes and
+    dtypes. Slots hold *batch_size* rows; *slots* defaults to
+    ``prefetch_factor * num_workers + 2``. Batches stay valid for as long
+    as you keep them. Other keyword arguments go to
+    ``torch.utils.data.DataLoader`` (shuffle, sampler, drop_last,
+    persistent_workers, multiprocessing_context, ...). *dir* is the ring's
+    segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
     """
     from torch.utils.data import DataLoader
 
+    if isinstance(sample_fields, int) and not isinstance(sample_fields, bool):
+        raise TypeError(f"ring_loader's second argument is sample_fields (a dict, or None to infer them); "
+                        f"pass the batch size by keyword: batch_size={sample_fields}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
-    if not isinstance(sample_fields, Mapping) or not sample_fields:
-        raise TypeError("sample_fields must be a non-empty dict of name -> (shape, dtype)")
-    fields = {}
-    for name, spec in sample_fields.items():
-        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
-            raise TypeError(f"field {name!r}: give (shape, dtype), not {spec!r}")
-        shape = (spec[0],) if isinstance(spec[0], int) else tuple(spec[0])
-        fields[name] = ((batch_size, *shape), spec[1])
-    if "collate_fn" in loader_kwargs or "batch_size" in loader_kwargs:
-        raise TypeError("ring_loader sets collate_fn and batch_size itself")
+    if sample_fields is not None and (not isinstance(sample_fields, Mapping) or not sample_fields):
+        raise TypeError("sample_fields must be a non-empty dict of name -> (shape, dtype), or None")
+    if "collate_fn" in loader_kwargs:
+        raise TypeError("ring_loader sets collate_fn itself")
+    first = _first_sample(dataset)
+    schema = (SampleSchema.infer(first) if sample_fields is None
+              else SampleSchema.explicit(sample_fields, first))
+    fields = {name: ((batch_size, *shape), dtype) for name, (shape, dtype) in schema.fields.items()}
     if slots is None:
         slots = prefetch_factor * num_workers + 2 if num_workers else 2
     key = key or f"ringloader-{backend.getpid()}-{secrets.token_hex(6)}"
-    ring = BatchRing.create(key, fields, slots, ordered=False, dir=dir)
+    # Page-aligned slots: the consumer maps each on its own (see "Kept batches").
+    ring = BatchRing.create(key, fields, slots, ordered=False, dir=dir, slot_align=backend.PAGE_SIZE)
     try:
         extra: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers else {}
-        collate = RingCollate(ring, fill=fill, timeout=timeout)
+        collate = RingCollate(ring, fill=fill or schema, timeout=timeout)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                             **extra, **loader_kwargs)
-        return RingLoader(loader, ring, device=device, pin=pin, own_ring=True)
+        rl = RingLoader(loader, ring, device=device, pin=pin, own_ring=True)
+        rl._schema = schema
+        return rl
     except BaseException:
         ring.unlink()
         ring.close()
