@@ -55,4 +55,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    # Public names only: not the helpers this module imports, nor its private submodules.
+    loaded = {name for name in ("qt", "dask") if name in globals()}  # public subpackages, once imported
+    return sorted(set(_PUBLIC) | loaded | {"__version__"})

@@ -34,7 +34,15 @@ from ._npy import (
 )
 from ._control import PAGE_SIZE
 from ._display import human as _human
-from ._errors import AccessMode, HeaderError, InvalidSizeError, LockError
+from ._errors import (
+    AccessMode,
+    AlreadyExistsError,
+    HeaderError,
+    InvalidSizeError,
+    LockError,
+    NotFoundError,
+    user_facing,
+)
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._lock import Guard
 from ._progress import check_progress, label, reporting
@@ -304,6 +312,7 @@ def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
     return spec, hdr.payload_offset
 
 
+@user_facing
 def attach(key: str, *, readonly: bool = False, dir: Dir = None) -> SharedArray:
     """Attach the array that segment *key* holds: same dtype, shape and order, zero-copy.
 
@@ -466,17 +475,27 @@ def _write_array(write: Write, src: np.ndarray, offset: int, fortran: bool) -> N
         offset += blk.nbytes
 
 
+@user_facing
 def create(key: str, shape: object, dtype: object = float, *, order: str = "C", fill: object = None,
-           persistent: bool = False, progress: bool = False, dir: Dir = None) -> SharedArray:
+           persistent: bool = False, exist_ok: bool = False, progress: bool = False,
+           dir: Dir = None) -> SharedArray:
     """A new array in segment *key*: zero-filled, or every item set to *fill*.
 
+    Lifetime: the segment lives while some process holds it (this array, a
+    view of it, or an array attached elsewhere). When the last of them goes,
+    or its process exits, the segment goes too: keep the result until the
+    other processes have attached it, or pass ``persistent=True`` to keep the
+    segment until ``shmarray.unlink(key)``.
+
     *order* is "C" or "F". The segment's pages are reserved now, so a full
-    /dev/shm is an OutOfResourcesError here, never a crash later. The
-    segment goes when the last array (or view) using it anywhere is gone,
-    unless *persistent*; then it stays until ``shmarray.unlink(key)``.
-    ``progress=True`` shows a bar (``tqdm.auto``) while a *fill* value is
-    written; zeros are reserved in one call and need none. *dir* is the
-    segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    /dev/shm is an OutOfResourcesError here, never a crash later.
+    ``exist_ok=True`` is get-or-create (a notebook cell run again): when
+    *key* already holds an array of the same dtype, shape and order it is
+    attached and returned, untouched (*fill* is not applied); a different
+    one raises AlreadyExistsError naming both. ``progress=True`` shows a bar
+    (``tqdm.auto``) while a *fill* value is written; zeros are reserved in
+    one call and need none. *dir* is the segment directory (default
+    ``SHMARRAY_DIR``, else /dev/shm).
     """
     what = f"create array {key!r}"
     dims = check_shape(shape, what)
@@ -485,6 +504,48 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
         raise ValueError(f"{what}: order must be 'C' or 'F', not {order!r}")
     item = _fill_value(fill, dt, what)
     show = check_progress(progress, what)
+    if not exist_ok:
+        return _create_new(key, dims, dt, order, item, persistent, show, dir)
+    # Get-or-create. Racing creators: one create wins, the others attach what it published
+    # (a segment is visible only once complete); one that went meanwhile is created again.
+    for _ in range(16):
+        try:
+            return _create_new(key, dims, dt, order, item, persistent, show, dir)
+        except AlreadyExistsError:
+            pass
+        try:
+            seg = _attach_segment(key, False, dir)
+        except NotFoundError:
+            continue
+        try:
+            try:
+                spec, offset = _read_spec(seg, key)
+            except HeaderError as e:
+                raise AlreadyExistsError(f"{what}: segment {key!r} exists and does not hold an array ({e})",
+                                         key) from None
+            _check_same(what, key, spec, dims, dt, order)
+            return _view(seg, spec.shape, spec.dtype, offset, order=spec.order)
+        except BaseException:
+            seg.detach()
+            raise
+    raise AlreadyExistsError(f"{what}: segment {key!r} kept appearing and disappearing; try again", key)
+
+
+def _check_same(what: str, key: str, spec: ArraySpec, shape: tuple[int, ...], dtype: np.dtype[Any],
+                order: str) -> None:
+    """AlreadyExistsError naming both when the existing array is not the one asked for."""
+    # An array with at most one dimension longer than 1 has one layout in either order.
+    orders_differ = spec.order != order and sum(d > 1 for d in shape) > 1
+    if spec.shape != shape or spec.dtype != dtype or orders_differ:
+        raise AlreadyExistsError(
+            f"{what}: segment {key!r} already holds an array of dtype {spec.dtype}, shape {spec.shape}, "
+            f"order {spec.order!r}, not dtype {dtype}, shape {shape}, order {order!r}; use another key, "
+            "or unlink it first (shmarray.unlink / `shmarray rm`)", key)
+
+
+def _create_new(key: str, dims: tuple[int, ...], dt: np.dtype[Any], order: str, item: np.ndarray | None,
+                persistent: bool, show: bool, dir: Dir) -> SharedArray:
+    what = f"create array {key!r}"
     fortran = order == "F"
     seg, head, p_off, total = _prepare(key, dims, dt, fortran, what, dir=dir)
     count = math.prod(dims)
@@ -501,9 +562,16 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     return _view(seg, dims, dt, p_off, order=order)
 
 
+@user_facing
 def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bool = False,
           dir: Dir = None) -> SharedArray:
     """Copy *array* into a new segment *key* and return it as a SharedArray.
+
+    Lifetime: the segment lives while some process holds it (the returned
+    array, a view of it, or an array attached elsewhere). When the last of
+    them goes, or its process exits, the segment goes too: keep the result
+    (``share(key, x)`` as a bare statement is gone at once), or pass
+    ``persistent=True`` to keep the segment until ``shmarray.unlink(key)``.
 
     Keeps the dtype and shape, and Fortran order when the array is
     Fortran-contiguous; a non-contiguous array is stored C-contiguous.

@@ -69,7 +69,7 @@ import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
-from ._errors import AccessMode, HeaderError, NotFoundError, ShmError
+from ._errors import AccessMode, HeaderError, NotFoundError, ShmError, WrongKindError, user_facing
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
 from ._progress import check_progress, label, reporting
 from ._segment import Dir, Segment
@@ -284,9 +284,16 @@ def _write_stream(sink: Any, table: "pyarrow.Table") -> None:
         writer.write_table(table)
 
 
+@user_facing
 def share_table(key: str, data: object, *, persistent: bool = False,
                 progress: bool = False, dir: Dir = None) -> "pyarrow.Table":
     """Write a table into a new segment *key* and return it, read back zero-copy from there.
+
+    The segment lives while some process holds it: this table, anything
+    derived from it, or a table attached elsewhere. When the last of them
+    goes (or its process exits) the segment goes too, so keep the result
+    until the other processes have attached it, or pass ``persistent=True``
+    to keep it until ``shmarray.unlink(key)``.
 
     Parameters
     ----------
@@ -367,6 +374,7 @@ def _check_validate(validate: object) -> str:
     return str(validate)
 
 
+@user_facing
 def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds", dir: Dir = None) -> "pyarrow.Table":
     """Map the table in segment *key* (or the one a :class:`TableHandle` names), zero-copy.
 
@@ -463,6 +471,7 @@ class TableHandle:
 TableHandle.__module__ = "shmarray"
 
 
+@user_facing
 def table_handle(table_or_key: "pyarrow.Table | str", *, dir: Dir = None) -> TableHandle:
     """A :class:`TableHandle` on a table from ``share_table``/``attach_table``, or on segment *key*.
 
@@ -513,6 +522,8 @@ def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
     try:
         # share_table publishes complete segments only: no waiting for "ready".
         hdr, raw = read_header(data, expect=Kind.ARROW, key=key, wait=0)
+    except WrongKindError:
+        raise
     except NotFoundError as e:
         raise HeaderError(f"segment {key!r} is marked as still being written, which a published "
                           "table never is; the segment is corrupt", key) from e
@@ -708,6 +719,7 @@ def _validate_values(table: "pyarrow.Table", key: str, *, full: bool) -> None:
 # -- pandas -------------------------------------------------------------------------
 
 
+@user_facing
 def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False,
                 dir: Dir = None) -> "pandas.DataFrame":
     """Share a pandas DataFrame (index and dtypes kept) and return it read back from the segment.
@@ -721,6 +733,7 @@ def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False
     return share_table(key, frame, persistent=persistent, dir=dir).to_pandas()
 
 
+@user_facing
 def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Validate = "bounds",
                  dir: Dir = None, **to_pandas: Any) -> "pandas.DataFrame":
     """``attach_table(key, validate=validate, dir=dir).select(columns).to_pandas(**to_pandas)``.

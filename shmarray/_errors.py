@@ -9,6 +9,8 @@ Exceptions pickle (they travel back from worker processes).
 from __future__ import annotations
 
 import enum
+import functools
+from typing import Callable, ParamSpec, TypeVar
 
 __all__ = [
     "QtEnum",
@@ -25,7 +27,9 @@ __all__ = [
     "OutOfResourcesError",
     "UnknownShmError",
     "HeaderError",
+    "WrongKindError",
     "error_class",
+    "user_facing",
 ]
 
 
@@ -163,6 +167,12 @@ class HeaderError(ShmError, ValueError):
     code = SharedMemoryError.UnknownError
 
 
+class WrongKindError(HeaderError, NotFoundError):
+    """The segment holds another kind of payload (a table, not an array...): no such array, and which call maps it."""
+
+    code = SharedMemoryError.NotFound
+
+
 def error_class(code: SharedMemoryError) -> type[ShmError]:
     """The exception a failure with Qt's *code* raises (UnknownShmError for UnknownError and NoError)."""
     for cls in (PermissionDeniedError, InvalidSizeError, InvalidKeyError, AlreadyExistsError,
@@ -191,3 +201,25 @@ for _cls in (
     HeaderError,
 ):
     _cls.__module__ = "shmarray"
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def user_facing(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A public function whose ShmErrors show the user's call, not shmarray's internals.
+
+    The frames below the public function name private helpers a user cannot
+    act on (an attach failing 8 frames deep); the message says what happened
+    and what to do, and the cause is kept where it adds something.
+    """
+
+    @functools.wraps(func)
+    def public(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except ShmError as exc:
+            raise exc.with_traceback(None)  # shmarray's frames below this line tell a user nothing
+
+    return public

@@ -34,7 +34,7 @@ import enum
 import struct
 from typing import NamedTuple
 
-from ._errors import HeaderError, NotFoundError
+from ._errors import HeaderError, NotFoundError, WrongKindError
 from ._lock import poll_until
 
 __all__ = [
@@ -212,7 +212,7 @@ def header_from(head: bytes, size: int, *, expect: Kind,
 
 def _expect(hdr: PayloadHeader, expect: Kind, key: str | None) -> PayloadHeader:
     if hdr.kind != expect:
-        raise HeaderError(
+        raise WrongKindError(
             f"segment {key!r} holds {_a(hdr.kind.label)}, not {_a(expect.label)}; {_hint(hdr.kind)}", key)
     return hdr
 
@@ -225,5 +225,5 @@ def _hint(kind: Kind) -> str:
     return {
         Kind.NDARRAY: "use shmarray.attach()",
         Kind.ARROW: "use shmarray.attach_table()",
-        Kind.RING: "open it as a batch ring",
+        Kind.RING: "open it as a batch ring (shmarray.BatchRing.attach())",
     }[kind]

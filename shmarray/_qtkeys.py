@@ -23,18 +23,18 @@ Only the Linux build's rules are here (not Apple's 30-character names).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import pwd
 from typing import Any
 from urllib.parse import unquote
 
 from ._errors import QtEnum, qt_value
+from ._os._names import QT_SHARED_MEMORY, qt_legacy_name
 
 __all__ = ["QNativeIpcKey", "platform_safe_key", "legacy_native_key", "legacy_key_of", "as_key",
            "SHARED_MEMORY", "SYSTEM_SEMAPHORE", "temp_location", "runtime_location"]
 
-SHARED_MEMORY = "qipc_sharedmemory_"
+SHARED_MEMORY = QT_SHARED_MEMORY
 SYSTEM_SEMAPHORE = "qipc_systemsem_"
 
 
@@ -342,9 +342,7 @@ def legacy_native_key(key: str, kind: object = _Type.SystemV, *, prefix: str = S
     made = QNativeIpcKey(kind)
     if not key:
         return made
-    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
-    letters = "".join(ch for ch in key if ("a" <= ch <= "z") or ("A" <= ch <= "Z"))
-    name = prefix + letters + digest
+    name = qt_legacy_name(key, prefix)
     if kind == _Type.Windows:
         return made
     if kind == _Type.PosixRealtime:

@@ -46,6 +46,7 @@ from ._errors import (
 )
 from ._lock import Holds, SegmentLock, check_timeout
 from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
+from ._os._names import qt_posix_names
 from ._transfer import rebuild_specially, special
 
 __all__ = ["Segment", "PAYLOAD_INTERFACE"]
@@ -112,11 +113,41 @@ def no_space(what: str, label: str | None, key: str | None, directory: str | Non
         f"make it smaller, or enlarge {where}", key)
 
 
+#: Why a segment can be missing, said wherever NotFoundError names a key that nothing holds.
+LIFETIME_RULE = ("A segment lives while some process holds it (an array, a view or a table of it): keep one "
+                 "alive, or create it with persistent=True.")
+
+
+def missing(what: str, key: str | None, directory: str | None = None, native: str | None = None) -> NotFoundError:
+    """NotFoundError for a name with no segment, saying why as far as it can be told from outside.
+
+    A missing directory is named; a Qt program's (or another library's)
+    object under the key's Qt names is pointed to ``attach_qt``; otherwise
+    the key was never created or its last holder detached or exited.
+    """
+    where = directory or backend.SHM_DIR
+    label = key if key is not None else native
+    problem = backend.dir_problem(where, writable=False)
+    if problem is not None:
+        return NotFoundError(f"{what}: no segment {label!r}: the segment directory {where!r} {problem}", key)
+    if key is None:
+        return NotFoundError(f"{what}: there is no object {native!r} in {where}", key)
+    for name in qt_posix_names(key):
+        if backend.name_facts("/dev/shm/" + name) is not None:
+            return NotFoundError(
+                f"{what}: no shmarray segment {key!r}, but /dev/shm/{name} exists: a segment that a Qt "
+                f"program's QSharedMemory made (map it with shmarray.attach_qt(key, dtype, shape) or "
+                f"shmarray.qt.QSharedMemory) or another library's (Segment(native_key={name!r}))", key)
+    return NotFoundError(
+        f"{what}: no segment {key!r} in {where}: it was never created, or the last process holding it "
+        f"detached or exited. {LIFETIME_RULE}", key)
+
+
 def _translate(e: OSError, what: str, key: str | None, directory: str | None = None) -> ShmError:
     """An OSError from the OS layer as the ShmError a user should see (*directory*: the segment's)."""
     code = e.errno
     if code == errno.ENOENT:
-        return NotFoundError(f"{what}: no segment {key!r}; create() it first", key)
+        return missing(what, key, directory)
     if code == errno.EEXIST:
         return AlreadyExistsError(f"{what}: segment {key!r} already exists", key)
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -223,7 +254,8 @@ class Segment:
     def _fail(self, exc: ShmError) -> ShmError:
         self._error = exc.code
         self._error_string = str(exc)
-        return exc
+        # Raised again from the public method: the frames below it are internals.
+        return exc.with_traceback(None)
 
     def _need_name(self, what: str) -> str:
         if self._native is None:
@@ -397,6 +429,8 @@ class Segment:
                 self._att = self._open(name, mode)
             except ShmError as e:
                 raise self._fail(e) from None
+            except FileNotFoundError:
+                raise self._fail(missing(what, self._key, self._dir, self._native)) from None
             except OSError as e:
                 raise self._fail(_translate(e, what, self._label(), self._dir)) from e
             self._arm()
@@ -456,8 +490,8 @@ class Segment:
                     # keeping our shared lock, if someone attached meanwhile.)
                     _retire(fd, name)
                     raise NotFoundError(
-                        f"attach: segment {label!r} was left by processes that all died; "
-                        "it has been removed. create() it again", self._key)
+                        f"attach: segment {label!r} was left by processes that all died, so it has been "
+                        f"removed. {LIFETIME_RULE}", self._key)
                 map_fd, handed = -1, map_fd  # map() closes it, whatever happens
                 return _attachment_of(name, fd, writable, mode, (dev, ino), raw, cb, handed)
             except BaseException:
@@ -869,13 +903,21 @@ class Segment:
                 seg._att = att
                 seg._arm()
                 return seg
-        seg.attach(mode)
+        try:
+            seg.attach(mode)
+        except NotFoundError:
+            if not incarnation:
+                raise
+            raise seg._fail(NotFoundError(
+                f"the segment {label!r} that this reference refers to is gone or was replaced: nothing "
+                f"has that key now (the last process holding it detached or exited before the reference "
+                f"was used). {LIFETIME_RULE}", key)) from None
         att = seg._att
         if incarnation and att is not None and att.incarnation != incarnation:
             seg.detach()
             raise seg._fail(NotFoundError(
-                f"attach: the segment {label!r} that this reference refers to is gone or was replaced "
-                "(the key now names another segment); the reference cannot be used", key))
+                f"the segment {label!r} that this reference refers to is gone or was replaced: the key "
+                "now names another segment; the reference cannot be used", key))
         return seg
 
     def _ident(self) -> tuple[int, int] | None:
@@ -936,10 +978,11 @@ def _host_of(directory: str | None) -> int:
 
 
 def check_usable(directory: str, what: str, *, writable: bool) -> None:
-    """ShmError naming *directory* when segments cannot live there (missing, not a directory, unwritable)."""
+    """ShmError naming *directory* when segments cannot live there (NotFoundError when it is missing)."""
     problem = backend.dir_problem(directory, writable=writable)
     if problem is not None:
-        raise ShmError(f"{what}: the segment directory {directory!r} {problem}", None)
+        cls = NotFoundError if not backend.name_facts(directory) else ShmError
+        raise cls(f"{what}: the segment directory {directory!r} {problem}", None)
 
 
 def _check_dir(directory: "str | os.PathLike[str]") -> str | None:

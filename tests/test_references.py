@@ -27,6 +27,9 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+_SHM_DEV = os.stat("/dev/shm").st_dev
+
+
 def _inode(key: str) -> int:
     return os.stat(f"/dev/shm/{native_key_for(key)}").st_ino
 
@@ -47,7 +50,10 @@ def _fds_of(key: str, ino: int | None = None) -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.stat(f"/proc/self/fd/{fd}").st_ino == ino:
+            st = os.stat(f"/proc/self/fd/{fd}")
+            # The device too: a pipe or socket may carry the same small inode number as a
+            # file in a fresh tmpfs.
+            if st.st_ino == ino and st.st_dev == _SHM_DEV:
                 n += 1
         except OSError:
             pass

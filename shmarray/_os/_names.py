@@ -61,6 +61,24 @@ def native_key_for(key: str) -> str:
     return f"{PREFIX}{readable}_{digest}"
 
 
+QT_SHARED_MEMORY = "qipc_sharedmemory_"
+
+
+def qt_legacy_name(key: str, prefix: str = QT_SHARED_MEMORY) -> str:
+    """Qt's legacy native name of *key* (QtIpcCommon::legacyPlatformSafeKey, Qt 4.4-6.5): prefix, letters, SHA-1."""
+    import hashlib  # only here: at import it would load OpenSSL's _hashlib (see above)
+
+    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
+    letters = "".join(ch for ch in key if ("a" <= ch <= "z") or ("A" <= ch <= "Z"))
+    return prefix + letters + digest
+
+
+def qt_posix_names(key: str) -> list[str]:
+    """The /dev/shm names a Qt program's QSharedMemory(*key*) may have made: Qt 6's, then the legacy one."""
+    names = [key] if "/" not in key and key not in (".", "..") and len(key) <= _NAME_MAX else []
+    return [*names, qt_legacy_name(key)]
+
+
 def check_native_key(name: object) -> str:
     """Normalise a native key (strip one leading '/') or raise InvalidKeyError."""
     if not isinstance(name, str):
