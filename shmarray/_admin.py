@@ -45,6 +45,7 @@ def unlink_key(key: str | None = None, *, native_key: str | None = None, dir: "D
         raise PermissionDeniedError(f"unlink: permission denied for segment {label!r}", key) from e
 
 
+@user_facing
 def unlink(key: str, *, dir: "Dir" = None) -> None:
     """Remove the segment *key* now (persistent or not); attached users keep their memory.
 
