@@ -11,7 +11,7 @@ from typing import NamedTuple
 from . import _stash
 from ._attachment import sweep_orphans
 from ._control import MAGIC, PAGE_SIZE, parse_control
-from ._errors import NotFoundError, PermissionDeniedError, ShmError
+from ._errors import NotFoundError, PermissionDeniedError, ShmError, user_facing
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._segment import Dir, _check_dir, check_usable
 from ._stash import KEEP_PREFIX
