@@ -402,20 +402,20 @@ def test_samples_that_do_not_fit_name_the_field_and_both_shapes():
             return s
 
     with ring_loader(Odd(12, "dict"), batch_size=4, num_workers=0) as rl:
-        with pytest.raises(ValueError, match=r"sample 1: field 'images' is uint8 \(3, 4, 5\), expected uint8 "
-                                             r"\(3, 4, 4\) \(fields inferred"):
+        message = r"sample 1: field 'images' is uint8 \(3, 4, 5\), expected uint8 \(3, 4, 4\) \(fields inferred"
+        with pytest.raises(ValueError, match=message):
             _run_to_end(rl)
         assert rl.ring.stats().filling == 0  # the failed batch's slot was given back
-    with ring_loader(Odd(12, "tuple"), batch_size=4, num_workers=0) as rl:
-        with pytest.raises(ValueError, match=r"field '\[1\]' is float64 \(\), expected int64 \(\)"):
-            _run_to_end(rl)
-    with ring_loader(Odd(12, "nested"), batch_size=4, num_workers=0) as rl:
-        with pytest.raises(KeyError, match=r"sample 3 at \"x\[1\]\" has no field 'm'|sample 3 at 'x\[1\]'"):
-            _run_to_end(rl)
+    with (ring_loader(Odd(12, "tuple"), batch_size=4, num_workers=0) as rl,
+          pytest.raises(ValueError, match=r"field '\[1\]' is float64 \(\), expected int64 \(\)")):
+        _run_to_end(rl)
+    with (ring_loader(Odd(12, "nested"), batch_size=4, num_workers=0) as rl,
+          pytest.raises(KeyError, match=r"sample 3 at 'x\[1\]' has no field 'm'")):
+        _run_to_end(rl)
     # in a worker process, the DataLoader re-raises the same error with the same message
-    with ring_loader(Odd(12, "dict"), batch_size=4, num_workers=2, multiprocessing_context="fork") as rl:
-        with pytest.raises(ValueError, match=r"field 'images' is uint8 \(3, 4, 5\), expected uint8 \(3, 4, 4\)"):
-            _run_to_end(rl)
+    with (ring_loader(Odd(12, "dict"), batch_size=4, num_workers=2, multiprocessing_context="fork") as rl,
+          pytest.raises(ValueError, match=r"field 'images' is uint8 \(3, 4, 5\), expected uint8 \(3, 4, 4\)")):
+        _run_to_end(rl)
     # what a ring cannot hold is refused at construction, naming the field
     with pytest.raises(TypeError, match="field 'name' is a str"):
         ring_loader([{"name": "a", "x": 1}], num_workers=0)
@@ -426,9 +426,9 @@ def test_samples_that_do_not_fit_name_the_field_and_both_shapes():
 @pytest.mark.timeout(60)
 def test_explicit_fields_in_another_order_name_the_field():
     fields = {"labels": ((), np.int64), "images": ((3, 4, 4), np.uint8)}  # the samples are (image, label)
-    with ring_loader(Shaped(8, "tuple"), fields, 4, num_workers=0) as rl:
-        with pytest.raises(ValueError, match=r"field 'labels' is uint8 \(3, 4, 4\), expected int64 \(\)"):
-            _run_to_end(rl)
+    with (ring_loader(Shaped(8, "tuple"), fields, 4, num_workers=0) as rl,
+          pytest.raises(ValueError, match=r"field 'labels' is uint8 \(3, 4, 4\), expected int64 \(\)")):
+        _run_to_end(rl)
     # the explicit form keeps working, and its batches mirror the samples too
     fields = {"images": ((3, 4, 4), np.uint8), "labels": ((), np.int64)}
     with ring_loader(Shaped(8, "tuple"), fields, 4, num_workers=0) as rl:

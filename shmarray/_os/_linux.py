@@ -368,7 +368,7 @@ _MAP_FIXED = 0x10
 
 
 @functools.lru_cache(maxsize=1)
-def _libc_maps() -> tuple[Any, Any, Any, Any, int]:
+def _libc_maps() -> tuple[Any, Any, Any, Any, Any]:
     """(ctypes, libc's mmap, mremap, munmap, MAP_FAILED) on first use: Python's mmap cannot map at an address."""
     import ctypes
 
@@ -399,7 +399,7 @@ def map_window(fd: int, offset: int, length: int, writable: bool) -> mmap.mmap:
     """
     if length <= 0 or offset % PAGE_SIZE or length % PAGE_SIZE:
         raise ValueError(f"map_window: offset {offset} and length {length} must be positive page multiples")
-    ctypes, c_map, _, _, failed = _libc_maps()
+    ctypes, c_map, _, _, _ = _libc_maps()
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     mm = mmap.mmap(-1, length, prot=prot)
     addr = _address(ctypes, mm)

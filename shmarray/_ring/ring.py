@@ -107,7 +107,7 @@ class BatchRing:
         mapping = seg._mapping()
         # The user bytes start this far into the file (the control page): slot alignment is by file offset.
         data_at = np.frombuffer(mapping, np.uint8).ctypes.data
-        whole = mapping.obj if isinstance(mapping, memoryview) else mapping
+        whole: Any = mapping.obj if isinstance(mapping, memoryview) else mapping
         self._file_base = data_at - np.frombuffer(whole, np.uint8).ctypes.data + payload_offset
         self._shift = lay.slot_shift(self._file_base)
         ctl = memoryview(mapping)[payload_offset : payload_offset + lay.control_bytes].cast("Q")
