@@ -428,6 +428,12 @@ class _Windows:
         backend.privatize(mm)
         self.moved += 1
 
+    def move_out_used(self, pending: list[tuple[Slot, Any, list[Any]]]) -> None:
+        """Move out the windows of *pending* batches that are still referenced (the loader is going)."""
+        for slot, _, refs in pending:
+            if any(r() is not None for r in refs):
+                self.move_out(slot.index)
+
     def close(self) -> None:
         """Unpin and drop every window (those a batch still uses stay mapped until it goes)."""
         for i, pinned in enumerate(self.pins):
@@ -499,6 +505,8 @@ class RingLoader:
         self._keep = 1 if ring.slots > need else 0
         self._windows = _Windows(ring, pin)
         self._pinned = pin
+        # A loader dropped without close(): batches still referenced leave the ring first.
+        weakref.finalize(self, self._windows.move_out_used, self._pending)
         if pin:
             try:
                 self._windows.map_all()
@@ -580,7 +588,7 @@ class RingLoader:
         for slot, _, _ in still[: len(still) - keep] if keep else still:
             self._windows.move_out(slot.index)
             slot.release()
-        self._pending = [e for e in still if e[0].held]
+        pending[:] = [e for e in still if e[0].held]  # in place: the finalizer holds this list
 
     def close(self) -> None:
         """Shut the ring down and detach it (and remove it, when this loader created it).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import mmap
 import os
 import pickle
 import signal
@@ -302,10 +303,11 @@ def test_holding_every_slot_while_asking_for_the_next_batch(key, own_ring):
     ds = Shaped(80, "tuple")
     if own_ring:  # exactly the slots the DataLoader keeps in flight: none to spare for the consumer
         fields = {"[0]": ((4, 3, 4, 4), np.uint8), "[1]": ((4,), np.int64)}
-        ring = BatchRing.create(key, fields, 4)
+        ring = BatchRing.create(key, fields, 4, slot_align=mmap.PAGESIZE)  # so that batches are windows
         loader = DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork",
                             collate_fn=RingCollate(ring))
         rl = RingLoader(loader, ring)
+        assert rl._keep == 0 and rl._windows.usable
     else:
         rl = ring_loader(ds, batch_size=4, num_workers=2, slots=5, multiprocessing_context="fork")
     try:
@@ -314,7 +316,7 @@ def test_holding_every_slot_while_asking_for_the_next_batch(key, own_ring):
             held.append(batch)
             assert rl.ring.stats().reading <= 2
         want = _expected(ds, 4)
-        assert len(held) == 20
+        assert len(held) == 20 and rl._windows.moved >= 19
         for g, w in zip(held, want):
             if own_ring:  # RingLoader over a collate without a schema: {field: tensor}
                 g = (g["[0]"], g["[1]"])
