@@ -13,7 +13,8 @@ from ._attachment import sweep_orphans
 from ._control import MAGIC, PAGE_SIZE, parse_control
 from ._errors import NotFoundError, PermissionDeniedError, ShmError, user_facing
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
-from ._segment import Dir, _check_dir, check_usable
+from ._lifecycle import Dir, check_usable
+from ._lifecycle import check_dir as _check_dir
 from ._stash import KEEP_PREFIX
 
 __all__ = ["unlink_key", "unlink", "collect_garbage", "collect", "Removed"]

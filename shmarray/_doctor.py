@@ -15,7 +15,8 @@ from typing import Any
 
 from ._display import human as _human
 from ._os import backend
-from ._segment import Dir, _check_dir
+from ._lifecycle import Dir
+from ._lifecycle import check_dir as _check_dir
 
 __all__ = ["Doctor", "Problem", "doctor"]
 

@@ -1,165 +1,72 @@
-"""Segment: a named shared-memory segment (the QSharedMemory core).
+"""Segment: the QSharedMemory-shaped handle on a named segment.
 
-The byte layout of a segment, its control block and the lifetime rules
-(liveness locks, publication by link(2)) are described in _attachment,
-which holds the OS resources of one attachment; this module is the
-Qt-shaped object around them: keys, create/attach/detach, errors as Qt
-keeps them, the lock and pinning.
+What a user holds: a key (or native key) and directory, create / attach /
+detach as calls, Qt's error state (``error``, ``error_string``), the lock,
+pinning and the memory accessors. Every sequence behind those calls (build,
+publish, open, recycle, retire) is ``_lifecycle``'s; the OS resources of an
+attachment and who destroys a segment are ``_attachment``'s; the control
+block's bytes are ``_control``'s. The payload layers (arrays, tables,
+rings, the listing) use what :class:`SegmentService` declares, besides the
+public API.
 """
 
 from __future__ import annotations
 
-import errno
-import operator
-import os
 import threading
 import weakref
-from typing import Any, Callable, SupportsIndex, Union
+from typing import Any, Protocol
 
-from . import _reuse, _stash
-from ._attachment import (
-    _Attachment,
-    _mark_dead,
-    _reap_if_dead,
-    _retire,
-    held_instance,
-    holds_name,
-    register,
-    release_user,
-    share_instance,
-    share_named,
-)
-from ._control import HEAD_BYTES, PAGE_SIZE, ControlBlock, control_bytes, new_incarnation, parse_control
-from ._display import human as _human
+from . import _lifecycle
+from ._attachment import _Attachment, release_user
 from ._errors import (
     AccessMode,
     AlreadyExistsError,
-    InvalidSizeError,
+    InvalidKeyError,
     LockError,
     NotFoundError,
     OutOfResourcesError,
-    PermissionDeniedError,
     SharedMemoryError,
     ShmError,
     UnknownShmError,
-    _InvalidSizeTypeError,
 )
+from ._control import PAGE_SIZE
+from ._lifecycle import Dir, Fill, Where, check_dir, check_size, no_space
 from ._lock import Holds, SegmentLock, check_timeout
-from ._os import TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
-from ._os._names import qt_posix_names
+from ._os import backend, check_key, check_native_key, native_key_for
 from ._transfer import rebuild_specially, special
 
-__all__ = ["Segment", "PAYLOAD_INTERFACE"]
-
-#: The private names of Segment that the layers above may use (see the end of the class).
-PAYLOAD_INTERFACE = frozenset({"_create", "_boundary", "_no_space", "_mapping", "_root", "_head", "_cache",
-                               "_lock_fd", "_holds", "_reference", "_of_instance", "_dir", "_ident"})
-
-#: A ``dir=`` argument: the segment directory (None: ``SHMARRAY_DIR``, else /dev/shm).
-Dir = Union[str, "os.PathLike[str]", None]
+__all__ = ["Segment", "SegmentService", "Dir"]
 
 
-def _check_size(size: object, what: str) -> int:
-    # isinstance(int) first: the runtime Protocol check costs ~7 us, an int needs none.
-    if isinstance(size, bool) or not (isinstance(size, int) or isinstance(size, SupportsIndex)):
-        raise _InvalidSizeTypeError(f"{what}: size must be an int, not {type(size).__name__} ({size!r})")
-    value = operator.index(size)
-    if value <= 0:
-        raise InvalidSizeError(f"{what}: size must be > 0 bytes, got {value}")
-    return value
+class SegmentService(Protocol):
+    """What the payload layers (``_array``, ``_arrow``, ``_ring``, ``_torch``, ``_inspect``) may use of a
+    Segment besides its public API: the one declaration (``tests/test_layers.py`` holds them to it).
 
-
-def _gaps(written: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """The (offset, length) ranges of [0, size) that no (offset, length) in *written* covers."""
-    out = []
-    at = 0
-    for lo, n in sorted(written):
-        if lo > at:
-            out.append((at, lo - at))
-        at = max(at, lo + n)
-    if at < size:
-        out.append((at, size - at))
-    return out
-
-
-# Gaps a recycled segment's fill did not write are zeroed in pieces of this size.
-_ZERO_CHUNK = 4 << 20
-
-
-def _user_writer(size: int, raw: Callable[[memoryview, int], None],
-                 written: list[tuple[int, int]] | None = None) -> Callable[[memoryview, int], None]:
-    """The ``write(data, offset)`` a fill gets: user offsets, bounds-checked, onto *raw* (file offsets).
-
-    *written*, when given, records each (offset, length), so the bytes no
-    write covered can be zeroed.
+    Build a segment with a writer (``_create``) and its size rules
+    (``_boundary``, ``_no_space``); its memory (``_mapping``, ``_root``,
+    ``_head``, ``_cache``); a description of its own for byte-range locks
+    (``_lock_fd``) and the guard rule of its lock (``_holds``); what a
+    reference names (``_reference``, ``_dir``; ``Segment._of_instance``
+    attaches it back); the identity its listing reads (``_ident``).
     """
-    def write(data: memoryview, offset: int) -> None:
-        if offset < 0 or offset + data.nbytes > size:
-            raise ValueError(f"write of {data.nbytes} bytes at {offset} overruns {size}")
-        raw(data, PAGE_SIZE + offset)
-        if written is not None:
-            written.append((offset, data.nbytes))
-    return write
 
+    _dir: str | None
 
-def no_space(what: str, label: str | None, key: str | None, directory: str | None,
-             needed: int | None = None, cause: str = "") -> OutOfResourcesError:
-    """The one out-of-space message: what was needed, what the directory holds, and what to do about it."""
-    where = directory or backend.SHM_DIR
-    need = f"needs {_human(needed)}" if needed is not None else f"is out of space ({cause or 'no space left'})"
-    return OutOfResourcesError(
-        f"{what}: segment {label!r} {need} but {where} has {_human(backend.free_bytes(directory))} free "
-        f"(of {_human(backend.total_bytes(directory))}); remove segments (`shmarray gc`, `shmarray rm KEY`), "
-        f"make it smaller, or enlarge {where}", key)
-
-
-#: Why a segment can be missing, said wherever NotFoundError names a key that nothing holds.
-LIFETIME_RULE = ("A segment lives while some process holds it (an array, a view or a table of it): keep one "
-                 "alive, or create it with persistent=True.")
-
-
-def missing(what: str, key: str | None, directory: str | None = None, native: str | None = None) -> NotFoundError:
-    """NotFoundError for a name with no segment, saying why as far as it can be told from outside.
-
-    A missing directory is named; a Qt program's (or another library's)
-    object under the key's Qt names is pointed to ``attach_qt``; otherwise
-    the key was never created or its last holder detached or exited.
-    """
-    where = directory or backend.SHM_DIR
-    label = key if key is not None else native
-    problem = backend.dir_problem(where, writable=False)
-    if problem is not None:
-        return NotFoundError(f"{what}: no segment {label!r}: the segment directory {where!r} {problem}", key)
-    if key is None:
-        return NotFoundError(f"{what}: there is no object {native!r} in {where}", key)
-    for name in qt_posix_names(key):
-        if backend.name_facts("/dev/shm/" + name) is not None:
-            return NotFoundError(
-                f"{what}: no shmarray segment {key!r}, but /dev/shm/{name} exists: a segment that a Qt "
-                f"program's QSharedMemory made (map it with shmarray.attach_qt(key, dtype, shape) or "
-                f"shmarray.qt.QSharedMemory) or another library's (Segment(native_key={name!r}))", key)
-    return NotFoundError(
-        f"{what}: no segment {key!r} in {where}: it was never created, or the last process holding it "
-        f"detached or exited. {LIFETIME_RULE}", key)
-
-
-def _translate(e: OSError, what: str, key: str | None, directory: str | None = None) -> ShmError:
-    """An OSError from the OS layer as the ShmError a user should see (*directory*: the segment's)."""
-    code = e.errno
-    if code == errno.ENOENT:
-        return missing(what, key, directory)
-    if code == errno.EEXIST:
-        return AlreadyExistsError(f"{what}: segment {key!r} already exists", key)
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDeniedError(f"{what}: permission denied for segment {key!r} ({e.strerror})", key)
-    hint = backend.limits_hint(code) if code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) else ""
-    if hint:
-        return OutOfResourcesError(f"{what}: out of resources for segment {key!r}: {hint}", key)
-    if code in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EOVERFLOW):
-        return no_space(what, key, key, directory, cause=e.strerror or "")
-    if code in (errno.EMFILE, errno.ENFILE):
-        return OutOfResourcesError(f"{what}: out of resources for segment {key!r} ({e.strerror})", key)
-    return UnknownShmError(f"{what}: {e.strerror or e} (segment {key!r})", key)
+    def _create(self, size: int, mode: AccessMode = ..., *, persistent: bool = ..., permissions: int = ...,
+                fill: Fill | None = ..., reserve: bool = ...) -> Segment: ...
+    def _boundary(self) -> tuple[int, int] | None: ...
+    def _no_space(self, total: int, what: str = ...) -> OutOfResourcesError: ...
+    def _mapping(self) -> Any: ...
+    def _root(self) -> Any: ...
+    def _head(self) -> bytes: ...
+    def _cache(self) -> dict[str, Any]: ...
+    def _lock_fd(self) -> int: ...
+    def _holds(self) -> Holds: ...
+    def _reference(self) -> tuple[int, int]: ...
+    def _ident(self) -> tuple[int, int] | None: ...
+    # A constructor, declared for the test: Segment._of_instance(key, native, mode, host, incarnation, dir).
+    def _of_instance(self, key: str | None, native: str | None, mode: AccessMode, host: int,
+                     incarnation: int, dir: str | None = ...) -> Segment: ...
 
 
 class Segment:
@@ -188,7 +95,7 @@ class Segment:
         if key is not None and native_key is not None:
             raise ValueError("pass key or native_key, not both")
         if dir is not None:
-            self._dir = _check_dir(dir)
+            self._dir = check_dir(dir)
         if key is not None:
             self._key = check_key(key)
             self._native = native_key_for(key)
@@ -257,14 +164,15 @@ class Segment:
         # Raised again from the public method: the frames below it are internals.
         return exc.with_traceback(None)
 
+    def _where(self) -> Where:
+        return Where(self._key, self._dir, self._label())
+
     def _need_name(self, what: str) -> str:
         if self._native is None:
-            from ._errors import InvalidKeyError
-
             raise self._fail(InvalidKeyError(f"{what}: no key set; pass a key to Segment() or set_key()"))
         if self._dir is not None:
             try:
-                check_usable(self._dir, what, writable=what == "create")
+                _lifecycle.check_usable(self._dir, what, writable=what == "create")
             except ShmError as e:
                 raise self._fail(e) from None
         return backend.qualify(self._dir, self._native)
@@ -282,224 +190,25 @@ class Segment:
         """Create a new segment of *size* usable bytes (zero-filled) and attach to it."""
         return self._create(size, mode, persistent=persistent, permissions=permissions)
 
-    def _build(self, name: str, size: int, mode: AccessMode, persistent: bool, permissions: int,
-               fill: Callable[[Callable[[memoryview, int], None]], None] | None, reserve: bool) -> _Attachment:
-        recycle = not persistent
-        if recycle:
-            taken = _stash.take(PAGE_SIZE + size, self._dir)
-            if taken is not None:
-                return self._build_in(taken, name, size, mode, fill)
-        pid = backend.getpid()
-        temp = backend.qualify(self._dir, f"{TEMP_PREFIX}{pid}-{backend.token_hex(6)}")
-        fd = backend.create_exclusive(temp, permissions)
-        published = False
-        kept: str | None = None
-        try:
-            backend.chmod(fd, permissions)  # exactly what was asked, whatever the umask
-            # Locked before anything else, so gc never mistakes it for an orphan.
-            backend.hold_liveness(fd, pid)
-            total = PAGE_SIZE + size
-            populated = None
-            if total >= backend.HUGE_PAGE and backend.huge_pages(self._dir) == "advise":
-                # Huge pages only for a mapping that asks: fill through one (writes via
-                # the fd would allocate 4 KiB pages), its pages allocated up front.
-                backend.truncate(fd, total)
-                populated = backend.map_populated_huge(fd, total)
-            if populated is not None:
-                mm = populated
-
-                def write(data: memoryview, at: int) -> None:
-                    backend.copy_into(mm, at, data)
-            else:
-                if reserve:
-                    backend.reserve(fd, total)
-                else:
-                    backend.truncate(fd, total)
-
-                def write(data: memoryview, at: int) -> None:
-                    backend.pwrite_all(fd, data, at)
-            try:
-                control = control_bytes(size, persistent, self._key, new_incarnation())
-                write(memoryview(control), 0)
-                if fill is not None:
-                    fill(_user_writer(size, write))
-            finally:
-                if populated is not None:
-                    del write, mm
-                    backend.close_mapping(populated)
-            if recycle:
-                kept = _stash.keep(temp, name, total, fd)
-            self._publish(temp, name)
-            published = True
-            att = _Attachment(name, fd, True, mode, foreign=False)
-            att.ident = backend.identity(fd)
-            att.map(ControlBlock(control))
-            return att
-        except BaseException:
-            if published:
-                backend.unlink_if_same(name, fd)
-            _stash.forget(kept)
-            backend.close(fd)
-            raise
-        finally:
-            backend.unlink(temp)
-
-    def _build_in(self, taken: _stash.Taken, name: str, size: int, mode: AccessMode,
-                  fill: Callable[[Callable[[memoryview, int], None]], None] | None) -> _Attachment:
-        """Build the new segment in a recycled file (claimed: nobody attached, nobody maps it).
-
-        Writes go through this process's idle mapping of the file when it has
-        one (a memcpy into mapped pages), else through the fd into allocated
-        pages. Every byte the fill does not write is zeroed: nothing of the
-        segment that used the file before can be read in this one.
-        """
-        fd, kept = taken
-        pid = backend.getpid()
-        region = _reuse.find_idle(kept.dev, kept.ino, 0, PAGE_SIZE + size, True)
-        written: list[tuple[int, int]] = []
-        published = False
-        try:
-            control = control_bytes(size, False, self._key, new_incarnation())
-            raw_write: Callable[[memoryview, int], None]
-            if region is not None:
-                warm = region
-
-                def raw_write(data: memoryview, at: int) -> None:
-                    # Through the region, so that no reference to the mmap outlives
-                    # the build (a ReadOnly creator hands it back idle).
-                    backend.copy_into(warm.mm, at, data)
-            else:
-                def raw_write(data: memoryview, at: int) -> None:
-                    backend.pwrite_all(fd, data, at)
-            # The whole control page: the old key's bytes must not linger after a shorter one.
-            raw_write(memoryview(control + bytes(PAGE_SIZE - len(control))), 0)
-            if fill is not None:
-                fill(_user_writer(size, raw_write, written))
-            gaps = _gaps(written, size)
-            zeros = memoryview(bytes(min(_ZERO_CHUNK, max(n for _, n in gaps)))) if gaps else None
-            for lo, n in gaps:
-                assert zeros is not None
-                for at in range(lo, lo + n, _ZERO_CHUNK):
-                    raw_write(zeros[: min(_ZERO_CHUNK, lo + n - at)], PAGE_SIZE + at)
-            # Exclusive -> shared (atomic), plus this process's marker: attached.
-            backend.hold_liveness(fd, pid)
-            self._publish(kept.name, name)
-            published = True
-            _stash.published(kept, name)
-            att = _Attachment(name, fd, True, mode, foreign=False)
-            att.ident = (kept.dev, kept.ino)
-            cb = ControlBlock(control)
-            att.map(cb, region=region)
-            return att
-        except BaseException:
-            if published:
-                backend.unlink_if_same(name, fd)
-            # Back to a dead kept file: whoever looks at it again sees it so.
-            try:
-                _mark_dead(fd)
-            except OSError:  # pragma: no cover
-                pass
-            if region is not None:
-                _reuse.release(region)
-            backend.close(fd)
-            raise
-
-    def _publish(self, source: str, name: str) -> None:
-        """Give the built file *source* its public *name* (link(2): of racing creators one wins)."""
-        while not backend.link(source, name):
-            if not _reap_if_dead(name):
-                raise AlreadyExistsError(
-                    f"create: segment {self._label()!r} already exists; attach() to it, "
-                    f"or unlink it first (shmarray.unlink / `shmarray rm`)", self._key)
-
     def attach(self, mode: AccessMode = AccessMode.ReadWrite) -> Segment:
         """Attach to an existing segment; raises NotFoundError if there is none."""
         with self._mutex:
-            what = "attach"
             try:
                 mode = AccessMode(mode)
             except ValueError as e:
                 raise self._fail(UnknownShmError(f"attach: invalid access mode {mode!r}")) from e
-            name = self._need_name(what)
+            name = self._need_name("attach")
             if self._att is not None:
                 raise self._fail(AlreadyExistsError(
                     f"attach: this object is already attached to segment {self._label()!r}; "
                     "detach() it first", self._key))
             try:
-                self._att = self._open(name, mode)
+                self._att = _lifecycle.attach(self._where(), name, mode)
             except ShmError as e:
                 raise self._fail(e) from None
-            except FileNotFoundError:
-                raise self._fail(missing(what, self._key, self._dir, self._native)) from None
-            except OSError as e:
-                raise self._fail(_translate(e, what, self._label(), self._dir)) from e
             self._arm()
             self._ok()
             return self
-
-    def _open(self, name: str, mode: AccessMode) -> _Attachment:
-        """This process's attachment of the segment *name* has now: the one it holds, else a new one."""
-        now = backend.name_facts(name) if holds_name(name, mode) else None
-        if now is not None:
-            att = share_named(name, mode, now[0], now[1])
-            if att is not None:
-                if not att.foreign or self._key is None:
-                    return att
-                release_user(att)  # a key names no foreign object: the full attach says so
-        att = self._open_new(name, mode)
-        register(att)
-        return att
-
-    def _open_new(self, name: str, mode: AccessMode) -> _Attachment:
-        label = self._label()
-        pid = backend.getpid()
-        for _ in range(16):
-            fd, map_fd, writable, object_size, dev, ino = backend.open_pair(name)
-            try:
-                if self._key is None:
-                    # A native key may name a foreign object: look before locking it.
-                    cb = parse_control(backend.pread(fd, PAGE_SIZE, 0), object_size)
-                    if cb is None:
-                        att = _Attachment(name, fd, writable, mode, foreign=True)
-                        map_fd, handed = -1, map_fd  # map() closes it, whatever happens
-                        att.map(None, handed)
-                        return att
-                # Shared first: this waits out a destroyer holding the byte exclusively.
-                # Then one read gives the control block as it is now (dead flag
-                # included) and the start of the user bytes (the payload header).
-                backend.hold_liveness(fd, pid)
-                # The name must still be this file: a destroyer may have removed it
-                # (and freed its pages) while we waited, and a recycled file may
-                # hold another key's segment by now.
-                now = backend.name_facts(name)
-                if now is None or now[0] != dev or now[1] != ino:
-                    backend.close(map_fd)
-                    backend.close(fd)
-                    continue
-                raw, cb = _read_control(fd, now[2])
-                if cb is None:
-                    raise UnknownShmError(
-                        f"attach: {name!r} (for key {label!r}) is not a shmarray segment; "
-                        "remove it or use another key", self._key)
-                if cb.dead:
-                    backend.close(map_fd)
-                    backend.close(fd)  # its only reference: the locks go with it
-                    continue
-                if writable and not cb.persistent and not backend.others_attached(fd) and backend.try_sole(fd):
-                    # Nobody else is attached: every attacher died. (try_sole fails,
-                    # keeping our shared lock, if someone attached meanwhile.)
-                    _retire(fd, name)
-                    raise NotFoundError(
-                        f"attach: segment {label!r} was left by processes that all died, so it has been "
-                        f"removed. {LIFETIME_RULE}", self._key)
-                map_fd, handed = -1, map_fd  # map() closes it, whatever happens
-                return _attachment_of(name, fd, writable, mode, (dev, ino), raw, cb, handed)
-            except BaseException:
-                if map_fd >= 0:
-                    backend.close(map_fd)
-                backend.close(fd)
-                raise
-        raise NotFoundError(f"attach: segment {label!r} kept disappearing; try again", self._key)
 
     def _arm(self) -> None:
         """Become one user of ``self._att`` (registered already), with a lock of this object's own."""
@@ -531,13 +240,10 @@ class Segment:
         """Remove the name now; existing mappings stay valid. False if it was already gone."""
         with self._mutex:
             name = self._need_name("unlink")
-            att = self._att
             try:
-                if att is not None:
-                    return backend.unlink_if_same(name, att.fd)
-                return backend.unlink(name)
-            except OSError as e:
-                raise self._fail(_translate(e, "unlink", self._label())) from e
+                return _lifecycle.unlink(self._where(), name, self._att)
+            except ShmError as e:
+                raise self._fail(e) from None
 
     def __enter__(self) -> Segment:
         return self
@@ -725,26 +431,7 @@ class Segment:
         host, incarnation = self._reference()
         return _rebuild_segment, (self._key, self._native, mode, host, incarnation, self._dir)
 
-    def _open_again(self, held: _Attachment, mode: AccessMode) -> _Attachment:
-        """An attachment in *mode* of the instance *held* is attached to (the name may be elsewhere by now)."""
-        fd = backend.reopen(held.fd, held.writable_fd)
-        try:
-            backend.hold_liveness(fd, backend.getpid())
-            raw, cb = _read_control(fd, backend.size_of(fd))
-            if cb is None or cb.dead:  # pragma: no cover - we hold it attached
-                raise NotFoundError(f"attach: segment {self._label()!r} is gone", self._key)
-            return _attachment_of(held.name, fd, held.writable_fd, mode, held.ident, raw, cb)
-        except BaseException:
-            backend.close(fd)
-            raise
-
-    # -- the interface of the payload layers (_array, _arrow, _ring, _inspect) ------------------
-    #
-    # What the layers above may use of a Segment besides its public API (a test checks that they
-    # use nothing else): build a segment with a writer (_create), its size rules (_boundary,
-    # _no_space), its memory (_mapping, _root, _head, _cache), a description of its own for
-    # byte-range locks (_lock_fd), the guard rule of its lock (_holds), what a reference names (_reference, _of_instance, _dir) and the
-    # identity its listing reads (_ident). The segment lock is the public lock()/unlock().
+    # -- the service of the payload layers: what SegmentService declares -------------------------
 
     def _create(
         self,
@@ -753,7 +440,7 @@ class Segment:
         *,
         persistent: bool = False,
         permissions: int = 0o600,
-        fill: Callable[[Callable[[memoryview, int], None]], None] | None = None,
+        fill: Fill | None = None,
         reserve: bool = True,
     ) -> Segment:
         """create(), with *fill* called before the segment is published.
@@ -764,38 +451,21 @@ class Segment:
         must then write every page it wants reserved (ENOSPC surfaces there).
         """
         with self._mutex:
-            what = "create"
             try:
-                size = _check_size(size, f"create segment {self._label()!r}")
+                size = check_size(size, f"create segment {self._label()!r}")
                 mode = AccessMode(mode)
             except ShmError as e:
                 raise self._fail(e) from None
-            name = self._need_name(what)
+            name = self._need_name("create")
             if self._att is not None:
                 raise self._fail(AlreadyExistsError(
                     f"create: this object is already attached to segment {self._label()!r}; "
                     "detach() it first", self._key))
-            total = PAGE_SIZE + size
-            _stash.maybe_reap(self._dir)
-            free = backend.free_bytes(self._dir)
-            if total > free:
-                # Memory kept for reuse gives way before a create fails for lack of room.
-                _stash.give_back(total - free, self._dir)
-                if total > backend.free_bytes(self._dir):
-                    raise self._fail(self._no_space(total))
-            for attempt in (1, 2):
-                try:
-                    self._att = self._build(name, size, mode, persistent, permissions, fill, reserve)
-                    register(self._att)
-                    break
-                except ShmError as e:
-                    raise self._fail(e) from None
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EFBIG):
-                        if attempt == 1 and _stash.give_back(total, self._dir) > 0:
-                            continue
-                        raise self._fail(self._no_space(total)) from e
-                    raise self._fail(_translate(e, what, self._label(), self._dir)) from e
+            try:
+                self._att = _lifecycle.create(self._where(), name, size, mode, persistent, permissions, fill,
+                                              reserve)
+            except ShmError as e:
+                raise self._fail(e) from None
             self._arm()
             self._ok()
             return self
@@ -852,7 +522,7 @@ class Segment:
                 try:
                     own.extend((backend.reopen(att.fd, att.writable_fd), backend.getpid()))
                 except OSError as e:
-                    raise self._fail(_translate(e, "attach", self._label(), self._dir)) from e
+                    raise self._fail(UnknownShmError(f"attach: segment {self._label()!r}: {e}", self._key)) from e
             return own[0]
 
     def _reference(self) -> tuple[int, int]:
@@ -874,50 +544,20 @@ class Segment:
         host (another boot or another /dev/shm), NotFoundError when the
         instance is gone or the key now names another segment.
         """
-        label = key if key is not None else native
-        if host and host != _host_of(dir):
-            raise ShmError(
-                f"segment {label!r} lives on another host (or another /dev/shm): its reference was "
-                "made where this process cannot map it; send the data by value there "
-                "(np.asarray(a) pickles the bytes)", key)
         seg = cls.__new__(cls)
         seg._mutex = threading.RLock()
         seg._key = key
         seg._dir = dir
-        if incarnation:
-            att = share_instance(incarnation, mode)
-            if att is not None:
-                seg._dir, seg._native = backend.split_name(att.name)
-                seg._att = att
-                seg._arm()
-                return seg
-        seg._native = native_key_for(key) if key is not None else check_native_key(native or "")
-        if incarnation:
-            held = held_instance(incarnation)
-            if held is not None:  # held in the other mode: a new description of the same file
-                try:
-                    att = seg._open_again(held, mode)
-                except OSError as e:
-                    raise seg._fail(_translate(e, "attach", label)) from e
-                register(att)
-                seg._att = att
-                seg._arm()
-                return seg
+        seg._native = native if key is None else None
         try:
-            seg.attach(mode)
-        except NotFoundError:
-            if not incarnation:
-                raise
-            raise seg._fail(NotFoundError(
-                f"the segment {label!r} that this reference refers to is gone or was replaced: nothing "
-                f"has that key now (the last process holding it detached or exited before the reference "
-                f"was used). {LIFETIME_RULE}", key)) from None
-        att = seg._att
-        if incarnation and att is not None and att.incarnation != incarnation:
-            seg.detach()
-            raise seg._fail(NotFoundError(
-                f"the segment {label!r} that this reference refers to is gone or was replaced: the key "
-                "now names another segment; the reference cannot be used", key))
+            att = _lifecycle.attach_instance(Where(key, dir, key if key is not None else native), native, mode,
+                                             host, incarnation)
+        except ShmError as e:
+            raise seg._fail(e) from None
+        # The attachment's own name: the segment may live where the reference did not say.
+        seg._dir, seg._native = backend.split_name(att.name)
+        seg._att = att
+        seg._arm()
         return seg
 
     def _ident(self) -> tuple[int, int] | None:
@@ -929,22 +569,6 @@ class Segment:
             return backend.identity(att.fd)
         except OSError:  # detached meanwhile by another thread
             return None
-
-
-def _read_control(fd: int, object_size: int) -> tuple[bytes, ControlBlock | None]:
-    """One pread: the control block as it is now and the first HEAD_BYTES of the user area."""
-    raw = backend.pread(fd, PAGE_SIZE + HEAD_BYTES, 0)
-    return raw, parse_control(raw[:PAGE_SIZE], object_size)
-
-
-def _attachment_of(name: str, fd: int, writable: bool, mode: AccessMode, ident: tuple[int, int],
-                   raw: bytes, cb: ControlBlock, map_fd: int | None = None) -> _Attachment:
-    """The attachment over *fd* (liveness held), mapped; *map_fd* is kept or closed by map()."""
-    att = _Attachment(name, fd, writable, mode, foreign=False)
-    att.ident = ident
-    att.head = raw[cb.data_offset :]
-    att.map(cb, map_fd)
-    return att
 
 
 def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None:
@@ -967,30 +591,6 @@ def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | Non
     if mode is None:
         return Segment(key, dir=dir) if key is not None else Segment(native_key=native, dir=dir)
     return Segment._of_instance(key, native, mode, host, incarnation, dir)
-
-
-def _host_of(directory: str | None) -> int:
-    """This process's host identity for segments of *directory* (0 when it has no such directory)."""
-    try:
-        return backend.host_identity(directory)
-    except OSError:
-        return 0
-
-
-def check_usable(directory: str, what: str, *, writable: bool) -> None:
-    """ShmError naming *directory* when segments cannot live there (NotFoundError when it is missing)."""
-    problem = backend.dir_problem(directory, writable=writable)
-    if problem is not None:
-        cls = NotFoundError if not backend.name_facts(directory) else ShmError
-        raise cls(f"{what}: the segment directory {directory!r} {problem}", None)
-
-
-def _check_dir(directory: "str | os.PathLike[str]") -> str | None:
-    """A ``dir=`` argument as segments keep it: None for the default directory."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"dir must be a path (str or os.PathLike), not {type(directory).__name__}")
-    d = backend.normal_dir(directory)
-    return None if d == backend.SHM_DIR else d
 
 
 Segment.__module__ = "shmarray"

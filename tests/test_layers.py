@@ -1,5 +1,5 @@
-"""The layout holds: each layer imports only the layers below it, and the payload layers use of a
-Segment only its public API and the interface it declares (``_segment.PAYLOAD_INTERFACE``)."""
+"""The layout holds: each layer imports only the layers below it, and the layers above the segment
+core use of a Segment only its public API and the service it declares (``_segment.SegmentService``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import ast
 import pathlib
 
 import shmarray
-from shmarray import _segment
 
 PKG = pathlib.Path(shmarray.__file__).parent
 
@@ -20,11 +19,13 @@ RANKS = [
     {"_lock"},
     {"_attachment", "_stash"},
     {"_transfer"},
+    {"_lifecycle"},
     {"_segment"},
     {"_header", "_npy"},
     {"_array", "_arrow", "_ring", "_ring.layout", "_ring.slots", "_ring.ring", "_torch"},
-    {"_admin", "_doctor", "_qtkeys", "_qtnative", "_daskhook"},
-    {"_inspect", "qt", "dask"},
+    {"_admin", "_doctor", "_daskhook",
+     "qt._keys", "qt._backend", "qt._semaphore", "qt._native", "qt._segment_backend"},
+    {"_inspect", "qt", "qt._facade", "qt._arrays", "dask"},
     {"_demo"},
     {"_cli", "__main__", "__init__"},
 ]
@@ -96,18 +97,76 @@ def test_only_the_os_layer_calls_the_os():
             assert not mods & {"mmap", "fcntl", "posix_ipc"}, (name, mods & {"mmap", "fcntl", "posix_ipc"})
 
 
-def test_the_payload_layers_use_only_the_declared_segment_interface():
-    own = {n for n in vars(shmarray.Segment) if n.startswith("_") and not n.startswith("__")}
-    used: dict[str, set[str]] = {}
+def _class_body(path: pathlib.Path, name: str) -> ast.ClassDef:
+    return next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _declared_service() -> set[str]:
+    """The members SegmentService declares: read from its class body, the one declaration."""
+    names = set()
+    for node in _class_body(PKG / "_segment.py", "SegmentService").body:
+        if isinstance(node, ast.FunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def _privates_of(cls: ast.ClassDef) -> set[str]:
+    """The private members a class defines: in its body, in __slots__, or assigned to self (or seg) in it."""
+    names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    names |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__"
+                                                  for t in node.targets):
+            names |= {c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant)
+                      and isinstance(c.value, str)}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _segment_privates() -> set[str]:
+    """The private members only Segment has: a name another class of the package also defines
+    (``TableHandle._key``) says nothing about whose member a use is."""
+    mine = _privates_of(_class_body(PKG / "_segment.py", "Segment"))
+    others: set[str] = set()
     for name, path in _modules().items():
-        if name == "_segment":
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not (name == "_segment" and node.name in ("Segment",
+                                                                                          "SegmentService")):
+                others |= _privates_of(node)
+    return mine - others
+
+
+def test_the_layers_above_use_only_the_declared_segment_service():
+    declared = _declared_service()
+    privates = _segment_privates()
+    defined = _privates_of(_class_body(PKG / "_segment.py", "Segment"))
+    assert declared <= defined, declared - defined  # every declared member exists on Segment
+    assert "_att" in privates and "_lk" in privates  # the reading works
+    top = _rank("_segment")
+    bad = []
+    for name, path in _modules().items():
+        if _rank(name.removesuffix(".__init__")) <= top:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
-                continue
-            receiver = ast.unparse(node.value)
-            if receiver == "Segment" or receiver.endswith(("seg", "segment")):
-                used.setdefault(node.attr, set()).add(name)
-    assert set(used) <= _segment.PAYLOAD_INTERFACE, {k: v for k, v in used.items()
-                                                    if k not in _segment.PAYLOAD_INTERFACE}
-    assert _segment.PAYLOAD_INTERFACE - {"_dir"} <= own  # every declared name exists
+            # Any receiver but the module's own objects (self, cls): a Segment's private reached from
+            # above must be one the service declares, whatever the variable is called.
+            if (isinstance(node, ast.Attribute) and node.attr in privates - declared
+                    and ast.unparse(node.value) not in ("self", "cls")):
+                bad.append(f"{name}: {ast.unparse(node)}")
+    assert not bad, bad
+
+
+def test_the_service_declares_what_segment_implements():
+    import inspect
+
+    for member in _declared_service():
+        ours = getattr(shmarray.Segment, member, None)
+        if member == "_dir":
+            continue  # an attribute, set per object
+        assert callable(ours), member
+        declared = getattr(shmarray._segment.SegmentService, member)
+        assert list(inspect.signature(declared).parameters)[1:] == list(inspect.signature(ours).parameters)[
+            (0 if isinstance(inspect.getattr_static(shmarray.Segment, member), classmethod) else 1):], member
