@@ -369,7 +369,11 @@ class _Windows:
         window = ring._slot_window(0)
         self.usable = window is not None
         if window is not None:
-            fd = backend.reopen(window[0], True)
+            try:
+                fd = backend.reopen(window[0], True)
+            except OSError:  # not writable by this user: no windows, copies
+                self.usable = False
+                return
             try:
                 backend.hold_mapped(fd)  # the file is never recycled or truncated under a window
             except BaseException:
