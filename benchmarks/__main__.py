@@ -3,6 +3,12 @@
     python -m benchmarks                 # the full run (about 15-25 minutes on 2 cores)
     python -m benchmarks --quick         # a smoke run, under a minute
     python -m benchmarks --only lock,attach --out /tmp/bench
+    python -m benchmarks --only gpu      # opt-in: host-to-device and worker-to-GPU (CUDA; a CPU check without)
+
+Every figure comes from one loop, ``_harness.interleave``: methods in
+rotating order, each round a block of calls per method with the first
+dropped, after unrecorded warm-up rounds. There are no standalone scripts
+(benchmarks/bench_ring.py excepted, for now).
 
 Exit status: 0 when every group ran, every shmarray row measured and /dev/shm
 was left as found; 1 otherwise (the files are written in every case).
@@ -18,7 +24,9 @@ import sys
 import time
 from typing import Any
 
-GROUPS = ("lock", "wake", "attach", "share", "arrow", "pool", "handoff", "reference", "cluster", "dirs")
+GROUPS = ("lock", "wake", "attach", "share", "create", "writes", "progress", "arrow", "pool", "handoff",
+          "reference", "cluster", "dirs")
+OPT_IN = ("gpu",)  # run only when named with --only
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -30,7 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a smoke run (fewer sizes and repeats), under 60 s")
     p.add_argument("--only", action="append", metavar="GROUP",
-                   help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)}")
+                   help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)}; "
+                   f"opt-in, only when named: {', '.join(OPT_IN)}")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help="where results go (default: benchmarks/results/)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -41,11 +50,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             g = g.strip()
             if not g:
                 continue
-            if g not in GROUPS:
-                p.error(f"unknown group {g!r}; choose from {', '.join(GROUPS)}")
+            if g not in GROUPS + OPT_IN:
+                p.error(f"unknown group {g!r}; choose from {', '.join(GROUPS + OPT_IN)}")
             if g not in chosen:
                 chosen.append(g)
-    args.groups = [g for g in GROUPS if g in chosen] if chosen else list(GROUPS)
+    args.groups = [g for g in GROUPS + OPT_IN if g in chosen] if chosen else list(GROUPS)
     return args
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "Worker",
     "Cleanup",
     "interleave",
+    "recording",
+    "BLOCK",
     "have",
     "version_of",
 ]
@@ -322,44 +324,82 @@ class Context:
         return quick if self.quick else full
 
 
+BLOCK = 3
+"""Calls of one method in a row per round: the first is dropped, the others recorded."""
+
+_recording = False
+
+
+def recording() -> bool:
+    """True while ``interleave`` is making a call whose sample it keeps.
+
+    A method that also keeps side figures (a per-phase split) appends them
+    only when this is true, so they line up with the recorded samples.
+    """
+    return _recording
+
+
 def interleave(
     ctx: Context,
     methods: dict[str, Callable[[], float]],
     reps: int,
     warmup: int = 1,
     budget_s: float | None = None,
+    block: int = BLOCK,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Measure each method *reps* times, round-robin, after *warmup* unrecorded rounds.
+    """Measure each method *reps* times, in rotating rounds of blocks, after *warmup* unrecorded rounds.
 
-    Each callable returns the seconds (or ns) its own timed part took. The
-    order rotates every round so that no method always runs right after the
-    same other one. With *budget_s*, rounds stop early (never under 3) once
-    the recorded rounds used up the budget. A method that raises is dropped
-    and its error kept: it is reported, never silently averaged.
+    The one measuring loop of every group (tests/test_benchmarks_smoke.py
+    checks that no group has its own). Each callable returns the seconds
+    (or ns) its own timed part took. A round calls every method in a block
+    of its own: *block* calls in a row, the first dropped (it pays for
+    switching from the previous method: caches, a worker's wake-up, pages
+    another method left behind), the rest recorded. The order of the
+    methods rotates every round so that no method always runs right after
+    the same other one. Warm-up rounds call each method once, unrecorded.
+    *block* 1 records every call (for a method whose every call must be
+    the first of its kind, e.g. a fresh process). With *budget_s*, rounds
+    stop early (never under 3 samples) once the recorded rounds used up the
+    budget. A method that raises is dropped and its error kept: it is
+    reported, never silently averaged.
     """
+    global _recording
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block!r}")
+    kept = block - 1 if block > 1 else 1
+    rounds = -(-reps // kept)
     samples: dict[str, list[float]] = {m: [] for m in methods}
     errors: dict[str, str] = {}
     names = list(methods)
     start = time.perf_counter()
-    for rnd in range(-warmup, reps):
+    for rnd in range(-warmup, rounds):
         live = [m for m in names if m not in errors]
         if not live:
             break
-        k = rnd % len(live) if live else 0
+        k = rnd % len(live)
         for m in live[k:] + live[:k]:
-            try:
-                value = methods[m]()
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001 - reported in the results
-                errors[m] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                ctx.log(f"    {m}: FAILED: {errors[m]}")
-                continue
-            if rnd >= 0:
-                samples[m].append(value)
+            calls = 1 if rnd < 0 else block
+            for i in range(calls):
+                keep = rnd >= 0 and (block == 1 or i > 0) and len(samples[m]) < reps
+                if rnd >= 0 and not keep and i > 0:
+                    break  # this method has its reps: the rest of the block is not needed
+                _recording = keep
+                try:
+                    value = methods[m]()
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # noqa: BLE001 - reported in the results
+                    errors[m] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    ctx.log(f"    {m}: FAILED: {errors[m]}")
+                    break
+                finally:
+                    _recording = False
+                if keep:
+                    samples[m].append(value)
         if rnd == -1:
             start = time.perf_counter()
-        if budget_s is not None and rnd >= 2 and time.perf_counter() - start > budget_s:
+        done = [len(samples[m]) for m in names if m not in errors]
+        if budget_s is not None and rnd >= 0 and min(done, default=0) >= 3 and time.perf_counter() - start > budget_s:
             break
     return samples, errors
 

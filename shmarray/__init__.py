@@ -33,7 +33,7 @@ __all__ = sorted(_PUBLIC)
 # What `import shmarray` loads: the segment, arrays, errors and admin calls.
 # Arrow, the batch ring, torch, the listing and the doctor load on first use:
 # a worker that only attaches arrays should not pay for them at import
-# (together ~8 ms of the package's ~25 ms here).
+# (a large share of the package's import time: benchmarks/results/notes.md).
 _EAGER = ("._errors", "._segment", "._array", "._admin", "._cuda")
 for _name, _module in _PUBLIC.items():
     if _module in _EAGER:

@@ -98,7 +98,7 @@ class _Ctypes(_Runtime):
     name = "libcudart"
 
     def __init__(self) -> None:
-        import ctypes.util  # here, not at import: it pulls in subprocess and shutil (~6 ms)
+        import ctypes.util  # here, not at import: it pulls in subprocess and shutil (benchmarks/results/notes.md)
 
         found = ctypes.util.find_library("cudart")
         names = ((found,) if found else ()) + _CUDART_NAMES

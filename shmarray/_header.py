@@ -103,8 +103,9 @@ def layout(descriptor_length: int, payload_length: int, phase: int | None = None
 
     With *phase* (a multiple of ALIGN below 4096) the payload starts at the
     first aligned offset that is *phase* bytes into a 4 KiB page: a copy
-    from a source a little behind its destination in page offset runs ~3x
-    slower here (``rep movsb`` 4K aliasing), so a writer can place the
+    from a source a little behind its destination in page offset runs several
+    times slower (``rep movsb`` 4K aliasing; figure in
+    benchmarks/results/notes.md), so a writer can place the
     payload where its source's alignment copies at full speed.
     """
     payload_offset = align(HEADER.size + descriptor_length)

@@ -23,7 +23,8 @@ layer's control page comes before them, see ``_control``)::
                   of a large contiguous array puts the data half a page ahead
                   of its source's page offset (up to 4 KiB of zeros before it):
                   a copy to a destination just ahead of its source in page
-                  offset runs ~3x slower here (``_array.payload_offset``). A
+                  offset runs several times slower (``_array.payload_offset``;
+                  benchmarks/results/notes.md). A
                   zero-size array has N = 0: its segment is the header alone.
 
 This module turns a (shape, dtype, order) into the descriptor bytes and back,
@@ -229,8 +230,9 @@ def _read_3_0(fp: io.BytesIO) -> tuple[Any, Any, Any]:
 def _guess(descriptor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]] | None:
     """(shape, fortran_order, dtype) of a plain-dtype 1.0 descriptor, proven by writing it again; else None.
 
-    numpy's reader runs ast.literal_eval on the dict text: ~40 us, ~100 us on
-    a process's first call, most of a first attach(). A descriptor that
+    numpy's reader runs ast.literal_eval on the dict text: slower on a
+    process's first call, most of a first attach() (benchmarks/results/notes.md;
+    the attach group's fresh-process rows). A descriptor that
     ``numpy.save`` wrote for a plain dtype is cut apart with str.partition
     instead, and the guess counts only if numpy's own public writer turns it
     back into exactly these bytes: then numpy's reader would read the same

@@ -20,9 +20,9 @@ __all__ = ["CHUNK", "check_progress", "reporting", "label"]
 
 Write = Callable[[memoryview, int], None]
 
-# One bar update per 64 MiB: ~25 ms of writing into fresh shared memory here
-# (pwrite runs ~2.8 GB/s), so the bar moves smoothly and the extra syscalls
-# and updates cost nothing measurable.
+# One bar update per 64 MiB: tens of ms of writing into fresh shared memory
+# (pwrite's GB/s: the writes group; benchmarks/results/notes.md), so the bar
+# moves smoothly and the extra updates cost nothing measurable (progress group).
 CHUNK = 64 << 20
 
 

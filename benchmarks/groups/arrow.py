@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Callable
 
-from .._harness import Context, GroupResult, Row, Worker, interleave
+from .._harness import Context, GroupResult, Row, Worker, interleave, recording
 from . import _peers as P
 
 NAME = "arrow"
@@ -32,7 +32,9 @@ SHARE_ALONE = "shmarray.share_table alone"
 ATTACH_BOUNDS = "shmarray.attach_table alone (validate='bounds', default)"
 ATTACH_META = "shmarray.attach_table alone (validate='metadata')"
 ATTACH_FULL = "shmarray.attach_table alone (validate='full')"
-ROLES = {SHMARRAY: "shmarray", SHMARRAY_META: "shmarray", FLOOR: "floor", SHARE_ALONE: "shmarray",
+WRITE_PWRITE = "write: IPC stream by pwrite through the fd (share_table's path)"
+WRITE_MAP = "write: IPC stream by memcpy through a fresh mapping"
+ROLES = {WRITE_PWRITE: "floor", WRITE_MAP: "floor", SHMARRAY: "shmarray", SHMARRAY_META: "shmarray", FLOOR: "floor", SHARE_ALONE: "shmarray",
          ATTACH_BOUNDS: "shmarray", ATTACH_META: "shmarray", ATTACH_FULL: "shmarray"}
 
 
@@ -136,7 +138,8 @@ class _Arrow:
         finally:
             self.ctx.cleanup.done(h)
         self._check(got, label)
-        self.phases.setdefault(label, []).append((t1 - t0, t2 - t1))
+        if recording():
+            self.phases.setdefault(label, []).append((t1 - t0, t2 - t1))
         return t2 - t0
 
     def m_shmarray(self) -> float:
@@ -166,7 +169,8 @@ class _Arrow:
         finally:
             self.ctx.cleanup.done(h)
         self._check(got, FEATHER)
-        self.phases.setdefault(FEATHER, []).append((t1 - t0, t2 - t1))
+        if recording():
+            self.phases.setdefault(FEATHER, []).append((t1 - t0, t2 - t1))
         return t2 - t0
 
     def m_stdlib(self) -> float:
@@ -193,7 +197,8 @@ class _Arrow:
         finally:
             self.ctx.cleanup.done(h)
         self._check(got, STDLIB)
-        self.phases.setdefault(STDLIB, []).append((t1 - t0, t2 - t1))
+        if recording():
+            self.phases.setdefault(STDLIB, []).append((t1 - t0, t2 - t1))
         return t2 - t0
 
     def share_alone(self) -> float:
@@ -221,6 +226,57 @@ class _Arrow:
                 w.write_table(self.table)
             t1 = time.perf_counter()
         finally:
+            self.ctx.cleanup.done(h)
+        return t1 - t0
+
+
+    def _fresh(self, size: int) -> tuple[str, int, int]:
+        path = P.shm_tag_name(self.ctx.cleanup, "w")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        h = self.ctx.cleanup.add(path, lambda: os.unlink(path))
+        os.ftruncate(fd, size)
+        return path, fd, h
+
+    def w_pwrite(self) -> float:
+        import pyarrow as pa
+
+        from shmarray._arrow import _FdSink
+
+        t0 = time.perf_counter()
+        _, fd, h = self._fresh(_stream_size(self.table))
+        try:
+            def write(view: memoryview, offset: int) -> None:
+                done = 0
+                while done < view.nbytes:
+                    done += os.pwrite(fd, view[done:], offset + done)
+
+            sink = _FdSink(write, 0)
+            with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), self.table.schema) as w:
+                w.write_table(self.table)
+            sink.close()
+            t1 = time.perf_counter()
+        finally:
+            os.close(fd)
+            self.ctx.cleanup.done(h)
+        return t1 - t0
+
+    def w_mapping(self) -> float:
+        import gc
+        import mmap
+
+        import pyarrow as pa
+
+        t0 = time.perf_counter()
+        size = _stream_size(self.table)
+        _, fd, h = self._fresh(size)
+        try:
+            m = mmap.mmap(fd, size)
+            _write_into(pa.py_buffer(m), self.table)
+            t1 = time.perf_counter()
+            gc.collect()
+            m.close()
+        finally:
+            os.close(fd)
             self.ctx.cleanup.done(h)
         return t1 - t0
 
@@ -298,9 +354,11 @@ def run(ctx: Context) -> GroupResult:
         _in_one_process(ctx, res, a, table, f"in one process, {rows / 1e6:g} M rows")
         res.notes.append(
             "In one process: share_table alone against the floor (the same IPC stream written to a "
-            "/dev/shm file), and attach_table alone at each validation level while the creator holds "
-            "the segment."
+            "/dev/shm file), attach_table alone at each validation level while the creator holds "
+            "the segment, and the two ways to write the IPC stream into a fresh /dev/shm file "
+            "(pwrite through the fd, what share_table does, and memcpy through a fresh mapping)."
         )
+        _by_rows(ctx, res, (1_000,) if ctx.quick else (1_000, 100_000))
     ours, feather = res.median(SHMARRAY, variant=variant), res.median(FEATHER, variant=variant)
     if ours is not None and feather is not None:
         r = feather / ours
@@ -325,6 +383,8 @@ def _in_one_process(ctx: Context, res: GroupResult, a: _Arrow, table: Any, varia
             ATTACH_BOUNDS: _attach_alone(key, "bounds"),
             ATTACH_META: _attach_alone(key, "metadata"),
             ATTACH_FULL: _attach_alone(key, "full"),
+            WRITE_PWRITE: a.w_pwrite,
+            WRITE_MAP: a.w_mapping,
         }
         reps = ctx.reps(11, 3)
         ctx.log(f"  {variant}: {len(methods)} methods x {reps}")
@@ -335,3 +395,45 @@ def _in_one_process(ctx: Context, res: GroupResult, a: _Arrow, table: Any, varia
     for label in methods:
         res.rows.append(Row(label, samples[label], variant=variant, role=ROLES.get(label, "peer"),
                             error=errors.get(label, "")))
+
+
+def _by_rows(ctx: Context, res: GroupResult, row_counts: tuple[int, ...]) -> None:
+    """attach_table alone per row count and validation level; buffers checked inside the mapping once."""
+    import shmarray
+
+    variant = "attach_table alone, by row count"
+    for rows in row_counts:
+        table = make_table(rows)
+        key = ctx.cleanup.name("tab")
+        h = ctx.cleanup.add(f"shmarray {key}", lambda k=key: _unlink(k))  # type: ignore[misc]
+        try:
+            held = shmarray.share_table(key, table)
+            _check_in_mapping(shmarray.attach_table(key), shmarray.segment_info(key).size)
+            methods = {f"shmarray.attach_table alone (validate={v!r}), {rows:,} rows": _attach_alone(key, v)
+                       for v in ("metadata", "bounds")}
+            # Calls of microseconds: blocks of 11 (10 kept) keep the round-robin cheap.
+            samples, errors = interleave(ctx, methods, reps=ctx.reps(101, 9), warmup=1, block=11)
+            del held
+        finally:
+            ctx.cleanup.done(h)
+        for label in methods:
+            res.rows.append(Row(label, samples[label], variant=variant, role="shmarray",
+                                error=errors.get(label, ""), extra={"rows": rows}))
+
+
+def _check_in_mapping(table: Any, size: int) -> None:
+    """Every buffer of *table* lies inside one mapping of the segment (*size* bytes)."""
+    roots = set()
+    for col in table.columns:
+        for chunk in col.chunks:
+            for b in chunk.buffers():
+                if b is None or not b.size:
+                    continue
+                root = b
+                while root.parent is not None:
+                    root = root.parent
+                if not (root.address <= b.address and b.address + b.size <= root.address + root.size):
+                    raise RuntimeError("a buffer lies outside the segment mapping")
+                roots.add((root.address, root.size))
+    if any(s != size for _, s in roots) or len(roots) > 1:
+        raise RuntimeError(f"buffers are not all in one mapping of the segment: {roots}")

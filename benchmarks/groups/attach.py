@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .._harness import Context, GroupResult, Row, Worker, human_size, interleave, mem_available
+from .._harness import (Context, GroupResult, Row, Worker, human_size, interleave, mem_available,
+                        recording)
 from . import _peers as P
 
 NAME = "attach"
@@ -93,38 +94,109 @@ def _fresh_label(m: str, variant: str) -> str:
     return f"{LABELS[m]}, first attach in a {variant}"
 
 
+# One attach in a new interpreter, printed as two numbers: the attach alone
+# (numpy and the library imported before the clock starts) and the library's
+# import plus the attach (numpy, which every method needs, still before it).
+_FRESH = r"""
+import sys, time
+import numpy as np
+method, name, dtype = sys.argv[1], sys.argv[2], sys.argv[4]
+shape = tuple(int(x) for x in sys.argv[3].split(",") if x)
+t_import = time.perf_counter()
+if method == "shmarray":
+    import shmarray
+elif method == "SharedArray":
+    import SharedArray
+else:
+    from multiprocessing import resource_tracker, shared_memory
+t0 = time.perf_counter()
+if method == "shmarray":
+    arr = shmarray.attach(name)
+elif method == "SharedArray":
+    arr = SharedArray.attach("shm://" + name)
+else:
+    shm = shared_memory.SharedMemory(name)
+    arr = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
+t1 = time.perf_counter()
+if method == "stdlib":
+    resource_tracker.unregister(shm._name, "shared_memory")
+print(t1 - t0, t1 - t_import)
+"""
+
+
 def _first_attach(ctx: Context, res: GroupResult) -> None:
-    """The first attach in a fresh process, at one size: bench_arrays.attach_samples (the arrays owner's).
+    """The first attach in a fresh process, at one size, each sample a new process.
 
     A spawned multiprocessing child (it inherits the parent's resource
     tracker) and a new interpreter (which starts its own), for shmarray, the
     stdlib and SharedArray; timed in the attaching process, name in, ndarray
     out; the new interpreter also with the library's import in the clock.
     """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from multiprocessing import resource_tracker
+
     size = (1 << 20) if ctx.quick else (64 << 20)
+    kinds = [m for m in _FRESH_KINDS if P.peer_missing(m) is None]
+    ctx.log(f"  first attach in a fresh process, {human_size(size)}: {len(kinds)} methods x 2 kinds of process")
+    resource_tracker.ensure_running()  # as in any program that uses multiprocessing: children inherit it
+    # New interpreters import from bytecode, as an installed package does: a
+    # cache of their own (the unrecorded warm-up round fills it), even where
+    # PYTHONDONTWRITEBYTECODE is set, so that no sample compiles a module.
+    pycache = tempfile.TemporaryDirectory(prefix="shmbench-pycache-")
+    fresh_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    fresh_env["PYTHONPYCACHEPREFIX"] = pycache.name
+    shape = (size // 8,)
+    shape_arg = ",".join(map(str, shape))
+    meta: P.Meta = (shape, "<f8")
+    made: dict[str, P.Made] = {}
+    with_import: dict[str, list[float]] = {m: [] for m in kinds}
+
+    def spawned(m: str) -> Callable[[], float]:
+        def one() -> float:
+            with Worker() as fresh:
+                fresh.call(P.import_in_worker, "numpy", "shmarray", "multiprocessing.shared_memory", "SharedArray")
+                return float(fresh.call(P.attach_in_worker, m, made[m].name, meta))
+        return one
+
+    def interpreter(m: str) -> Callable[[], float]:
+        def one() -> float:
+            r = subprocess.run([sys.executable, "-c", _FRESH, m, made[m].name, shape_arg, "<f8"],
+                               capture_output=True, text=True, timeout=60, env=fresh_env)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-2000:])
+            alone, both = r.stdout.split()[:2]
+            if recording():
+                with_import[m].append(float(both))
+            return float(alone)
+        return one
+
     try:
-        from .. import bench_arrays
-    except ImportError as e:  # pragma: no cover - the module is part of the repository
-        res.skipped.append(f"first attach in a fresh process: benchmarks.bench_arrays unavailable ({e})")
-        return
-    ctx.log(f"  first attach in a fresh process, {human_size(size)}: 3 methods x 2 kinds of process")
-    try:
-        got = bench_arrays.attach_samples([size], ctx.reps(9, 3))
-    except Exception as e:  # noqa: BLE001 - reported, the group's other rows stand
-        for m in (P.SHMARRAY, P.STDLIB):
-            res.rows.append(Row(_fresh_label(m, "fresh process"), [], size=size,
-                                role=ROLES.get(m, "peer"), error=f"{type(e).__name__}: {e}"[:300]))
-        return
+        for m in kinds:
+            made[m] = P.make(m, ctx.cleanup.name(f"fat{m[:3]}"), ctx.cleanup, None, shape, np.dtype(np.float64))
+        methods: dict[str, Callable[[], float]] = {}
+        for m in kinds:
+            methods[f"spawned child|{m}"] = spawned(m)
+            methods[f"new interpreter|{m}"] = interpreter(m)
+        # block=1: every call is a new process, the first of its kind; none is dropped.
+        samples, errors = interleave(ctx, methods, reps=ctx.reps(9, 3), warmup=1, block=1)
+    finally:
+        for mk in made.values():
+            mk.release()
+        pycache.cleanup()
     for variant in FRESH_VARIANTS:
-        for m in _FRESH_KINDS:
-            samples = got.get((variant, m, size), [])
-            if not samples and m == P.SHAREDARRAY:
-                continue  # not installed: reported with the warm rows
-            res.rows.append(Row(_fresh_label(m, variant), list(samples), size=size,
-                                role=ROLES.get(m, "peer"), error="" if samples else "no samples"))
+        for m in kinds:
+            if variant == "new interpreter, import included":
+                got, err = with_import[m], errors.get(f"new interpreter|{m}", "")
+            else:
+                got, err = samples[f"{variant}|{m}"], errors.get(f"{variant}|{m}", "")
+            res.rows.append(Row(_fresh_label(m, variant), list(got), size=size, role=ROLES.get(m, "peer"),
+                                error=err or ("" if got else "no samples")))
     res.notes.append(
         f"'first attach in a spawned child / new interpreter' (at {human_size(size)} only): the "
-        "first attach of a fresh process, each sample a new process (benchmarks/bench_arrays.py). "
+        "first attach of a fresh process, each sample a new process (so no call of a block is dropped). "
         "A new interpreter's first stdlib attach starts its own resource tracker. 'import included' "
         "puts the library's import (not numpy's) inside the clock: what a fresh worker pays in all."
     )

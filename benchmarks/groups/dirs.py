@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._harness import Context, GroupResult, Row
+from .._harness import Cleanup, Context, GroupResult, Row, interleave
 
 NAME = "dirs"
 TITLE = "Segment directories: a huge-page tmpfs against /dev/shm"
@@ -169,22 +169,9 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
         CREATE_SHM: lambda: create(None),
         FLOOR: floor,
     }
-    samples: dict[str, list[float]] = {m: [] for m in methods}
-    errors: dict[str, str] = {}
-    names = list(methods)
+    quiet = Context(quick=False, cleanup=Cleanup(), verbose=False)
     try:
-        for rnd in range(-1, reps):
-            k = rnd % len(names)
-            for m in names[k:] + names[:k]:
-                if m in errors:
-                    continue
-                try:
-                    value = methods[m]()
-                except Exception as e:  # noqa: BLE001 - reported
-                    errors[m] = f"{type(e).__name__}: {e}"[:300]
-                    continue
-                if rnd >= 0:
-                    samples[m].append(value)
+        samples, errors = interleave(quiet, methods, reps=reps, warmup=1)
     finally:
         pool.terminate()
         pool.join()

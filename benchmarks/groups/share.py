@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._harness import MP, Context, GroupResult, Row, Worker, have, human_size, interleave, mem_available
+from .._harness import (MP, Context, GroupResult, Row, Worker, have, human_size, interleave, mem_available,
+                        recording)
 from . import _peers as P
 
 NAME = "share"
@@ -74,7 +75,8 @@ class _Share:
             raise RuntimeError(f"{method}: the consumer summed {got!r}, expected {self.want!r}")
 
     def _phase(self, method: str, producer: float, total: float) -> None:
-        self.phases.setdefault(method, []).append((producer, total - producer))
+        if recording():
+            self.phases.setdefault(method, []).append((producer, total - producer))
 
     def _by_name(self, method: str, label: str) -> float:
         name = self.ctx.cleanup.name(method[:3])

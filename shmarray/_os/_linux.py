@@ -493,8 +493,8 @@ def unmap_without_recency(mapping: mmap.mmap) -> None:
     """Tell the kernel this mapping's accesses are no recency hint before it goes.
 
     Pages written with pwrite are marked referenced, so when the last view
-    goes the unmap would move every page to the active LRU list (~45 ms for
-    512 MiB here; /proc/vmstat pgactivate). With MADV_SEQUENTIAL the unmap
+    goes the unmap would move every page to the active LRU list (tens of ms
+    for 512 MiB, benchmarks/results/notes.md; /proc/vmstat pgactivate). With MADV_SEQUENTIAL the unmap
     skips that (Linux 6.3+; harmless before). Done at detach, not at map time,
     so reclaim still sees the accesses of a mapping in use (views that outlive
     an explicit close() carry the advice for the rest of their life).
@@ -682,7 +682,7 @@ _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 
 @functools.lru_cache(maxsize=1)
 def _futex_call() -> tuple[Any, Any] | None:
-    """(ctypes, libc's syscall) on first use: ctypes costs ~2 ms to import, and only rings wait."""
+    """(ctypes, libc's syscall) on first use: ctypes is slow to import (benchmarks/results/notes.md), and only rings wait."""
     if _SYS_FUTEX is None:
         return None
     try:
@@ -798,7 +798,7 @@ def hold_guard(fd: int) -> None:
 
 
 # Copies at least this large are split between two threads (numpy's copy
-# releases the GIL): 512 MiB into touched pages 64 -> 53 ms here.
+# releases the GIL): faster for 512 MiB into touched pages (benchmarks/results/notes.md).
 _SPLIT_COPY = 64 << 20
 
 
@@ -958,7 +958,7 @@ def limits_hint(code: int) -> str:
 
 
 def token_hex(nbytes: int) -> str:
-    """A random hex string for private names (os.urandom: the secrets module costs ~2 ms to import)."""
+    """A random hex string for private names (os.urandom: the secrets module is slow to import, benchmarks/results/notes.md)."""
     return os.urandom(nbytes).hex()
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 
-try:  # CPython's own BLAKE2; hashlib would also load OpenSSL's _hashlib (~2.5 ms of import)
+try:  # CPython's own BLAKE2; hashlib would also load OpenSSL's _hashlib (slow: benchmarks/results/notes.md)
     from _blake2 import blake2b
 except ImportError:  # pragma: no cover - other interpreters
     from hashlib import blake2b
