@@ -25,13 +25,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ._npy import (
-    ArraySpec,
-    check_dtype,
-    check_shape,
-    encode_descriptor,
-    parse_descriptor,
-)
 from ._control import PAGE_SIZE
 from ._display import human as _human
 from ._errors import (
@@ -45,6 +38,13 @@ from ._errors import (
 )
 from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._lock import Guard
+from ._npy import (
+    ArraySpec,
+    check_dtype,
+    check_shape,
+    encode_descriptor,
+    parse_descriptor,
+)
 from ._progress import check_progress, label, reporting
 from ._segment import Dir, Segment
 from ._transfer import by_value, rebuild_specially, special
@@ -202,7 +202,7 @@ class SharedArray(MappedArray):
         if seg is None:
             return None  # a copy outside any segment: IPython shows the plain repr
         from ._display import facts, preformatted
-        from ._inspect import segment_facts
+        from ._segment import segment_facts
 
         flags = self.flags
         order = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "strided view"

@@ -16,7 +16,7 @@ payload header; each payload kind describes its own descriptor (``_KINDS``:
 kind is listed. This module sits above the payload layers for that reason.
 To change what ``shmarray ls`` prints: :meth:`SegmentEntry._cells` (the
 table) and :meth:`SegmentEntry.as_dict` (``--json``); what a Segment shows in
-Jupyter: :func:`segment_facts`.
+Jupyter: ``_segment.segment_facts``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from ._os import PREFIX, TEMP_PREFIX, backend
 from ._segment import Dir, Segment
 from ._stash import KEEP_PREFIX
 
-__all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "segment_info", "describe_payload",
-           "segment_facts"]
+__all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "segment_info", "describe_payload"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,50 +214,6 @@ def _kept(name: str, pid: int, size: int, alive: bool, nlink: int, where: str) -
     # Memory only this hidden name holds, of a dead owner, is what that owner left behind.
     return SegmentEntry(None, name, size, "kept", text, (), 0, False, not alive and nlink <= 1, None, None,
                         pid, 0.0, True, where, kept=(alive, nlink - 1))
-
-
-def segment_facts(seg: Segment) -> list[tuple[str, str]]:
-    """What a Segment object's rich display shows: (name, value) rows, plain text."""
-    rows = [("key", repr(seg.key))] if seg.key is not None else []
-    rows.append(("native name", f"/{seg.native_key}" if seg.native_key is not None else "-"))
-    if not seg.is_attached:
-        rows.append(("state", "detached"))
-        return rows
-    rows.append(("size", f"{_human(seg.size)} ({seg.size:,} bytes)"))
-    rows.append(("mode", "ReadOnly" if seg.mode == AccessMode.ReadOnly else "ReadWrite"))
-    if seg.is_foreign:
-        rows.append(("foreign", "no shmarray control block: no lock, never removed by detach"))
-        return rows
-    rows.append(("persistent", "yes: stays until shmarray.unlink(key)" if seg.persistent
-                 else "no: goes with its last user"))
-    ident = seg._ident()
-    try:
-        live = None if ident is None else backend.lock_report(*ident)
-    except OSError:
-        live = None
-    if live is None:
-        rows.append(("attached", "unknown"))
-        return rows
-    pids, attachments, mode, holder = sorted(live[0]), live[1], live[2], live[3]
-    me = backend.getpid()
-    who = ", ".join(f"{p} (this process)" if p == me else str(p) for p in pids)
-    text = f"{len(pids)} process{'es' if len(pids) != 1 else ''}: {who}" if pids else "none"
-    if attachments != len(pids):
-        text += f" ({attachments} attachments)"
-    rows.append(("attached", text))
-    held = seg.lock_held
-    if held is not None:
-        lock = f"{held}, held by this object"
-    elif mode is None:
-        lock = "free"
-    elif mode == "exclusive":
-        lock = f"exclusive, held by pid {holder}" if holder is not None else "exclusive"
-    else:
-        lock = "shared (readers)"
-    rows.append(("lock", lock))
-    if seg.lock_recovered:
-        rows.append(("lock recovered", "yes: the previous holder died holding it; check the data"))
-    return rows
 
 
 def describe_payload(entry: SegmentEntry) -> str:

@@ -25,14 +25,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable
+import weakref
+from typing import Any, Callable, Protocol
 
 from ._control import MARK_WORD
 from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 
-__all__ = ["LockGate", "SegmentLock", "Holds", "Guard", "ByteLocks", "Backoff", "poll_until", "check_timeout"]
+__all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks", "Backoff", "poll_until", "check_timeout"]
 
 _MARK = MARK_WORD
 
@@ -498,3 +499,53 @@ class Holds:
                 self._lock.release()
             self._borrowed = False
             cond.notify_all()
+
+
+class _LockOwner(Protocol):
+    """What ``SegmentLocked`` asks of the Segment it serves (declared here: the lock sits below it)."""
+
+    _lk: SegmentLock | None
+
+    @property
+    def key(self) -> str | None: ...
+    def _label(self) -> str | None: ...
+    def lock(self, timeout: float | None = ..., *, shared: bool = ...) -> bool: ...
+    def unlock(self) -> bool: ...
+
+
+class SegmentLocked:
+    """``with seg.locked():`` -- raises LockError on timeout; nests without releasing early.
+
+    Each entry pushes whether it took the lock, each exit pops: only the
+    entry that took it releases it.
+    """
+
+    __slots__ = ("_seg", "_timeout", "_shared", "_took")
+
+    def __init__(self, seg: _LockOwner, timeout: float | None, shared: bool) -> None:
+        # A weak reference: the Segment caches one of these, and a cycle would
+        # delay its detach (on the last reference going) until a gc pass.
+        self._seg = weakref.ref(seg)
+        self._timeout = timeout
+        self._shared = shared
+        self._took: list[bool] = []
+
+    def __enter__(self) -> Any:
+        seg = self._seg()
+        if seg is None:  # pragma: no cover - the caller holds the Segment
+            raise LockError("the segment of this lock context is gone")
+        lk = seg._lk
+        took = lk is None or not lk._held
+        if not seg.lock(self._timeout, shared=self._shared):
+            raise LockError(
+                f"timed out after {self._timeout} s waiting for the lock of segment {seg._label()!r}",
+                seg.key,
+            )
+        self._took.append(took)
+        return seg
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._took.pop():
+            seg = self._seg()
+            if seg is not None:
+                seg.unlock()

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from . import _lifecycle
 from ._attachment import _Attachment, release_user
+from ._control import PAGE_SIZE
+from ._display import human as _human
 from ._errors import (
     AccessMode,
     AlreadyExistsError,
@@ -29,13 +31,12 @@ from ._errors import (
     ShmError,
     UnknownShmError,
 )
-from ._control import PAGE_SIZE
 from ._lifecycle import Dir, Fill, Where, check_dir, check_size, no_space
-from ._lock import Holds, SegmentLock, check_timeout
+from ._lock import Holds, SegmentLock, SegmentLocked, check_timeout
 from ._os import backend, check_key, check_native_key, native_key_for
 from ._transfer import rebuild_specially, special
 
-__all__ = ["Segment", "SegmentService", "Dir"]
+__all__ = ["Segment", "SegmentService", "Dir", "segment_facts"]
 
 
 class SegmentService(Protocol):
@@ -86,7 +87,7 @@ class Segment:
     _finalizer: Any = None
     _lk: SegmentLock | None = None  # this object's lock (through its attachment's gate), for the hot path
     _own_fd: "list[int] | None" = None  # a description of this object's own, for byte-range locks
-    _locked_default: "_Locked | None" = None
+    _locked_default: "SegmentLocked | None" = None
     _error: SharedMemoryError = SharedMemoryError.NoError
     _error_string: str = ""
 
@@ -373,16 +374,16 @@ class Segment:
         lk = self._lk
         return lk.release() if lk is not None else False
 
-    def locked(self, timeout: float | None = None, *, shared: bool = False) -> "_Locked":
+    def locked(self, timeout: float | None = None, *, shared: bool = False) -> SegmentLocked:
         """Context manager holding the lock; raises LockError on timeout."""
         timeout = check_timeout(timeout)
         if timeout is None and not shared:
             # The common form is reused: building a manager per use costs more than the lock.
             cm = self._locked_default
             if cm is None:
-                cm = self._locked_default = _Locked(self, None, False)
+                cm = self._locked_default = SegmentLocked(self, None, False)
             return cm
-        return _Locked(self, timeout, shared)
+        return SegmentLocked(self, timeout, shared)
 
     def _holds(self) -> Holds:
         """The guard rule over this object's lock (what ``SharedArray.lock()`` returns guards of)."""
@@ -420,8 +421,6 @@ class Segment:
     def _repr_html_(self) -> str:
         """Jupyter's rich display: key, size, mode, persistence, attached processes, lock (see ``_inspect``)."""
         from ._display import facts
-        from ._inspect import segment_facts
-
         return facts("shmarray.Segment", segment_facts(self))
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -593,42 +592,48 @@ def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | Non
     return Segment._of_instance(key, native, mode, host, incarnation, dir)
 
 
+def segment_facts(seg: Segment) -> list[tuple[str, str]]:
+    """What a Segment object's rich display shows: (name, value) rows, plain text."""
+    rows = [("key", repr(seg.key))] if seg.key is not None else []
+    rows.append(("native name", f"/{seg.native_key}" if seg.native_key is not None else "-"))
+    if not seg.is_attached:
+        rows.append(("state", "detached"))
+        return rows
+    rows.append(("size", f"{_human(seg.size)} ({seg.size:,} bytes)"))
+    rows.append(("mode", "ReadOnly" if seg.mode == AccessMode.ReadOnly else "ReadWrite"))
+    if seg.is_foreign:
+        rows.append(("foreign", "no shmarray control block: no lock, never removed by detach"))
+        return rows
+    rows.append(("persistent", "yes: stays until shmarray.unlink(key)" if seg.persistent
+                 else "no: goes with its last user"))
+    ident = seg._ident()
+    try:
+        live = None if ident is None else backend.lock_report(*ident)
+    except OSError:
+        live = None
+    if live is None:
+        rows.append(("attached", "unknown"))
+        return rows
+    pids, attachments, mode, holder = sorted(live[0]), live[1], live[2], live[3]
+    me = backend.getpid()
+    who = ", ".join(f"{p} (this process)" if p == me else str(p) for p in pids)
+    text = f"{len(pids)} process{'es' if len(pids) != 1 else ''}: {who}" if pids else "none"
+    if attachments != len(pids):
+        text += f" ({attachments} attachments)"
+    rows.append(("attached", text))
+    held = seg.lock_held
+    if held is not None:
+        lock = f"{held}, held by this object"
+    elif mode is None:
+        lock = "free"
+    elif mode == "exclusive":
+        lock = f"exclusive, held by pid {holder}" if holder is not None else "exclusive"
+    else:
+        lock = "shared (readers)"
+    rows.append(("lock", lock))
+    if seg.lock_recovered:
+        rows.append(("lock recovered", "yes: the previous holder died holding it; check the data"))
+    return rows
+
+
 Segment.__module__ = "shmarray"
-
-
-class _Locked:
-    """``with seg.locked():`` -- raises LockError on timeout; nests without releasing early.
-
-    Each entry pushes whether it took the lock, each exit pops: only the
-    entry that took it releases it.
-    """
-
-    __slots__ = ("_seg", "_timeout", "_shared", "_took")
-
-    def __init__(self, seg: Segment, timeout: float | None, shared: bool) -> None:
-        # A weak reference: the Segment caches one of these, and a cycle would
-        # delay its detach (on the last reference going) until a gc pass.
-        self._seg = weakref.ref(seg)
-        self._timeout = timeout
-        self._shared = shared
-        self._took: list[bool] = []
-
-    def __enter__(self) -> Segment:
-        seg = self._seg()
-        if seg is None:  # pragma: no cover - the caller holds the Segment
-            raise LockError("the segment of this lock context is gone")
-        lk = seg._lk
-        took = lk is None or not lk._held
-        if not seg.lock(self._timeout, shared=self._shared):
-            raise LockError(
-                f"timed out after {self._timeout} s waiting for the lock of segment {seg._label()!r}",
-                seg.key,
-            )
-        self._took.append(took)
-        return seg
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._took.pop():
-            seg = self._seg()
-            if seg is not None:
-                seg.unlock()
