@@ -145,6 +145,7 @@ class SharedArray(MappedArray):
         """The :class:`Segment` the array lives in (detached after :meth:`close`)."""
         return self._shm_seg
 
+    @user_facing
     def lock(self, timeout: float | None = None, *, shared: bool = False) -> Guard:
         """Take the segment lock now; the guard it returns releases it (``with``, or :meth:`unlock`).
 
@@ -160,8 +161,9 @@ class SharedArray(MappedArray):
         seg = self._shm_seg
         if seg is None:
             raise LockError("this array does not live in a segment (it is a copy); it has no segment lock")
-        return seg._holds().acquire(self, timeout, shared, f"lock of array {seg.key!r}")
+        return seg._holds("lock").acquire(self, timeout, shared, f"lock of array {seg.key!r}")
 
+    @user_facing
     def unlock(self) -> None:
         """Release this thread's latest hold of the segment lock (taken by :meth:`lock`).
 
@@ -171,7 +173,7 @@ class SharedArray(MappedArray):
         seg = self._shm_seg
         if seg is None:
             raise LockError("this array does not live in a segment (it is a copy); it has no segment lock")
-        seg._holds().release()
+        seg._holds("unlock").release()
 
     def close(self) -> None:
         """Detach the segment now; views already taken keep working until they are collected.
@@ -341,6 +343,7 @@ def _payload(seg: Segment, key: str) -> tuple[int, int]:
     return got
 
 
+@user_facing
 def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
              dtype: "np.dtype[Any] | str", readonly: bool, host: int = 0, incarnation: int = 0,
              dir: str | None = None) -> SharedArray:
@@ -492,7 +495,8 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
     ``exist_ok=True`` is get-or-create (a notebook cell run again): when
     *key* already holds an array of the same dtype, shape and order it is
     attached and returned, untouched (*fill* is not applied); a different
-    one raises AlreadyExistsError naming both. ``progress=True`` shows a bar
+    one, or one whose persistence differs, raises AlreadyExistsError naming
+    both. ``progress=True`` shows a bar
     (``tqdm.auto``) while a *fill* value is written; zeros are reserved in
     one call and need none. *dir* is the segment directory (default
     ``SHMARRAY_DIR``, else /dev/shm).
@@ -524,6 +528,11 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
                 raise AlreadyExistsError(f"{what}: segment {key!r} exists and does not hold an array ({e})",
                                          key) from None
             _check_same(what, key, spec, dims, dt, order)
+            if seg.persistent != persistent:
+                raise AlreadyExistsError(
+                    f"{what}: segment {key!r} already holds this array, but "
+                    f"{'persistent' if seg.persistent else 'not persistent'} (asked: persistent={persistent}); "
+                    "a segment's lifetime is set when it is created: unlink it and create it again", key)
             return _view(seg, spec.shape, spec.dtype, offset, order=spec.order)
         except BaseException:
             seg.detach()

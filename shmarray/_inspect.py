@@ -30,7 +30,7 @@ from . import _stash
 from ._admin import _name, _where
 from ._control import HEAD_BYTES, MAGIC, PAGE_SIZE, parse_control
 from ._display import human as _human
-from ._errors import AccessMode, HeaderError, NotFoundError
+from ._errors import AccessMode, HeaderError, NotFoundError, user_facing
 from ._header import HEADER, Kind, parse_header
 from ._os import PREFIX, TEMP_PREFIX, backend
 from ._segment import Dir, Segment
@@ -224,6 +224,7 @@ def describe_payload(entry: SegmentEntry) -> str:
 # -- listing -----------------------------------------------------------------------------------------
 
 
+@user_facing
 def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[SegmentEntry]:
     """Every shmarray segment in the segment directory (and, with *include_foreign*, other objects and kept memory).
 
@@ -254,6 +255,7 @@ def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[Seg
     return out
 
 
+@user_facing
 def segment_info(key: str | None = None, *, native_key: str | None = None, dir: Dir = None) -> SegmentEntry:
     """The listing entry of one segment (in *dir*); NotFoundError if there is none."""
     name, label = _name(key, native_key)
@@ -319,6 +321,7 @@ class Listing(list[SegmentEntry]):
 Listing.__module__ = "shmarray"
 
 
+@user_facing
 def ls(pattern: str | None = None, *, include_foreign: bool = False, dir: Dir = None) -> Listing:
     """The shmarray segments in the segment directory, as ``shmarray ls`` lists them.
 

@@ -93,3 +93,10 @@ def test_another_process_gets_the_existing_array(key):
     a = shmarray.create(key, 8, fill=1.5)
     assert run(_attach_sum, key) == 12.0
     assert a.sum() == 12.0
+
+
+def test_persistence_is_part_of_the_spec(key):
+    a = shmarray.create(key, 3)
+    with pytest.raises(shmarray.AlreadyExistsError, match="not persistent"):
+        shmarray.create(key, 3, persistent=True, exist_ok=True)  # silently non-persistent would lose it
+    assert a.size == 3

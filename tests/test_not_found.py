@@ -126,3 +126,15 @@ def test_docstrings_state_the_lifetime_rule():
     for f in (shmarray.create, shmarray.share, shmarray.share_table):
         doc = f.__doc__ or ""
         assert "lives while some process holds it" in doc and "persistent=True" in doc, f
+
+
+def test_lock_and_listing_errors_raise_from_the_public_call(key, tmp_path):
+    a = shmarray.create(key, 3)
+    a.close()
+    for call in (a.lock, a.unlock, lambda: shmarray.ls(dir=tmp_path / "nowhere")):
+        with pytest.raises(shmarray.ShmError) as err:
+            call()
+        inside = [f for f in _frames(err.value) if os.sep + "shmarray" + os.sep in f]
+        assert len(inside) <= 1, _frames(err.value)
+    with pytest.raises(shmarray.LockError, match="unlock"):
+        a.unlock()
