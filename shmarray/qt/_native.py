@@ -1,9 +1,10 @@
 """QSharedMemory with a Qt key type: Qt 6's own state machine, so a real Qt process shares bytes and lock.
 
 A port of qtbase's ``qsharedmemory.cpp`` (create, attach, detach, lock,
-initKey), its POSIX and System V backends and ``qsystemsemaphore*.cpp``
-(the lock's semaphore), on Linux, with Qt's error codes and texts. The
-system calls are ``_os._qtipc``'s. What Qt does, this does, including the
+initKey) and its POSIX and System V backends, on Linux, with Qt's error
+codes and texts, as the Qt-mode :class:`~._backend.Backend`; the lock's
+semaphore (``qsystemsemaphore*.cpp``) is ``_semaphore``'s. The system calls
+are ``_os._qtipc``'s. What Qt does, this does, including the
 parts that are not shmarray's rules:
 
 * POSIX (PosixRealtime): ``/dev/shm/<key>`` holds only the bytes (no
@@ -28,184 +29,51 @@ import logging
 import os
 from typing import Any
 
-from ._errors import AccessMode, SharedMemoryError as E
-from ._qtkeys import SYSTEM_SEMAPHORE, QNativeIpcKey, legacy_key_of, legacy_native_key
+from .._errors import AccessMode
+from .._errors import SharedMemoryError as E
+from .._lock import check_timeout
+from ._backend import Backend, qstring
+from ._keys import SYSTEM_SEMAPHORE, QNativeIpcKey, legacy_key_of, legacy_native_key
+from ._semaphore import Semaphore, is_posix, qtipc, unix_error
 
-__all__ = ["QtNative", "is_supported", "remove"]
+__all__ = ["QtBackend", "is_supported", "remove"]
 
 _log = logging.getLogger("shmarray.qt")
-
-
-def _ipc() -> Any:
-    from ._os import _qtipc  # ctypes and the System V calls load only when a Qt key type is used
-
-    return _qtipc
 
 
 def is_supported(kind: int) -> bool:
     """QSharedMemory::isKeyTypeSupported on this machine: SystemV via libc, PosixRealtime via posix_ipc."""
     if kind == QNativeIpcKey.Type.PosixRealtime:
-        return bool(_ipc().posix_available())
+        return bool(qtipc().posix_available())
     if 1 <= kind <= 0xFF:
-        return bool(_ipc().sysv_available())
+        return bool(qtipc().sysv_available())
     return False
 
 
-def _is_posix(key: QNativeIpcKey) -> bool:
-    return key.type() == QNativeIpcKey.Type.PosixRealtime
-
-
-# Qt's QSharedMemoryPrivate::setUnixErrorString and QSystemSemaphorePrivate::setUnixErrorString:
-# (errnos, code, reason) rows; any other errno is UnknownError with strerror's text.
+# Qt's QSharedMemoryPrivate::setUnixErrorString: (errnos, code, reason) rows; any other errno is
+# UnknownError with strerror's text.
 _SHM_REASONS = [
     ((errno.EACCES,), E.PermissionDenied, "permission denied"),
     ((errno.EEXIST,), E.AlreadyExists, "already exists"),
     ((errno.ENOENT,), E.NotFound, "doesn't exist"),
     ((errno.EMFILE, errno.ENOMEM, errno.ENOSPC), E.OutOfResources, "out of resources"),
 ]
-_SEM_REASONS = [
-    ((errno.EPERM, errno.EACCES), E.PermissionDenied, "permission denied"),
-    ((errno.EEXIST,), E.AlreadyExists, "already exists"),
-    ((errno.ENOENT,), E.NotFound, "does not exist"),
-    ((errno.ERANGE, errno.ENOSPC, errno.EMFILE), E.OutOfResources, "out of resources"),
-    ((errno.ENAMETOOLONG,), E.KeyError, "key too long"),
-]
 
 
-def _unix_error(number: int | None, function: str, reasons: list[tuple[tuple[int, ...], E, str]]) -> tuple[E, str]:
-    for numbers, code, reason in reasons:
-        if number in numbers:
-            return code, f"{function}: {reason}"
-    return E.UnknownError, f"{function}: unknown error: {os.strerror(number or 0)}"
+class QtBackend(Backend):
+    """One QSharedMemory of a Qt key type: QSharedMemoryPrivate and its POSIX / System V backends.
 
-
-def _shm_errno(number: int | None, function: str) -> tuple[E, str]:
-    return _unix_error(number, function, _SHM_REASONS)
-
-
-def _sem_errno(number: int | None, function: str) -> tuple[E, str]:
-    return _unix_error(number, function, _SEM_REASONS)
-
-
-class _Semaphore:
-    """The lock: Qt's QSystemSemaphore with initial value 1, keyed as QSharedMemoryPrivate::initKey keys it."""
-
-    def __init__(self) -> None:
-        self.key: QNativeIpcKey | None = None
-        self.handle: Any = None
-        self.file = ""
-        self.created_file = False
-        self.removes = False  # this object made (or reset) the semaphore: it removes it at clean()
-        self.error = E.NoError
-        self.error_string = ""
-
-    def set_key(self, key: QNativeIpcKey, create: bool) -> None:
-        """QSystemSemaphore::setNativeKey(key, 1, Create or Open)."""
-        if self.key is not None and key == self.key and not create:
-            return
-        self.error, self.error_string = E.NoError, ""
-        self.clean()
-        self.key = QNativeIpcKey(key)
-        self._open(create)
-
-    def _open(self, create: bool) -> bool:
-        if self.handle is not None:
-            return True
-        key = self.key
-        native = key.nativeKey() if key is not None else ""
-        ipc = _ipc()
-        posix = key is not None and _is_posix(key)
-        if not native:
-            where = "QSystemSemaphore::handle" if posix else "QSystemSemaphore::handle:"
-            self.error, self.error_string = E.KeyError, f"{where}: key is empty"
-            return False
-        try:
-            if posix:
-                sem = ipc.PosixSemaphore(native, 1, create)
-                self.removes = sem.created
-            else:
-                built = ipc.create_key_file(native)
-                if built == -1:
-                    self.error, self.error_string = E.KeyError, "QSystemSemaphore::handle:: unable to make key"
-                    return False
-                self.file = native
-                self.created_file = built == 1
-                try:
-                    unix_key = ipc.ftok(native, int(key.type()))  # type: ignore[union-attr]
-                except OSError:
-                    self.error, self.error_string = E.KeyError, "QSystemSemaphore::handle:: ftok failed"
-                    return False
-                sem = ipc.SysVSemaphore(unix_key, 1, create)
-                if sem.created or create:
-                    # A new set may be one a crash left behind: Qt takes ownership of its file too.
-                    self.removes = True
-                    self.created_file = True
-        except OSError as e:
-            self.error, self.error_string = _sem_errno(e.errno, "QSystemSemaphore::handle")
-            self._drop_file()
-            return False
-        self.handle = sem
-        return True
-
-    def _drop_file(self) -> None:
-        if self.created_file and self.file:
-            _ipc().remove_file(self.file)
-        self.created_file = False
-
-    def clean(self) -> None:
-        """QSystemSemaphore::cleanHandle: close; remove what this object made."""
-        sem, self.handle = self.handle, None
-        try:
-            if sem is None:
-                return
-            if isinstance(sem, _ipc().PosixSemaphore):
-                sem.close(unlink=self.removes)
-            elif self.removes:
-                sem.remove()
-        except OSError as e:  # Qt only records it
-            self.error, self.error_string = _sem_errno(e.errno, "QSystemSemaphore::cleanHandle")
-        finally:
-            self._drop_file()
-            self.removes = False
-
-    def acquire(self, timeout: float | None) -> bool:
-        if not self._open(False):
-            return False
-        try:
-            return bool(self.handle.acquire(timeout))
-        except OSError as e:
-            if e.errno in (errno.EINVAL, errno.EIDRM):  # removed under us: Qt opens it afresh
-                if isinstance(self.handle, _ipc().SysVSemaphore):
-                    self.clean()  # Qt's System V retry runs cleanHandle (the key file goes if it was ours)
-                else:
-                    self.handle = None
-                return self.acquire(timeout)
-            self.error, self.error_string = _sem_errno(e.errno, "QSystemSemaphore::modifySemaphore")
-            return False
-
-    def release(self) -> bool:
-        if not self._open(False):
-            return False
-        try:
-            self.handle.release()
-        except OSError as e:
-            self.error, self.error_string = _sem_errno(e.errno, "QSystemSemaphore::modifySemaphore")
-            return False
-        return True
-
-
-class QtNative:
-    """The state of one QSharedMemory of a Qt key type (QSharedMemoryPrivate and its backend)."""
+    Once in Qt mode an object stays in it: a str key is Qt's legacy key
+    (``setKey``), a plain name a PosixRealtime key (``setNativeKey``).
+    """
 
     def __init__(self, key: QNativeIpcKey) -> None:
-        self.key = QNativeIpcKey(key)
-        self.error = E.NoError
-        self.error_string = ""
+        self.qt_key = QNativeIpcKey(key)
         self.memory: Any = None  # the mmap while attached
-        self.size = 0
+        self.nbytes = 0
         self.mode = AccessMode.ReadWrite
         self.locked_by_me = False
-        self.sem = _Semaphore()
+        self.sem = Semaphore()
         # POSIX backend
         self.fd = -1
         # System V backend
@@ -216,33 +84,29 @@ class QtNative:
 
     # -- errors --------------------------------------------------------------------------------------
 
-    def _set(self, code: E, text: str) -> bool:
-        self.error, self.error_string = code, text
-        return False
-
     def _unix(self, exc: BaseException, function: str) -> bool:
         number = exc.errno if isinstance(exc, OSError) else errno.EINVAL
-        return self._set(*_shm_errno(number, function))
+        return self.set_error(*unix_error(number, function, _SHM_REASONS))
 
     # -- the backends (qsharedmemory_posix.cpp / qsharedmemory_systemv.cpp) -------------------------
 
     @property
     def posix(self) -> bool:
-        return _is_posix(self.key)
+        return is_posix(self.qt_key)
 
     def handle(self) -> bool:
         if self.posix:
-            if self.key.isEmpty():
-                return self._set(E.KeyError, "QSharedMemory::handle: key is empty")
+            if self.qt_key.isEmpty():
+                return self.set_error(E.KeyError, "QSharedMemory::handle: key is empty")
             return True
         if self.unix_key:
             return True
         if not self.key_file:
-            self.key_file = self.key.nativeKey()
+            self.key_file = self.qt_key.nativeKey()
         if not self.key_file:
-            return self._set(E.KeyError, "QSharedMemory::handle:: key is empty")
+            return self.set_error(E.KeyError, "QSharedMemory::handle:: key is empty")
         try:
-            self.unix_key = _ipc().ftok(self.key_file, int(self.key.type()))
+            self.unix_key = qtipc().ftok(self.key_file, int(self.qt_key.type()))
         except OSError as e:
             self.key_file = ""
             self.unix_key = 0
@@ -250,7 +114,7 @@ class QtNative:
         return True
 
     def clean_handle(self) -> bool:
-        ipc = _ipc()
+        ipc = qtipc()
         if self.posix:
             if self.fd != -1:
                 ipc.close(self.fd)
@@ -275,15 +139,15 @@ class QtNative:
         return bool(ipc.remove_file(key_file))
 
     def _backend_create(self, size: int) -> bool:
-        ipc = _ipc()
+        ipc = qtipc()
         if self.posix:
             if not self.handle():
                 return False
             try:
-                fd = ipc.posix_create(self.key.nativeKey())
+                fd = ipc.posix_create(self.qt_key.nativeKey())
             except OSError as e:
                 if e.errno == errno.EINVAL:
-                    return self._set(E.KeyError, "QSharedMemory::attach (shm_open): bad name")
+                    return self.set_error(E.KeyError, "QSharedMemory::attach (shm_open): bad name")
                 return self._unix(e, "QSharedMemory::attach (shm_open)")
             try:
                 ipc.truncate(fd, size)
@@ -293,10 +157,10 @@ class QtNative:
                 ipc.close(fd)
             return True
         if not self.key_file:
-            self.key_file = self.key.nativeKey()
+            self.key_file = self.qt_key.nativeKey()
         built = ipc.create_key_file(self.key_file) if self.key_file else -1
         if built == -1:
-            return self._set(E.KeyError, "QSharedMemory::handle:: unable to make key")
+            return self.set_error(E.KeyError, "QSharedMemory::handle:: unable to make key")
         created_file = built == 1
         if not self.handle():
             if created_file:
@@ -306,7 +170,7 @@ class QtNative:
             ipc.sysv_create(self.unix_key, size)
         except OSError as e:
             if e.errno == errno.EINVAL:
-                self._set(E.InvalidSize, "QSharedMemory::handle: system-imposed size restrictions")
+                self.set_error(E.InvalidSize, "QSharedMemory::handle: system-imposed size restrictions")
             else:
                 self._unix(e, "QSharedMemory::create")
             if created_file and self.error != E.AlreadyExists:
@@ -315,15 +179,15 @@ class QtNative:
         return True
 
     def _backend_attach(self, mode: AccessMode) -> bool:
-        ipc = _ipc()
+        ipc = qtipc()
         readonly = mode == AccessMode.ReadOnly
         if self.posix:
             try:
-                self.fd = ipc.posix_open(self.key.nativeKey(), not readonly)
+                self.fd = ipc.posix_open(self.qt_key.nativeKey(), not readonly)
             except OSError as e:
                 self.fd = -1
                 if e.errno == errno.EINVAL:
-                    return self._set(E.KeyError, "QSharedMemory::attach (shm_open): bad name")
+                    return self.set_error(E.KeyError, "QSharedMemory::attach (shm_open): bad name")
                 return self._unix(e, "QSharedMemory::attach (shm_open)")
             try:
                 size = ipc.posix_size(self.fd)
@@ -336,7 +200,7 @@ class QtNative:
                 self.clean_handle()
                 self.memory = None
                 return self._unix(e, "QSharedMemory::attach (mmap)")
-            self.size, self.mode = size, mode
+            self.nbytes, self.mode = size, mode
             return True
         try:
             ident = ipc.sysv_get(self.unix_key, readonly)
@@ -352,14 +216,14 @@ class QtNative:
             self.memory = ipc.sysv_map(ident, size, readonly)
         except OSError as e:
             return self._unix(e, "QSharedMemory::attach (shmat)")
-        self.size, self.mode = size, mode
+        self.nbytes, self.mode = size, mode
         self.deferred = 0
         return True
 
     def _backend_detach(self) -> bool:
         mapping, self.memory = self.memory, None
-        self.size = 0
-        unmapped = _ipc().unmap(mapping)
+        self.nbytes = 0
+        unmapped = qtipc().unmap(mapping)
         if self.posix:
             self.clean_handle()
             return True
@@ -371,26 +235,28 @@ class QtNative:
     def init_key(self, create: bool) -> bool:
         if not self.clean_handle():
             return False
-        legacy = legacy_key_of(self.key)
-        sem_key = (legacy_native_key(legacy, self.key.type(), prefix=SYSTEM_SEMAPHORE)
-                   if legacy else self.key)
+        legacy = legacy_key_of(self.qt_key)
+        sem_key = (legacy_native_key(legacy, self.qt_key.type(), prefix=SYSTEM_SEMAPHORE)
+                   if legacy else self.qt_key)
         self.sem.set_key(sem_key, create)
         if self.sem.error != E.NoError:
-            return self._set(self.sem.error, "QSharedMemoryPrivate::initKey: unable to set key on lock "
-                                             f"({self.sem.error_string})")
-        self.error, self.error_string = E.NoError, ""
+            return self.set_error(self.sem.error, "QSharedMemoryPrivate::initKey: unable to set key on lock "
+                                                  f"({self.sem.error_string})")
+        self.clear_error()
         return True
 
     def _locker(self, function: str) -> bool | None:
         """QSharedMemoryLocker + tryLocker: True when locked now, None when there is no key, False on failure."""
-        if self.key.isEmpty():
+        if self.qt_key.isEmpty():
             return None
-        if self.lock(None):
+        if self._lock(None):
             return True
-        self._set(E.LockError, f"{function}: unable to lock")
+        self.set_error(E.LockError, f"{function}: unable to lock")
         return False
 
     def create(self, size: int, mode: AccessMode) -> bool:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"QSharedMemory.create: size must be an int, not {type(size).__name__}")
         if not self.init_key(True):
             return False
         locked = self._locker("QSharedMemory::create")
@@ -398,7 +264,7 @@ class QtNative:
             return False
         try:
             if size <= 0:
-                return self._set(E.InvalidSize, "QSharedMemory::create: create size is less then 0")
+                return self.set_error(E.InvalidSize, "QSharedMemory::create: create size is less then 0")
             if not self._backend_create(size):
                 return False
             return self._backend_attach(mode)
@@ -430,13 +296,16 @@ class QtNative:
             self.unlock()
 
     def lock(self, timeout: float | None) -> bool:
+        return self._lock(check_timeout(timeout))
+
+    def _lock(self, timeout: float | None) -> bool:
         if self.locked_by_me:
             _log.warning("QSharedMemory::lock: already locked")
             return True
         if self.sem.acquire(timeout):
             self.locked_by_me = True
             return True
-        return self._set(E.LockError, "QSharedMemory::lock: unable to lock")
+        return self.set_error(E.LockError, "QSharedMemory::lock: unable to lock")
 
     def unlock(self) -> bool:
         if not self.locked_by_me:
@@ -444,24 +313,61 @@ class QtNative:
         self.locked_by_me = False
         if self.sem.release():
             return True
-        return self._set(E.LockError, "QSharedMemory::unlock: unable to unlock")
+        return self.set_error(E.LockError, "QSharedMemory::unlock: unable to unlock")
 
-    def data(self, readonly: bool) -> memoryview | None:
+    def is_attached(self) -> bool:
+        return self.memory is not None
+
+    def size(self) -> int:
+        return self.nbytes
+
+    def data(self) -> memoryview | None:
+        return self._view(self.mode == AccessMode.ReadOnly)
+
+    def const_data(self) -> memoryview | None:
+        return self._view(True)
+
+    def _view(self, readonly: bool) -> memoryview | None:
         if self.memory is None:
             return None
-        view = memoryview(self.memory)[: self.size]
+        view = memoryview(self.memory)[: self.nbytes]
         return view.toreadonly() if readonly else view
 
-    def rekey(self, key: QNativeIpcKey) -> None:
-        """QSharedMemory::setNativeKey after its checks: detach, clean the handle, take the key."""
+    # -- keys (QSharedMemory::setKey / setNativeKey) ----------------------------------------------------
+
+    def set_key(self, key: str) -> Backend:
+        return self.set_ipc_key(legacy_native_key(key))  # '' gives Qt's empty key of the legacy type
+
+    def set_native_key(self, key: object) -> Backend:
+        return self.set_ipc_key(QNativeIpcKey(qstring(key, "setNativeKey")))  # PosixRealtime, as in Qt 6
+
+    def set_ipc_key(self, key: QNativeIpcKey) -> Backend:
+        if key == self.qt_key and key.isEmpty():
+            return self
+        if not is_supported(key.type()):
+            self.set_error(E.KeyError, "QSharedMemory::setNativeKey: unsupported key type")
+            return self
         if self.memory is not None:
             self.detach()
         self.clean_handle()
-        self.key = QNativeIpcKey(key)
+        self.qt_key = QNativeIpcKey(key)
         self.key_file = ""
         self.unix_key = 0
+        return self
 
-    def destroy(self) -> None:
+    def key(self) -> str:
+        return legacy_key_of(self.qt_key)
+
+    def native_key(self) -> str:
+        return self.qt_key.nativeKey()
+
+    def ipc_key(self) -> QNativeIpcKey:
+        return QNativeIpcKey(self.qt_key)
+
+    def describe(self) -> str:
+        return f"nativeIpcKey={self.qt_key!r}"
+
+    def close(self) -> None:
         """~QSharedMemory: detach, clean the handle, and the semaphore's own clean-up.
 
         Only in the process that made the object: a forked child exiting does
@@ -485,7 +391,7 @@ def remove(key: QNativeIpcKey) -> bool:
     whose last user crashed). Whoever still uses them keeps a mapping but
     loses the lock. True when something was removed.
     """
-    ipc = _ipc()
+    ipc = qtipc()
     native = key.nativeKey()
     if not native:
         return False
@@ -493,7 +399,7 @@ def remove(key: QNativeIpcKey) -> bool:
     sem_native = (legacy_native_key(legacy, key.type(), prefix=SYSTEM_SEMAPHORE).nativeKey()
                   if legacy else native)
     removed = False
-    if _is_posix(key):
+    if is_posix(key):
         try:
             removed = bool(ipc.posix_unlink(native))
         except OSError:  # a name shm_open refuses: nothing can be there

@@ -28,8 +28,8 @@ import pwd
 from typing import Any
 from urllib.parse import unquote
 
-from ._errors import QtEnum, qt_value
-from ._os._names import QT_SHARED_MEMORY, qt_legacy_name
+from .._errors import QtEnum, qt_value
+from .._os._names import QT_SHARED_MEMORY, qt_legacy_name
 
 __all__ = ["QNativeIpcKey", "platform_safe_key", "legacy_native_key", "legacy_key_of", "as_key",
            "SHARED_MEMORY", "SYSTEM_SEMAPHORE", "temp_location", "runtime_location"]
@@ -58,6 +58,7 @@ class _Type(QtEnum):
 
 _Type.__name__ = "Type"
 _Type.__qualname__ = "QNativeIpcKey.Type"
+_Type.__module__ = "shmarray.qt"  # the public path, for reprs and pickles
 _INVALID = _Type(0)
 # Percent-decoding once, as UTF-8, a malformed escape left as written: what QUrl's path() and Qt's
 # fromPercentEncoding of a query item give.
@@ -220,6 +221,9 @@ class QNativeIpcKey:
     def __repr__(self) -> str:
         legacy = f", legacyKey={self._legacy!r}" if self._legacy else ""
         return f"QNativeIpcKey({self._key!r}, {type(self._type).__qualname__}.{self._type.name}{legacy})"
+
+
+QNativeIpcKey.__module__ = "shmarray.qt"
 
 
 def _restore(key: str, type_value: int, legacy: str) -> QNativeIpcKey:
