@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import _stash
+from ._reuse import kept_files
 from ._attachment import sweep_orphans
 from ._control import MAGIC, PAGE_SIZE, parse_control
 from ._errors import NotFoundError, PermissionDeniedError, ShmError, user_facing
 from ._os import PREFIX, TEMP_PREFIX, backend, check_key, check_native_key, native_key_for
 from ._lifecycle import Dir, check_usable
 from ._lifecycle import check_dir as _check_dir
-from ._stash import KEEP_PREFIX
+from ._reuse.kept_files import KEEP_PREFIX
 
 __all__ = ["unlink_key", "unlink", "collect_garbage", "collect", "Removed"]
 
@@ -92,8 +92,8 @@ def collect(*, dir: "Dir" = None) -> list[Removed]:
     """What ``collect_garbage`` does, with each removal's key and size (``shmarray gc`` prints them)."""
     d = _where(dir, "gc")
     # The sizes are read before anything goes: a removed file has none to read.
-    kept = {n: size if nlink <= 1 else 0 for n, _, size, alive, nlink in _stash.kept_entries(d) if not alive}
-    removed = [Removed(n, None, kept.get(n, 0), "kept") for n in _stash.reap_orphans(d)]
+    kept = {n: size if nlink <= 1 else 0 for n, _, size, alive, nlink in kept_files.kept_entries(d) if not alive}
+    removed = [Removed(n, None, kept.get(n, 0), "kept") for n in kept_files.reap_orphans(d)]
     segments: dict[str, tuple[str | None, int]] = {}
     for bare in sorted(backend.list_names(d)):
         name = backend.qualify(d, bare)

@@ -529,7 +529,7 @@ def _read_table(seg: Segment, key: str, mode: str) -> "pyarrow.Table":
                           "table never is; the segment is corrupt", key) from e
     desc = parse_descriptor(raw, key=key)
     # Over the attachment's root ndarray: its death tells the segment layer
-    # that the mapping is idle and can be kept for the next table (_reuse).
+    # that the mapping is idle and can be kept for the next table (_reuse.idle_maps).
     view = pa.py_buffer(seg._root())
     holder = _Mapped(seg, view)
     whole = pa.foreign_buffer(view.address, view.size, base=holder)

@@ -36,7 +36,7 @@ import weakref
 from typing import Any
 
 from ._errors import AccessMode, InvalidSizeError, ShmError
-from . import _reuse
+from ._reuse import idle_maps
 from ._control import CONTROL, DEAD_OFFSET, MARK_OFFSET, U64, ControlBlock, parse_control
 from ._lock import LockGate
 from ._os import PREFIX, backend
@@ -74,7 +74,7 @@ class _Attachment:
         self.gate: LockGate | None = None
         self.closed = False
         self.pinned: Any = None  # a _cuda.PinnedRegion while pin()ned
-        self.region: _reuse.Region | None = None  # the mapping (shmarray segments)
+        self.region: idle_maps.Region | None = None  # the mapping (shmarray segments)
         self.ident: tuple[int, int] = (0, 0)
         self.root_ref: Any = None  # weak reference to root()'s ndarray
         self.incarnation = 0
@@ -89,7 +89,7 @@ class _Attachment:
         numpy keeps an ndarray base as it is (any other buffer it wraps in a
         memoryview of its own), so the root's death says exactly when the
         last array view of the attachment is gone: the moment its mapping
-        can be kept idle for reuse (``_reuse.release``).
+        can be kept idle for reuse (``idle_maps.release``).
         """
         root = self.root_ref() if self.root_ref is not None else None
         if root is None:
@@ -113,7 +113,7 @@ class _Attachment:
         backend.pwrite_all(self.fd, memoryview(U64.pack(value)), MARK_OFFSET)
 
     def map(self, cb: ControlBlock | None, map_fd: int | None = None,
-            region: "_reuse.Region | None" = None) -> None:
+            region: "idle_maps.Region | None" = None) -> None:
         """Map the control block and the data through *map_fd* (kept or closed here), a lock-free description.
 
         Mappings duplicate their fd, so they must never be made from the
@@ -121,7 +121,7 @@ class _Attachment:
         covers the control block and the data: writable for ReadWrite,
         read-only for ReadOnly (the lock mark is then written through the
         lock descriptor, when the user may write the segment). The mapping
-        is a ``_reuse`` region: an idle mapping of the same file is taken
+        is a ``_reuse.idle_maps`` region: an idle mapping of the same file is taken
         when there is one (no page faults), and *region*, when given, is
         used as it is (a creator that wrote through it).
         """
@@ -144,13 +144,13 @@ class _Attachment:
                 self.incarnation = cb.incarnation
                 dev, ino = self.ident
                 if region is not None and not writable_data:
-                    _reuse.release(region)  # a writable one the creator wrote through
+                    idle_maps.release(region)  # a writable one the creator wrote through
                     region = None
                 if region is None:
                     if map_fd is None:
                         map_fd = backend.reopen(self.fd, self.writable_fd)
                     fd, map_fd = map_fd, None  # the region keeps it or closes it
-                    region = _reuse.map_region(fd, dev, ino, 0, cb.data_offset + cb.size, writable_data)
+                    region = idle_maps.map_region(fd, dev, ino, 0, cb.data_offset + cb.size, writable_data)
                 self.region = region
                 self.ctl = region.mm
                 self.data_map = memoryview(region.mm)[cb.data_offset : cb.data_offset + cb.size]
@@ -214,7 +214,7 @@ class _Attachment:
         anchor, self.root_ref = self.root_ref, None
         if region is not None:
             if self.pid == backend.getpid():
-                _reuse.release(region, anchor)
+                idle_maps.release(region, anchor)
             else:  # pragma: no cover - a forked child that never re-marked it
                 if not region.fd_in_mm:
                     backend.close(region.fd)
@@ -236,7 +236,7 @@ class _Attachment:
             return
         self.pid = pid
         if self.region is not None:
-            _reuse.region_after_fork(self.region)
+            idle_maps.region_after_fork(self.region)
         if self.pinned is not None:
             self.pinned.forget()  # the CUDA registration is the parent's
             self.pinned = None
@@ -371,7 +371,7 @@ def _after_fork_in_child() -> None:
     _REG = threading.RLock()  # another thread may have held it at the fork
     guards = list(_FORK_GUARDS)
     _FORK_GUARDS.clear()
-    _reuse.after_fork_in_child()
+    idle_maps.after_fork_in_child()
     for att in list(_OPEN):
         att.after_fork()
     for guard in guards:
@@ -432,7 +432,7 @@ def _retire(fd: int, name: str) -> None:
     """Destroy a segment (the caller holds its liveness byte exclusively): dead, nameless, pages freed.
 
     The pages are freed now when no other name keeps the file (a creator's
-    hidden link keeps it for reuse, see ``_stash``) and no mapping anywhere
+    hidden link keeps it for reuse, see ``_reuse.kept_files``) and no mapping anywhere
     uses it: idle mappings kept for reuse in other processes would otherwise
     hold the memory of a segment that is gone.
     """
@@ -441,4 +441,4 @@ def _retire(fd: int, name: str) -> None:
     dev, ino, _, nlink = backend.fd_facts(fd)
     if nlink == 0 and not backend.mapped_elsewhere(fd):
         backend.release_pages(fd)
-        _reuse.forget_file(dev, ino)
+        idle_maps.forget_file(dev, ino)

@@ -26,7 +26,7 @@ import fnmatch
 import importlib
 from typing import Callable, Iterable
 
-from . import _stash
+from ._reuse import kept_files
 from ._admin import _name, _where
 from ._control import HEAD_BYTES, MAGIC, PAGE_SIZE, parse_control
 from ._display import human as _human
@@ -34,7 +34,7 @@ from ._errors import AccessMode, HeaderError, NotFoundError, user_facing
 from ._header import HEADER, Kind, parse_header
 from ._os import PREFIX, TEMP_PREFIX, backend
 from ._segment import Dir, Segment
-from ._stash import KEEP_PREFIX
+from ._reuse.kept_files import KEEP_PREFIX
 
 __all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "segment_info", "describe_payload"]
 
@@ -248,7 +248,7 @@ def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[Seg
         entry = _read(name, d)
         if entry is not None and (include_foreign or entry.shmarray):
             out.append(entry)
-    for name, pid, size, alive, nlink in _stash.kept_entries(d):
+    for name, pid, size, alive, nlink in kept_files.kept_entries(d):
         kept = _kept(name, pid, size, alive, nlink, d or backend.SHM_DIR)
         if include_foreign or kept.orphan:  # a live process's kept memory is its own business
             out.append(kept)

@@ -8,7 +8,7 @@ that the name still names that file, and retires what processes that all
 died left behind. A reference attaches the segment *instance* it names
 (``Reference.incarnation``), never a successor under the same key. Where the
 pages come from (a kept file of this process's, or fresh ones) is the
-reuse layer's business (``_stash``: files kept by creators; ``_reuse``:
+reuse layer's business (``_reuse.kept_files``: files kept by creators; ``_reuse.idle_maps``:
 idle mappings); who destroys what at the last detach is ``_attachment``'s.
 
 This module is what ``Segment`` (``_segment``, the Qt-shaped handle) calls:
@@ -22,7 +22,7 @@ import operator
 import os
 from typing import Callable, NamedTuple, SupportsIndex, Union
 
-from . import _reuse, _stash
+from ._reuse import idle_maps, kept_files
 from ._attachment import (
     _Attachment,
     _mark_dead,
@@ -80,10 +80,10 @@ def create(where: Where, name: str, size: int, mode: AccessMode, persistent: boo
     anything is written, never a SIGBUS later.
     """
     total = PAGE_SIZE + size
-    _stash.maybe_reap(where.dir)
+    kept_files.maybe_reap(where.dir)
     free = backend.free_bytes(where.dir)
     if total > free:
-        _stash.give_back(total - free, where.dir)
+        kept_files.give_back(total - free, where.dir)
         if total > backend.free_bytes(where.dir):
             raise no_space("create", where.label, where.key, where.dir, total)
     for attempt in (1, 2):
@@ -95,7 +95,7 @@ def create(where: Where, name: str, size: int, mode: AccessMode, persistent: boo
             raise  # already in a user's words (some are OSErrors too)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG):
-                if attempt == 1 and _stash.give_back(total, where.dir) > 0:
+                if attempt == 1 and kept_files.give_back(total, where.dir) > 0:
                     continue
                 raise no_space("create", where.label, where.key, where.dir, total) from e
             raise _translate(e, "create", where.label, where.dir) from e
@@ -289,7 +289,7 @@ def _build(where: Where, name: str, size: int, mode: AccessMode, persistent: boo
     """A new segment file, written completely (control block and *fill*), then published under *name*."""
     recycle = not persistent
     if recycle:
-        taken = _stash.take(PAGE_SIZE + size, where.dir)
+        taken = kept_files.take(PAGE_SIZE + size, where.dir)
         if taken is not None:
             return _build_in(where, taken, name, size, mode, fill)
     pid = backend.getpid()
@@ -331,7 +331,7 @@ def _build(where: Where, name: str, size: int, mode: AccessMode, persistent: boo
                 del write, mm
                 backend.close_mapping(populated)
         if recycle:
-            kept = _stash.keep(temp, name, total, fd)
+            kept = kept_files.keep(temp, name, total, fd)
         _publish(where, temp, name)
         published = True
         att = _Attachment(name, fd, True, mode, foreign=False)
@@ -341,13 +341,13 @@ def _build(where: Where, name: str, size: int, mode: AccessMode, persistent: boo
     except BaseException:
         if published:
             backend.unlink_if_same(name, fd)
-        _stash.forget(kept)
+        kept_files.forget(kept)
         backend.close(fd)
         raise
     finally:
         backend.unlink(temp)
 
-def _build_in(where: Where, taken: _stash.Taken, name: str, size: int, mode: AccessMode,
+def _build_in(where: Where, taken: kept_files.Taken, name: str, size: int, mode: AccessMode,
               fill: Fill | None) -> _Attachment:
     """Build the new segment in a recycled file (claimed: nobody attached, nobody maps it).
 
@@ -358,7 +358,7 @@ def _build_in(where: Where, taken: _stash.Taken, name: str, size: int, mode: Acc
     """
     fd, kept = taken
     pid = backend.getpid()
-    region = _reuse.find_idle(kept.dev, kept.ino, 0, PAGE_SIZE + size, True)
+    region = idle_maps.find_idle(kept.dev, kept.ino, 0, PAGE_SIZE + size, True)
     written: list[tuple[int, int]] = []
     published = False
     try:
@@ -388,7 +388,7 @@ def _build_in(where: Where, taken: _stash.Taken, name: str, size: int, mode: Acc
         backend.hold_liveness(fd, pid)
         _publish(where, kept.name, name)
         published = True
-        _stash.published(kept, name)
+        kept_files.published(kept, name)
         att = _Attachment(name, fd, True, mode, foreign=False)
         att.ident = (kept.dev, kept.ino)
         cb = ControlBlock(control)
@@ -403,7 +403,7 @@ def _build_in(where: Where, taken: _stash.Taken, name: str, size: int, mode: Acc
         except OSError:  # pragma: no cover
             pass
         if region is not None:
-            _reuse.release(region)
+            idle_maps.release(region)
         backend.close(fd)
         raise
 

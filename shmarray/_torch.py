@@ -22,7 +22,7 @@ window's bytes are first moved into private memory at the same addresses
 (``_os`` ``privatize``) and the slot gets a fresh window. So a batch kept
 anywhere (``list(loader)``, a prefetching wrapper, validation outputs) keeps
 its data, and only kept batches pay a copy. Windows hold the file as any
-mapping of shmarray does (``_reuse``'s MAPPED lock): its pages are never
+mapping of shmarray does (``_reuse.idle_maps``'s MAPPED lock): its pages are never
 recycled under them. torch is imported only when these objects are used.
 """
 

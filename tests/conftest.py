@@ -112,9 +112,9 @@ def _dev_shm_unchanged() -> Iterator[None]:
     yield
     gc.collect()
     # Memory this process kept for reuse goes at exit; the run must leave nothing either way.
-    from shmarray import _stash
+    from shmarray._reuse import kept_files
 
-    _stash.release_all()
+    kept_files.release_all()
     # Judged by this run's own names only (its keys and temporary names carry its pid): a
     # user's notebook or pipeline may make and remove shmarray segments while the tests run.
     mark = f"-{os.getpid()}-"

@@ -15,9 +15,9 @@ PKG = pathlib.Path(shmarray.__file__).parent
 RANKS = [
     {"_errors", "_display", "_progress"},
     {"_os", "_os._linux", "_os._names", "_os._qtipc", "_cuda"},
-    {"_control", "_reuse"},
+    {"_control", "_reuse", "_reuse.idle_maps"},
     {"_lock"},
-    {"_attachment", "_stash"},
+    {"_attachment", "_reuse.kept_files"},
     {"_transfer"},
     {"_lifecycle"},
     {"_segment"},

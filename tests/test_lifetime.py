@@ -266,7 +266,7 @@ def _create_and_wait(key: str, ready: str) -> None:
 
 @pytest.mark.parametrize("how", ["create", "gc"])
 def test_a_crashed_users_segment_is_freed_by_the_next_create_or_gc(make_key, tmp_path, how):
-    from shmarray import _stash
+    from shmarray._reuse import kept_files
 
     crashed = make_key()
     ready = str(tmp_path / "ready")
@@ -276,7 +276,7 @@ def test_a_crashed_users_segment_is_freed_by_the_next_create_or_gc(make_key, tmp
     path = os.path.join(SHM, shmarray._os.native_key_for(crashed))
     assert os.path.exists(path)  # nobody attached any more, and nobody looked yet
     if how == "create":
-        _stash._last_reap.clear()  # as if the last sweep were long ago
+        kept_files._last_reap.clear()  # as if the last sweep were long ago
         other = Segment(make_key()).create(16)
         other.detach()
     else:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import shmarray
-from shmarray import _reuse, _stash
+from shmarray._reuse import idle_maps, kept_files
 from shmarray._os import native_key_for
 
 from _procs import run, run_with_small_dev_shm, start, wait_for
@@ -32,16 +32,16 @@ def _ino(key: str) -> int:
 
 
 def _kept_of(pid: int) -> list[str]:
-    return sorted(n for n in os.listdir(SHM) if n.startswith(f"{_stash.KEEP_PREFIX}{pid}-"))
+    return sorted(n for n in os.listdir(SHM) if n.startswith(f"{kept_files.KEEP_PREFIX}{pid}-"))
 
 
 @pytest.fixture(autouse=True)
 def _reuse_on():
-    _reuse.set_budget(1 << 30)
+    idle_maps.set_budget(1 << 30)
     yield
     gc.collect()
-    _stash.release_all()
-    _reuse.set_budget(None)
+    kept_files.release_all()
+    idle_maps.set_budget(None)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.uint8, np.int32, np.complex128, "U3",
@@ -171,9 +171,9 @@ def test_kept_memory_is_hidden_from_ls_and_shown_by_ls_all(make_key):
     a = shmarray.share(k, np.ones(1 << 18))
     del a
     kept = _kept_of(os.getpid())
-    assert any("." in n[len(_stash.KEEP_PREFIX):] for n in kept)
+    assert any("." in n[len(kept_files.KEEP_PREFIX):] for n in kept)
     assert all(e.key != k for e in shmarray.ls())
-    assert not any(e.native_key.startswith(_stash.KEEP_PREFIX) for e in shmarray.ls())
+    assert not any(e.native_key.startswith(kept_files.KEEP_PREFIX) for e in shmarray.ls())
     every = shmarray.ls(include_foreign=True)
     mine = [e for e in every if e.kind == "kept" and e.creator_pid == os.getpid()]
     assert mine and all("kept for reuse" in e.payload for e in mine)
@@ -188,7 +188,7 @@ def test_a_key_spelled_like_a_kept_name_does_not_touch_kept_memory(make_key):
     k = make_key()
     a = shmarray.share(k, np.ones(1 << 18))
     del a
-    kept = [n for n in _kept_of(os.getpid()) if "." in n[len(_stash.KEEP_PREFIX):]]
+    kept = [n for n in _kept_of(os.getpid()) if "." in n[len(kept_files.KEEP_PREFIX):]]
     assert kept
     inos = {n: os.stat(os.path.join(SHM, n)).st_ino for n in kept}
     for name in kept:
@@ -244,9 +244,9 @@ def test_budget(budget, expect, tmp_path):
 
 def test_bad_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="SHMARRAY_REUSE_BYTES"):
-        _reuse.parse_bytes("lots")
-    assert _reuse.parse_bytes("512M") == 512 * MiB and _reuse.parse_bytes("1.5GiB") == 3 << 29
-    assert _reuse.parse_bytes("0") == 0 and _reuse.parse_bytes("4096") == 4096
+        idle_maps.parse_bytes("lots")
+    assert idle_maps.parse_bytes("512M") == 512 * MiB and idle_maps.parse_bytes("1.5GiB") == 3 << 29
+    assert idle_maps.parse_bytes("0") == 0 and idle_maps.parse_bytes("4096") == 4096
 
 
 # -- nothing left ----------------------------------------------------------------------
@@ -358,7 +358,7 @@ def _share_in_child(key: str) -> float:
     b = shmarray.share(key, np.full(1 << 18, 5.0))
     s = float(b.sum())
     del b
-    _stash.release_all()
+    kept_files.release_all()
     return s
 
 

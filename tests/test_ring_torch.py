@@ -369,7 +369,7 @@ def test_kept_batches_leave_no_descriptor_or_mapping_behind():
     gc.collect()
     with open("/proc/self/maps") as f:
         # every window (a mapping at a slot's offset) was unmapped; the segment's own
-        # mapping, at offset 0, may stay idle for reuse (_reuse)
+        # mapping, at offset 0, may stay idle for reuse (_reuse.idle_maps)
         assert not [line for line in f if f" {ino} " in line and int(line.split()[2], 16) != 0]
     assert (dev, ino) not in _inodes_open()  # and the windows' descriptor was closed
 

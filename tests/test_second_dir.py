@@ -25,7 +25,7 @@ import pytest
 
 import shmarray
 from conftest import new_key
-from shmarray import _reuse, _stash
+from shmarray._reuse import idle_maps, kept_files
 
 ROOT = Path(__file__).parent.parent
 
@@ -39,7 +39,7 @@ def seg_dir() -> Iterator[str]:
     import gc
 
     gc.collect()
-    _stash.release_all()  # what this process kept there for reuse (exit would free it too)
+    kept_files.release_all()  # what this process kept there for reuse (exit would free it too)
     left = os.listdir(d)
     for n in left:
         os.unlink(os.path.join(d, n))
@@ -140,13 +140,13 @@ def test_a_crashed_attacher_leaves_nothing(seg_dir: str, key: str) -> None:
 
 
 def _kept_in(d: str) -> list[str]:
-    return sorted(n for n in os.listdir(d) if n.startswith(_stash.KEEP_PREFIX))
+    return sorted(n for n in os.listdir(d) if n.startswith(kept_files.KEEP_PREFIX))
 
 
 def test_memory_is_recycled_inside_a_directory(seg_dir: str, make_key) -> None:  # noqa: ANN001
     import gc
 
-    _reuse.set_budget(1 << 30)
+    idle_maps.set_budget(1 << 30)
     try:
         default_before = set(os.listdir("/dev/shm"))
         k1, k2 = make_key(), make_key()
@@ -156,7 +156,7 @@ def test_memory_is_recycled_inside_a_directory(seg_dir: str, make_key) -> None: 
         gc.collect()
         kept = _kept_in(seg_dir)
         assert len(kept) == 2, kept  # the owner file and the segment's file
-        assert not {n for n in set(os.listdir("/dev/shm")) - default_before if n.startswith(_stash.KEEP_PREFIX)}
+        assert not {n for n in set(os.listdir("/dev/shm")) - default_before if n.startswith(kept_files.KEEP_PREFIX)}
         out = subprocess.run([sys.executable, "-m", "shmarray", "ls", "--dir", seg_dir, "--all", "--json"],
                              capture_output=True, text=True, timeout=60)
         rows = [r for r in json.loads(out.stdout) if r["kind"] == "kept"]
@@ -170,10 +170,10 @@ def test_memory_is_recycled_inside_a_directory(seg_dir: str, make_key) -> None: 
         assert got.stdout.strip() == str(7.0 * (1 << 18)), got.stderr
         del b
         gc.collect()
-        _stash.release_all()
+        kept_files.release_all()
         assert os.listdir(seg_dir) == []
     finally:
-        _reuse.set_budget(None)
+        idle_maps.set_budget(None)
 
 
 def test_a_killed_creators_kept_memory_in_a_directory_is_reaped(seg_dir: str, key: str) -> None:
@@ -311,7 +311,7 @@ try:
 except shmarray.OutOfResourcesError as e:
     print("full", "OutOfResourcesError")
 del a, z
-shmarray._stash.release_all()
+shmarray._reuse.kept_files.release_all()
 print("left", os.listdir(d))
 """
 
@@ -367,7 +367,7 @@ except shmarray.OutOfResourcesError:
     print("full", "OutOfResourcesError")
 r.close()
 del a, t, r
-shmarray._stash.release_all()
+shmarray._reuse.kept_files.release_all()
 print("left", os.listdir(d))
 """
 

@@ -77,7 +77,7 @@ def write_and_tell(a: Any) -> tuple[str, bool]:
 def run(ctx: Context) -> GroupResult:
     """Hand-offs and worker-to-worker transfers through Dask and Ray, with and without shmarray."""
     import shmarray
-    from shmarray import _reuse
+    from shmarray._reuse import idle_maps
 
     res = GroupResult(NAME, TITLE)
     size = P.big_size(res, ctx.quick, 64 << 20, copies=8)
@@ -93,7 +93,7 @@ def run(ctx: Context) -> GroupResult:
     methods: dict[str, Callable[[], float]] = {}
     w_methods: dict[str, Callable[[], float]] = {}
     ray_methods: dict[str, Callable[[], float]] = {}
-    _reuse.set_budget(None)
+    idle_maps.set_budget(None)
 
     def check(got: float, label: str) -> None:
         if not P.close_enough(got, want):

@@ -116,7 +116,7 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
     import multiprocessing as mp
 
     import shmarray
-    from shmarray import _reuse
+    from shmarray._reuse import idle_maps
 
     src = np.arange(size // 8, dtype=np.float64)
     floor_dst = np.empty_like(src)
@@ -131,7 +131,7 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
         return f"shmbench-{os.getpid()}-dirs-{counter[0]}"
 
     def share(where: str | None, reuse: bool) -> float:
-        _reuse.set_budget(None if reuse else 0)
+        idle_maps.set_budget(None if reuse else 0)
         k = key()
         t0 = time.perf_counter()
         a = shmarray.share(k, src, dir=where)
@@ -146,7 +146,7 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
         return t1 - t0
 
     def create(where: str | None) -> float:
-        _reuse.set_budget(0)
+        idle_maps.set_budget(0)
         k = key()
         t0 = time.perf_counter()
         a = shmarray.create(k, (size // 8,), np.float64, dir=where)
@@ -175,7 +175,7 @@ def _measure(mnt: str, size: int, reps: int) -> dict[str, Any]:
     finally:
         pool.terminate()
         pool.join()
-        _reuse.set_budget(None)
+        idle_maps.set_budget(None)
     return {"samples": samples, "errors": errors, "pmd_kb": pmd[0]}
 
 

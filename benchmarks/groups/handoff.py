@@ -4,8 +4,8 @@ Each sample starts with a plain ndarray (or pa.Table) in this process and
 ends when a warm worker's answer (the array's sum, or a column's sum of the
 table) is back here. The producer hands over a new array every time, under
 a new key, and drops it once the answer is back, as a pipeline does; so
-from the second sample on, shmarray's recycled memory is warm (``_stash``,
-``_reuse``), and so is Ray's object store.
+from the second sample on, shmarray's recycled memory is warm (``_reuse.kept_files``,
+``_reuse.idle_maps``), and so is Ray's object store.
 
 Methods:
 
@@ -76,7 +76,7 @@ def _table(rows: int) -> Any:
 def run(ctx: Context) -> GroupResult:
     """Measure every way of handing an array, then a table, to one warm worker."""
     import shmarray
-    from shmarray import _reuse
+    from shmarray._reuse import idle_maps
 
     res = GroupResult(NAME, TITLE)
     size = P.big_size(res, ctx.quick, 32 << 20, copies=6)
@@ -108,15 +108,15 @@ def run(ctx: Context) -> GroupResult:
             return took
 
         def reuse_on() -> float:
-            _reuse.set_budget(None)
+            idle_maps.set_budget(None)
             return share_task(REUSE)
 
         def reuse_off() -> float:
-            _reuse.set_budget(0)
+            idle_maps.set_budget(0)
             try:
                 return share_task(NOREUSE)
             finally:
-                _reuse.set_budget(None)
+                idle_maps.set_budget(None)
 
         # Made by share(), so its data sits where a copy from src runs at full speed
         # (a create()d segment's data starts 192 bytes into a page: ~3x slower copies here).
@@ -212,7 +212,7 @@ def run(ctx: Context) -> GroupResult:
         t_samples, t_errors = interleave(ctx, t_methods, reps=reps, warmup=1)
     finally:
         P.shut_down(pool, client, cluster, ray_mod)
-        _reuse.set_budget(None)
+        idle_maps.set_budget(None)
         ctx.cleanup.done(floor_h)
     for label in methods:
         res.rows.append(Row(label, samples[label], variant=variant, role=roles.get(label, "peer"),

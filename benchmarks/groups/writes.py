@@ -146,7 +146,7 @@ def run(ctx: Context) -> GroupResult:
         "Every sample writes fresh pages of a new file (or a new segment) and removes it after the clock "
         "stops. The library rows include the control page, the header and the reservation; the other rows "
         "are the bare paths the library chose among, always into fresh pages; the library's calls may build "
-        "their segment in recycled pages (_stash: a creator keeps its destroyed segments' files), as a "
+        "their segment in recycled pages (_reuse.kept_files: a creator keeps its destroyed segments' files), as a "
         "producer sharing one array after another does. GB/s = size / median."
     )
     for ours, path in ((SHARE, PWRITE1), (CREATE_FILL, PATTERN), (CREATE, ZEROS)):

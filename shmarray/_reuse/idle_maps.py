@@ -3,7 +3,7 @@
 Mapping a file afresh costs a page-table fault per 4 KiB page on first
 access and a page-table teardown at unmap (together ~40-60 ms for 512 MiB
 here, more than the sum a worker computes over it). When the pages a
-mapping covers are recycled for the next segment (``_stash``), the same
+mapping covers are recycled for the next segment (``kept_files``), the same
 mapping of the same file already has every page-table entry: a worker that
 keeps it attaches the next array without a single fault.
 
@@ -26,7 +26,7 @@ Rules that keep this safe:
 The budget (``SHMARRAY_REUSE_BYTES``, else a quarter of the file system, at
 most 4 GiB) bounds, per file system a process uses for segments, the bytes
 of idle mappings kept here and the bytes of recycled files it keeps there
-(``_stash``).
+(``kept_files``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import sys
 import weakref
 from typing import Any, Callable
 
-from ._os import backend
+from .._os import backend
 
 __all__ = ["Region", "find_idle", "map_region", "release", "forget_file", "budget", "parse_bytes", "drop_idle"]
 
@@ -106,7 +106,7 @@ def set_budget(value: int | None) -> None:
     """Set the budget for this process (None: read the environment again). For tests and benchmarks.
 
     What is kept already stays (a budget of 0 keeps nothing new and reuses
-    nothing); ``_stash.release_all()`` frees it.
+    nothing); ``kept_files.release_all()`` frees it.
     """
     global _fixed, _fixed_read
     _fixed = value

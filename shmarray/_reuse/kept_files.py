@@ -24,7 +24,7 @@ Lifetime:
 - A kept file is reused only while its owner holds its liveness byte
   exclusively (nobody attached), the segment is dead (its destroyer marked
   it, or every attacher died), and no process maps it (``MAPPED_BYTE``).
-- The bytes kept in a directory are bounded by ``_reuse.budget(dir)``. Files
+- The bytes kept in a directory are bounded by ``idle_maps.budget(dir)``. Files
   of segments still alive count too; a new segment is kept only if it fits.
 - Before a create would fail for lack of room, this process gives back its
   dead kept files, then every dead kept file in the directory (``give_back``).
@@ -41,11 +41,11 @@ import atexit
 import time
 from typing import NamedTuple
 
-from . import _reuse
-from ._attachment import _retire, sweep_orphans
-from ._control import CONTROL, parse_control
-from ._errors import ShmError
-from ._os import PREFIX, backend
+from . import idle_maps
+from .._attachment import _retire, sweep_orphans
+from .._control import CONTROL, parse_control
+from .._errors import ShmError
+from .._os import PREFIX, backend
 
 __all__ = ["KEEP_PREFIX", "keep", "forget", "take", "give_back", "reap_orphans", "maybe_reap",
            "kept_entries", "release_all"]
@@ -133,8 +133,8 @@ def keep(temp: str, public: str, size: int, fd: int) -> str | None:
     make room).
     """
     directory = backend.split_name(temp)[0]
-    cap = _reuse.budget(directory)
-    if cap <= 0 or size < _reuse.MIN_KEEP or size > cap:
+    cap = idle_maps.budget(directory)
+    if cap <= 0 or size < idle_maps.MIN_KEEP or size > cap:
         return None
     o = _the_owner(directory)
     if _kept_bytes(o) + size > cap:
@@ -199,7 +199,7 @@ def _dead_segment(fd: int, kept: Kept) -> bool:
 def take(total: int, directory: str | None) -> Taken | None:
     """A dead kept file in *directory* of at least *total* bytes (and not much more) to build a new segment in."""
     o = _owner(directory)
-    if o is None or not o.kept or _reuse.budget(directory) <= 0:
+    if o is None or not o.kept or idle_maps.budget(directory) <= 0:
         return None
     fits = sorted((k for k in o.kept.values() if total <= k.size and total >= k.size * _MIN_FILL),
                   key=lambda k: k.size)
@@ -231,7 +231,7 @@ def _free(name: str, fd: int | None) -> bool:
         backend.unlink(name)
         if nlink <= 1:
             backend.release_pages(fd)
-            _reuse.forget_file(dev, ino)
+            idle_maps.forget_file(dev, ino)
         return True
     finally:
         backend.close(fd)
@@ -395,7 +395,7 @@ def _owner_alive(base: str) -> bool:
 
 def release_all() -> None:
     """Free everything this process keeps, in every directory (the files and the idle mappings)."""
-    _reuse.drop_idle()
+    idle_maps.drop_idle()
     for directory in list(_owners):
         o = _owner(directory)
         _owners.pop(directory, None)
