@@ -35,7 +35,7 @@ import struct
 from typing import NamedTuple
 
 from ._errors import HeaderError, NotFoundError, WrongKindError
-from ._lock import poll_until
+from ._wait import poll_until
 
 __all__ = [
     "Kind",

@@ -32,75 +32,14 @@ from ._control import MARK_WORD
 from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
+from ._wait import Backoff as Backoff  # re-exported for the ring until it imports _wait itself
+from ._wait import acquire_within, deadline_of, left_until, wait_while
+from ._wait import check_timeout as check_timeout
+from ._wait import poll_until as poll_until
 
-__all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks", "Backoff", "poll_until", "check_timeout"]
+__all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks"]
 
 _MARK = MARK_WORD
-
-
-def check_timeout(timeout: object, what: str = "timeout") -> float | None:
-    """The one timeout rule (locks, rings, the Qt facade): None waits forever, a number >= 0 is seconds.
-
-    0 tries once. Anything else is refused before any waiting: a bool, a
-    str or another non-number is a TypeError; a negative number, NaN or
-    infinity a ValueError (``threading`` reads -1 as "forever"; here that is
-    None, so -1 cannot silently mean "try once").
-    """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{what} must be None (wait forever) or a number of seconds >= 0, "
-                        f"not {type(timeout).__name__} ({timeout!r})")
-    value = float(timeout)
-    if value != value or value in (float("inf"), float("-inf")) or value < 0:
-        raise ValueError(f"{what} must be None (wait forever) or a finite number of seconds >= 0, "
-                         f"not {timeout!r}")
-    return value
-
-
-FIRST_NAP = 5e-5
-LAST_NAP = 5e-3
-
-
-class Backoff:
-    """Naps that double from FIRST_NAP to *cap* seconds: a change is seen quickly, and waiting costs little."""
-
-    __slots__ = ("delay", "cap")
-
-    def __init__(self, cap: float = LAST_NAP) -> None:
-        self.delay = FIRST_NAP
-        self.cap = cap
-
-    def __call__(self, left: float | None) -> None:
-        time.sleep(self.delay if left is None else min(self.delay, left))
-        self.delay = min(self.delay * 2, self.cap)
-
-
-def poll_until(attempt: Callable[[], bool], timeout: float | None,
-               nap: Callable[[float | None], None] | None = None) -> bool:
-    """Call ``attempt()`` until it returns True or *timeout* seconds pass: the one waiting rule.
-
-    None waits forever, 0 tries once, > 0 is a deadline on the monotonic
-    clock (timeouts are checked by :func:`check_timeout` first). Between
-    attempts ``nap(left)`` sleeps at most *left* seconds (None: no deadline):
-    by default a :class:`Backoff`; a waiter with a doorbell sleeps on it.
-    """
-    if attempt():
-        return True
-    if timeout is not None and timeout <= 0:
-        return False
-    deadline = None if timeout is None else time.monotonic() + timeout
-    if nap is None:
-        nap = Backoff()
-    while True:
-        left = None
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-        nap(left)
-        if attempt():
-            return True
 
 
 class LockGate:
@@ -161,15 +100,6 @@ class LockGate:
         self.sharers = set()
 
 
-def _wait_mutex(mutex: "threading.Lock", deadline: float | None, timeout: float | None) -> bool:
-    if timeout is None:
-        return mutex.acquire()
-    if timeout <= 0:
-        return mutex.acquire(False)
-    assert deadline is not None
-    return mutex.acquire(True, max(0.0, deadline - time.monotonic()))
-
-
 class SegmentLock:
     """The lock of one Segment object (and the views built on it), through its attachment's gate."""
 
@@ -219,8 +149,8 @@ class SegmentLock:
                 "this object holds the shared lock; unlock() it before asking for the exclusive lock"
             )
         g = self._gate
-        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
-        if not _wait_mutex(g.mutex, deadline, timeout):
+        deadline = None if timeout is None or timeout <= 0 else deadline_of(timeout)
+        if not acquire_within(g.mutex, timeout, deadline):
             return False
         if shared:
             try:
@@ -242,11 +172,10 @@ class SegmentLock:
             return True
         try:
             with g.cond:
-                while g.readers:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if timeout is not None and (left is None or left <= 0):
-                        return self._give_back(g)
-                    g.cond.wait(left)
+                # timeout 0: try once (a zero deadline); None: no deadline.
+                limit = deadline if timeout is None or deadline is not None else time.monotonic()
+                if not wait_while(g.cond, lambda: g.readers > 0, limit):
+                    return self._give_back(g)
             if not self._take(g, LOCK_EX, deadline, timeout):
                 return self._give_back(g)
         except BaseException:
@@ -279,8 +208,7 @@ class SegmentLock:
                 return False
             return True
 
-        left = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        return poll_until(attempt, left)
+        return poll_until(attempt, left_until(deadline) or 0.0)
 
     def release(self) -> bool:
         """Release the lock; False when this object did not hold it."""
@@ -415,7 +343,7 @@ class Holds:
         if self._pid != os.getpid():
             self._fresh()  # a forked child: the parent's threads and holds are not here
         me = threading.get_ident()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         cond = self._cond
         with cond:
             mine = self._stacks.get(me)
@@ -424,18 +352,15 @@ class Holds:
                     return self._push(value, me, mine[-1].shared and shared)
                 raise LockError(f"{label}: this thread holds the shared lock; release it before asking "
                                 "for the exclusive one (an upgrade could deadlock two readers)")
-            while True:
-                if not self._busy:
-                    if not self._stacks:
-                        break  # nobody in this process holds it: take it between processes
-                    if shared and self._writer is None:
-                        return self._push(value, me, True)  # join the other threads' shared hold
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise LockError(f"{label}: timed out after {timeout} s (another thread of this "
-                                    "process holds the lock)")
-                cond.wait(left)
-            self._busy = True
+            def others_hold() -> bool:
+                return self._busy or (bool(self._stacks) and not (shared and self._writer is None))
+
+            if not wait_while(cond, others_hold, deadline):
+                raise LockError(f"{label}: timed out after {timeout} s (another thread of this "
+                                "process holds the lock)")
+            if self._stacks:
+                return self._push(value, me, True)  # join the other threads' shared hold
+            self._busy = True  # nobody in this process holds it: take it between processes
         lk = self._lock
         took = False
         # Held through Segment.lock() already: the guards borrow that hold and leave it held.
@@ -444,7 +369,7 @@ class Holds:
             if borrowed and lk._held == 1 and not shared:
                 raise LockError(f"{label}: the shared lock is held through Segment.lock(shared=True); "
                                 "unlock() it before asking for the exclusive one")
-            took = lk.acquire(None if deadline is None else max(0.0, deadline - time.monotonic()), shared)
+            took = lk.acquire(left_until(deadline), shared)
         finally:
             with cond:
                 self._busy = False

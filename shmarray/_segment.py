@@ -32,9 +32,10 @@ from ._errors import (
     UnknownShmError,
 )
 from ._lifecycle import Dir, Fill, Where, check_dir, check_size, no_space
-from ._lock import Holds, SegmentLock, SegmentLocked, check_timeout
+from ._lock import Holds, SegmentLock, SegmentLocked
 from ._os import backend, check_key, check_native_key, native_key_for
 from ._transfer import rebuild_specially, special
+from ._wait import check_timeout
 
 __all__ = ["Segment", "SegmentService", "Dir", "segment_facts"]
 

@@ -13,7 +13,7 @@ PKG = pathlib.Path(shmarray.__file__).parent
 # Bottom to top; a module may import (at module level or inside a function) only modules of its own
 # rank or below. Leaves that import nothing of shmarray may be used by any layer.
 RANKS = [
-    {"_errors", "_display", "_progress"},
+    {"_errors", "_display", "_progress", "_wait"},
     {"_os", "_os._linux", "_os._names", "_os._qtipc", "_cuda"},
     {"_control", "_reuse", "_reuse.idle_maps"},
     {"_lock"},

@@ -31,7 +31,7 @@ from typing import Any
 
 from .._errors import AccessMode
 from .._errors import SharedMemoryError as E
-from .._lock import check_timeout
+from .._wait import check_timeout
 from ._backend import Backend, qstring
 from ._keys import SYSTEM_SEMAPHORE, QNativeIpcKey, legacy_key_of, legacy_native_key
 from ._semaphore import Semaphore, is_posix, qtipc, unix_error
