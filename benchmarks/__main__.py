@@ -8,7 +8,7 @@
 Every figure comes from one loop, ``_harness.interleave``: methods in
 rotating order, each round a block of calls per method with the first
 dropped, after unrecorded warm-up rounds. There are no standalone scripts
-(benchmarks/bench_ring.py excepted, for now).
+(the data-loader pipeline, once bench_ring.py, is the ``ring`` group).
 
 Exit status: 0 when every group ran, every shmarray row measured and /dev/shm
 was left as found; 1 otherwise (the files are written in every case).
@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 GROUPS = ("lock", "wake", "attach", "share", "create", "writes", "progress", "arrow", "pool", "handoff",
-          "reference", "cluster", "dirs")
+          "reference", "cluster", "dirs", "ring")
 OPT_IN = ("gpu",)  # run only when named with --only
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -154,7 +154,7 @@ def _pipeline(ctx: Context, res: GroupResult, dev: Any, check: str, *, batch: in
 
     import shmarray
 
-    from ..bench_ring import SyntheticImages
+    from .ring import SyntheticImages
 
     shape = (3, 224, 224)
     cuda = dev.type == "cuda"
