@@ -9,11 +9,10 @@ attacher never sees a half-written array. ``attach`` checks the payload
 header, then every field of the descriptor, then that shape x itemsize equals
 the payload length, before it builds the view.
 
-A pickled SharedArray is a reference: ``(key, offset of its first element
-from user byte 0, shape, strides, dtype, readonly, host, incarnation)``: it
-names the segment instance (``Segment._of_instance``), so a reference to a
-segment that was replaced never reads its successor, and one that reached
-another host says so. Unpickling in a process that holds the segment opens
+A pickled SharedArray is a reference (``_reference``): the segment instance,
+and as its detail the view's offset from user byte 0, shape, strides and
+dtype; so a reference to a segment that was replaced never reads its
+successor, and one that reached another host says so. Unpickling in a process that holds the segment opens
 and maps nothing; elsewhere it attaches once for the process. Either way it
 checks that the view lies inside the segment's data.
 """
@@ -47,7 +46,7 @@ from ._npy import (
 )
 from ._progress import check_progress, label, reporting
 from ._segment import Dir, Segment
-from ._transfer import by_value, rebuild_specially, special
+from ._reference import Reference, rebuild, reduce
 
 __all__ = ["SharedArray", "create", "share", "attach"]
 
@@ -222,22 +221,17 @@ class SharedArray(MappedArray):
         seg = self._shm_seg
         if seg is None or seg.key is None:
             return np.asarray(self).__reduce_ex__(protocol)
-        host, incarnation = seg._reference()
-        if by_value(host):  # a transport sends this to another host: the bytes, as a plain ndarray
+        ref = Reference.to(seg, AccessMode.ReadWrite if self.flags.writeable else AccessMode.ReadOnly)
+        if ref.by_value():  # a transport sends this to another host: the bytes, as a plain ndarray
             return np.asarray(self).__reduce_ex__(protocol)
         offset = _address(self) - _address(self._shm_map)
-        where = seg._dir
         dt = self.dtype
         # A plain dtype travels as its string: unpickling a dtype object costs
         # more than the rest of the reference.
         spec: Any = dt.str if dt.fields is None and dt.subdtype is None and not dt.metadata else dt
         if spec is not dt and np.dtype(spec) != dt:  # pragma: no cover - e.g. a user-defined dtype
             spec = dt
-        if where is not None:  # a segment outside the default directory: the reference says where
-            return _rebuild, (seg.key, offset, self.shape, self.strides, spec, not self.flags.writeable,
-                              host, incarnation, where)
-        return _rebuild, (seg.key, offset, self.shape, self.strides, spec, not self.flags.writeable,
-                          host, incarnation)
+        return reduce(_rebuild, ref, (offset, self.shape, self.strides, spec))
 
     def __reduce__(self) -> Any:
         return self.__reduce_ex__(2)
@@ -343,29 +337,24 @@ def _payload(seg: Segment, key: str) -> tuple[int, int]:
     return got
 
 
-@user_facing
-def _rebuild(key: str, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
-             dtype: "np.dtype[Any] | str", readonly: bool, host: int = 0, incarnation: int = 0,
-             dir: str | None = None) -> SharedArray:
-    """Unpickle a SharedArray: the segment instance the reference names, and the view, checked against it."""
-    if special():
-        return rebuild_specially(  # type: ignore[no-any-return]
-            _rebuild, (key, offset, shape, strides, dtype, readonly, host, incarnation, dir), key, host)
+def _rebuild(fields: tuple[Any, ...], detail: tuple[Any, ...]) -> SharedArray:
+    """Unpickle a SharedArray reference (``_reference``)."""
+    return rebuild(_rebuild, _view_of, fields, detail)  # type: ignore[no-any-return]
+
+
+def _view_of(seg: Segment, ref: Reference, detail: tuple[Any, ...]) -> SharedArray:
+    """The view a reference names, checked against the array its segment instance holds."""
+    offset, shape, strides, dtype = detail
     dtype = np.dtype(dtype)
-    seg = Segment._of_instance(key, None, AccessMode.ReadOnly if readonly else AccessMode.ReadWrite,
-                               host, incarnation, dir)
-    try:
-        p_off, p_len = _payload(seg, key)
-        lo, hi = _extent(offset, shape, strides, dtype.itemsize)
-        if lo < p_off or hi > p_off + p_len:
-            raise HeaderError(
-                f"segment {key!r}: the pickled view (bytes {lo}..{hi}) does not lie inside the array "
-                f"(bytes {p_off}..{p_off + p_len}); the segment was replaced since the array was pickled",
-                key)
-        return _view(seg, shape, dtype, offset, strides=strides)
-    except BaseException:
-        seg.detach()
-        raise
+    key = ref.label or ""
+    p_off, p_len = _payload(seg, key)
+    lo, hi = _extent(offset, shape, strides, dtype.itemsize)
+    if lo < p_off or hi > p_off + p_len:
+        raise HeaderError(
+            f"segment {key!r}: the pickled view (bytes {lo}..{hi}) does not lie inside the array "
+            f"(bytes {p_off}..{p_off + p_len}); the segment was replaced since the array was pickled",
+            key)
+    return _view(seg, shape, dtype, offset, strides=strides)
 
 
 def _extent(offset: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:

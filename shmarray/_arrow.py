@@ -73,7 +73,7 @@ from ._errors import AccessMode, HeaderError, NotFoundError, ShmError, WrongKind
 from ._header import MAX_DESCRIPTOR, Kind, layout, pack_header, read_header
 from ._progress import check_progress, label, reporting
 from ._segment import Dir, Segment
-from ._transfer import by_value, rebuild_specially, special
+from ._reference import Reference, rebuild, reduce
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -458,10 +458,10 @@ class TableHandle:
     def __reduce__(self) -> tuple[Any, ...]:
         if self._seg is None:
             return _handle_by_value, (self._key, self._value)
-        host, incarnation = self._seg._reference()
-        if by_value(host):
+        ref = Reference.to(self._seg, AccessMode.ReadOnly)
+        if ref.by_value():
             return _handle_by_value, (self._key, self._table("metadata"))
-        return _rebuild_handle, (self._key, host, incarnation, self._seg._dir)
+        return reduce(_rebuild_handle, ref)
 
     def __repr__(self) -> str:
         where = "by value" if self._seg is None else "in its segment"
@@ -489,14 +489,17 @@ def table_handle(table_or_key: "pyarrow.Table | str", *, dir: Dir = None) -> Tab
 
 def _another_user(seg: Segment) -> Segment:
     """One more read-only Segment object on the instance *seg* is attached to (nothing is opened)."""
-    return Segment._of_instance(seg.key, None, AccessMode.ReadOnly, *seg._reference(), seg._dir)
+    ref = Reference.to(seg, AccessMode.ReadOnly)
+    return Segment._of_instance(ref.key, None, AccessMode.ReadOnly, ref.host, ref.incarnation, ref.dir)
 
 
-def _rebuild_handle(key: str, host: int, incarnation: int, dir: str | None = None) -> TableHandle:
-    if special():
-        return rebuild_specially(  # type: ignore[no-any-return]
-            _rebuild_handle, (key, host, incarnation, dir), key, host)
-    return TableHandle._of(key, Segment._of_instance(key, None, AccessMode.ReadOnly, host, incarnation, dir))
+def _rebuild_handle(fields: tuple[Any, ...], detail: Any = ()) -> TableHandle:
+    """Unpickle a table handle's reference (``_reference``)."""
+    return rebuild(_rebuild_handle, _handle_of, fields, detail)  # type: ignore[no-any-return]
+
+
+def _handle_of(seg: Segment, ref: Reference, detail: Any) -> TableHandle:
+    return TableHandle._of(ref.key or "", seg)
 
 
 def _handle_by_value(key: str, table: "pyarrow.Table") -> TableHandle:

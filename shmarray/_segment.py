@@ -34,7 +34,7 @@ from ._errors import (
 from ._lifecycle import Dir, Fill, Where, check_dir, check_size, no_space
 from ._lock import Holds, SegmentLock, SegmentLocked
 from ._os import backend, check_key, check_native_key, native_key_for
-from ._transfer import rebuild_specially, special
+from ._reference import Reference, attach_instances_with, rebuild, reduce
 from ._wait import check_timeout
 
 __all__ = ["Segment", "SegmentService", "Dir", "segment_facts"]
@@ -425,11 +425,9 @@ class Segment:
         return facts("shmarray.Segment", segment_facts(self))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickles as a reference to this segment instance: the receiver attaches it.
+        # Pickles as a reference to this segment instance (a detached one: to its key): the receiver attaches it.
         att = self._att
-        mode = att.mode if att is not None else None
-        host, incarnation = self._reference()
-        return _rebuild_segment, (self._key, self._native, mode, host, incarnation, self._dir)
+        return reduce(_rebuild_segment, Reference.to(self, att.mode if att is not None else None))
 
     # -- the service of the payload layers: what SegmentService declares -------------------------
 
@@ -583,14 +581,16 @@ def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None
         release_user(att)
 
 
-def _rebuild_segment(key: str | None, native: str | None, mode: AccessMode | None,
-                     host: int = 0, incarnation: int = 0, dir: str | None = None) -> Segment:
-    if special():
-        return rebuild_specially(  # type: ignore[no-any-return]
-            _rebuild_segment, (key, native, mode, host, incarnation, dir), key if key is not None else native, host)
-    if mode is None:
-        return Segment(key, dir=dir) if key is not None else Segment(native_key=native, dir=dir)
-    return Segment._of_instance(key, native, mode, host, incarnation, dir)
+def _rebuild_segment(fields: tuple[Any, ...], detail: Any = ()) -> Segment:
+    """Unpickle a Segment reference (``_reference``)."""
+    return rebuild(_rebuild_segment, _segment_of, fields, detail)  # type: ignore[no-any-return]
+
+
+def _segment_of(seg: Segment | None, ref: Reference, detail: Any) -> Segment:
+    if seg is not None:
+        return seg
+    # A detached Segment pickles as its key: the receiver gets one, detached too.
+    return Segment(ref.key, dir=ref.dir) if ref.key is not None else Segment(native_key=ref.native, dir=ref.dir)
 
 
 def segment_facts(seg: Segment) -> list[tuple[str, str]]:
@@ -638,3 +638,4 @@ def segment_facts(seg: Segment) -> list[tuple[str, str]]:
 
 
 Segment.__module__ = "shmarray"
+attach_instances_with(Segment._of_instance)

@@ -106,5 +106,5 @@ class Forged:
         self.host = host
 
     def __reduce__(self) -> Any:
-        fn, args = self.reduced
-        return fn, (*args[:6], self.host, args[7])
+        fn, (ref, detail) = self.reduced
+        return fn, ((*ref[:3], self.host, *ref[4:]), detail)  # Reference: key, native, mode, host, ...

@@ -18,7 +18,7 @@ RANKS = [
     {"_control", "_reuse", "_reuse.idle_maps"},
     {"_lock"},
     {"_attachment", "_reuse.kept_files"},
-    {"_transfer"},
+    {"_transfer", "_reference"},
     {"_lifecycle"},
     {"_segment"},
     {"_header", "_npy"},

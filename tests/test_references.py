@@ -322,7 +322,8 @@ def test_ring_references_name_the_instance(key):
 def test_a_reference_from_another_host_says_so(key):
     a = shmarray.share(key, np.arange(3.0))
     fn, args = a[1:].__reduce_ex__(5)
-    args = args[:6] + (args[6] ^ 0xFFFF, args[7])
+    ref, detail = args  # Reference: key, native, mode, host, incarnation, dir
+    args = ((*ref[:3], ref[3] ^ 0xFFFF, *ref[4:]), detail)
     with pytest.raises(shmarray.ShmError, match="another host") as err:
         fn(*args)
     assert not isinstance(err.value, shmarray.NotFoundError)
@@ -458,3 +459,59 @@ def test_incarnations_differ_and_are_in_the_control_block(key):
     b = shmarray.create(key, 4)
     assert first and incarnation() and incarnation() != first
     b.close()
+
+
+def test_every_picklable_kind_carries_one_reference(make_key):
+    """Arrays and views, table handles, segments, rings and slot tokens: one Reference, one rebuild path."""
+    from shmarray._reference import Reference, rebuild
+
+    pa = pytest.importorskip("pyarrow")
+    a = shmarray.share(make_key(), np.arange(6.0))
+    t = shmarray.share_table(make_key(), pa.table({"x": [1, 2]}))
+    seg = shmarray.Segment(make_key()).create(64)
+    ring = shmarray.BatchRing.create(make_key(), {"x": ((2,), np.int64)}, 2)
+    try:
+        handle = shmarray.table_handle(t)
+        for obj, mode in ((a, 1), (a[::2], 1), (handle, 0), (seg, 1), (ring, 1)):
+            entry, (fields, _detail) = obj.__reduce_ex__(5)
+            ref = Reference(*fields)
+            assert ref.mode == mode and ref.incarnation and ref.host, (obj, ref)
+            assert rebuild.__wrapped__.__code__ in {c.f_code for c in _frames_of(entry, fields, _detail)}
+        token = ring.acquire(0).handoff()
+        assert isinstance(token.ring, Reference) and token.ring.incarnation == Reference(
+            *ring.__reduce_ex__(5)[1][0]).incarnation
+        ring.claim(token).release()
+    finally:
+        ring.close()
+        seg.detach()
+
+
+def _frames_of(entry, fields, detail):  # noqa: ANN001, ANN202 - the frames a rebuild runs through
+    import sys
+
+    seen = []
+
+    def tracer(frame, event, arg):  # noqa: ANN001, ANN202
+        if event == "call":
+            seen.append(frame)
+        return None
+
+    sys.setprofile(tracer)
+    try:
+        obj = entry(fields, detail)
+    finally:
+        sys.setprofile(None)
+    if hasattr(obj, "close"):
+        obj.close()
+    return seen
+
+
+def test_a_slot_token_of_a_replaced_ring_is_stale(key):
+    fields = {"x": ((2,), np.int64)}
+    ring = shmarray.BatchRing.create(key, fields, 2)
+    token = ring.acquire(0).handoff()
+    ring.close()  # the last holder: the ring goes, and another takes its key
+    with shmarray.BatchRing.create(key, fields, 2) as again:
+        again.acquire(0).handoff()  # the same slot, generation and ticket as the token's
+        with pytest.raises(shmarray.SlotLostError, match="another ring"):
+            again.claim(token)

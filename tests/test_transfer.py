@@ -21,7 +21,8 @@ def _forged(a: shmarray.SharedArray, host: int) -> bytes:
 
     class Forged:
         def __reduce__(self):  # noqa: ANN204
-            return fn, (*args[:6], host, args[7])
+            ref, detail = args  # Reference: key, native, mode, host, incarnation, dir
+            return fn, ((*ref[:3], host, *ref[4:]), detail)
 
     return pickle.dumps(Forged())
 

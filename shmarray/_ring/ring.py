@@ -66,7 +66,7 @@ from .slots import (
 )
 from .._lock import Backoff, ByteLocks, check_timeout, poll_until
 from .._segment import Dir, Segment
-from .._transfer import rebuild_specially, special
+from .._reference import Reference, rebuild, reduce
 
 __all__ = ["BatchRing", "Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
            "RingShutDownError", "SlotLostError", "SlotStateError"]
@@ -179,11 +179,17 @@ class BatchRing:
             seg.detach()
             raise
 
+    def _instance(self) -> Reference | None:
+        """The reference to this ring's segment instance (None once closed)."""
+        seg = self._seg
+        return Reference.to(seg, AccessMode.ReadWrite) if seg is not None else None
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickles as a reference to this ring's segment instance (not whatever holds the key later).
         seg = self._seg
-        host, incarnation = seg._reference() if seg is not None else (0, 0)
-        return _attach_ring, (self._key, self._on_lost, host, incarnation, seg._dir if seg is not None else None)
+        ref = (Reference.to(seg, AccessMode.ReadWrite) if seg is not None  # a closed ring: its key, any instance
+               else Reference(self._key, None, int(AccessMode.ReadWrite), 0, 0, None))
+        return reduce(_attach_ring, ref, (self._on_lost,))
 
     # -- what it is ----------------------------------------------------------------------
 
@@ -368,6 +374,11 @@ class BatchRing:
             raise TypeError(f"claim() wants a SlotToken, not {type(token).__name__}")
         if token.key != self._key or not 0 <= token.index < self._lay.slots:
             raise ValueError(f"token {token!r} is not for a slot of batch ring {self._key!r}")
+        mine = self._instance()
+        if token.ring is not None and mine is not None and token.ring.incarnation != mine.incarnation:
+            raise SlotLostError(f"batch ring {self._key!r}: the token for slot {token.index} (ticket {token.ticket}) "
+                                "was made by another ring under this key (one that was replaced); it is stale",
+                                self._key)
         self._become_consumer()
         seg, ctl = self._enter(None)
         try:
@@ -711,14 +722,15 @@ def _check_on_lost(on_lost: str) -> None:
         raise ValueError(f"on_lost must be 'raise' or 'skip', not {on_lost!r}")
 
 
-def _attach_ring(key: str, on_lost: str, host: int = 0, incarnation: int = 0,
-                 dir: str | None = None) -> BatchRing:
-    if special():
-        return rebuild_specially(  # type: ignore[no-any-return]
-            _attach_ring, (key, on_lost, host, incarnation, dir), key, host)
+def _attach_ring(fields: tuple[Any, ...], detail: tuple[str]) -> BatchRing:
+    """Unpickle a ring's reference (``_reference``)."""
+    return rebuild(_attach_ring, _ring_of, fields, detail)  # type: ignore[no-any-return]
+
+
+def _ring_of(seg: Segment, ref: Reference, detail: tuple[str]) -> BatchRing:
+    (on_lost,) = detail
     _check_on_lost(on_lost)
-    seg = Segment._of_instance(key, None, AccessMode.ReadWrite, host, incarnation, dir)
-    return BatchRing._on(seg, key, on_lost)
+    return BatchRing._on(seg, ref.key or "", on_lost)
 
 
 BatchRing.__module__ = "shmarray"

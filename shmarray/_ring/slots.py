@@ -12,6 +12,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from .._errors import SharedMemoryError, ShmError
+from .._reference import Reference
 from .layout import READY, SENT
 
 
@@ -25,6 +26,7 @@ class _Owner(Protocol):
     def _publish(self, slot: Slot, rows: int | None, state: int) -> None: ...
     def _finish(self, slot: Slot, *, producer: bool) -> None: ...
     def get(self, timeout: float | None = ...) -> Slot: ...
+    def _instance(self) -> Reference | None: ...
 
 __all__ = ["Slot", "SlotToken", "RingStats", "LostSlot", "RingIterator", "RingTimeoutError",
            "RingShutDownError", "SlotLostError", "SlotStateError"]
@@ -77,6 +79,9 @@ class SlotToken:
     generation: int
     epoch: int
     ticket: int
+    #: The ring's segment instance (``_reference``): a token is claimed only from that ring, never from
+    #: one that replaced it under the same key. None in a token made by hand.
+    ring: Reference | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +171,8 @@ class Slot:
     def handoff(self, rows: int | None = None) -> SlotToken:
         """Publish for ``ring.claim(token)`` only (not ``get()``); send the token any way you like."""
         self._ring._publish(self, rows, SENT)
-        return SlotToken(self._ring.key, self.index, self.generation, self.epoch, self.ticket)
+        return SlotToken(self._ring.key, self.index, self.generation, self.epoch, self.ticket,
+                         self._ring._instance())
 
     def abort(self) -> None:
         """Give the unfilled slot back; its ticket is skipped."""
