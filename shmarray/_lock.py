@@ -32,10 +32,7 @@ from ._control import MARK_WORD
 from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
-from ._wait import Backoff as Backoff  # re-exported for the ring until it imports _wait itself
-from ._wait import acquire_within, deadline_of, left_until, wait_while
-from ._wait import check_timeout as check_timeout
-from ._wait import poll_until as poll_until
+from ._wait import acquire_within, check_timeout, deadline_of, left_until, poll_until, wait_while
 
 __all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks"]
 

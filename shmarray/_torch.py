@@ -298,7 +298,7 @@ class RingCollate:
         # The ring's directory (None: the default), so that workers attach it there.
         self.dir: str | None = seg._dir if seg is not None else (None if dir is None else str(dir))
         self.fill = fill
-        from ._lock import check_timeout
+        from ._wait import check_timeout
 
         self.timeout = check_timeout(timeout)
         self._owner = backend.getpid()

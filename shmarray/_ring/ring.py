@@ -23,7 +23,7 @@ futex on the version word, which every state change bumps; the changer
 rings it when someone sleeps) and wakes every 20 ms regardless to scan for
 dead holders, so a killed holder's slot comes back within ~25 ms. Where
 futexes cannot be used the waiter polls instead, with naps doubling from
-50 us to 1 ms (``_lock.poll_until`` is the one waiting loop either way).
+50 us to 1 ms (``_wait``: ``poll_until`` is the one waiting loop either way, ``until_changed`` the fallback's nap).
 
 Ordering. ``ordered=True`` delivers batches in ticket order: the ticket is
 taken at ``acquire()``, so the oldest ticket always holds a slot and the
@@ -64,7 +64,8 @@ from .slots import (
     LostSlot, RingIterator, RingShutDownError, RingStats, RingTimeoutError, Slot, SlotLostError,
     SlotStateError, SlotToken,
 )
-from .._lock import Backoff, ByteLocks, check_timeout, poll_until
+from .._lock import ByteLocks
+from .._wait import Backoff, check_timeout, deadline_of, poll_until, until_changed
 from .._segment import Dir, Segment
 from .._reference import Reference, rebuild, reduce
 
@@ -577,7 +578,7 @@ class BatchRing:
 
     def _wait(self, attempt: Callable[[float | None], _T | None], timeout: float | None, what: str) -> _T:
         timeout = check_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of(timeout)
         found: list[_T] = []
 
         def once() -> bool:
@@ -620,17 +621,14 @@ class BatchRing:
         """Without a doorbell: naps doubling to 1 ms, cut short by a change, at most _SCAN_EVERY."""
         backoff = Backoff(_LAST_NAP)
 
-        def nap(left: float | None) -> None:
+        def version() -> int | None:
             ctl = self._ctl
-            if ctl is None:
-                return
-            seen = ctl[G_VERSION]
-            until = time.monotonic() + (_SCAN_EVERY if left is None else min(left, _SCAN_EVERY))
-            while self._ctl is not None and ctl[G_VERSION] == seen:
-                rest = until - time.monotonic()
-                if rest <= 0:
-                    return
-                backoff(rest)
+            return None if ctl is None else int(ctl[G_VERSION])
+
+        def nap(left: float | None) -> None:
+            seen = version()
+            if seen is not None:
+                until_changed(version, seen, _SCAN_EVERY if left is None else min(left, _SCAN_EVERY), backoff)
 
         return nap
 
