@@ -22,7 +22,7 @@ RANKS = [
     {"_lifecycle"},
     {"_segment"},
     {"_header", "_npy"},
-    {"_array", "_arrow", "_ring", "_ring.layout", "_ring.slots", "_ring.ring", "_torch"},
+    {"_array", "_arrow", "_samples", "_ring", "_ring.layout", "_ring.slots", "_ring.ring", "_torch"},
     {"_admin", "_doctor", "_daskhook",
      "qt._keys", "qt._backend", "qt._semaphore", "qt._native", "qt._segment_backend"},
     {"_inspect", "qt", "qt._facade", "qt._arrays", "dask"},
