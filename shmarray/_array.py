@@ -380,7 +380,7 @@ def _phase_for(src: np.ndarray) -> int | None:
 
     Destination half a page ahead of the source (the user bytes start on a
     page boundary): far from the slow case of a destination just ahead of
-    its source, measured here as 2.5-3x slower for 64-448 bytes ahead.
+    its source (several times slower: benchmarks/results/notes.md).
     Large contiguous sources only; others keep the compact layout.
     """
     if src.nbytes < _PHASE_MIN or not (src.flags.c_contiguous or src.flags.f_contiguous):

@@ -21,8 +21,8 @@ memory.
 
 Writing. The stream is sized first by writing it to a ``pa.MockOutputStream``
 (metadata only, no bytes move), then written once, straight into the new
-segment through its fd (``Segment._create``'s ``write``: pwrite, which runs
-~1.7x faster than faulting fresh pages through a mapping here). The segment
+segment through its fd (``Segment._create``'s ``write``: pwrite, faster
+than faulting fresh pages through a mapping; the ``arrow`` group measures both). The segment
 is published only once the stream is complete.
 
 Reading (``attach_table``). The segment is mapped read-only; the mapping is
@@ -39,17 +39,17 @@ What an attacher checks (``validate=``):
     column counts against the descriptor; Arrow's structural validation
     (lengths, buffer sizes, first and last offsets); every buffer lies inside
     the mapping (so nothing was copied, decompressed or byte-swapped).
-    Cost: O(columns x chunks), independent of the row count: 0.14-0.18 ms
-    here for a 4-column table of 1 000 to 5 M rows, the attach included.
+    Cost: O(columns x chunks), independent of the row count (the ``arrow``
+    group's "attach_table alone" rows; benchmarks/results/notes.md).
 ``"bounds"`` (default)
     the above, plus every offset, list size, dictionary index, union type
     code and run end of the columns whose types have them (strings, binary,
     lists, maps, views, dictionaries, unions, run-end encoded), so no access
     can leave a buffer. UTF-8 validity is not checked (decoding such a string
     in Python raises UnicodeDecodeError). Cost: O(rows of those columns);
-    columns of fixed-width types cost nothing. 5-13 ms here for a 5 M-row
-    string column (its offsets are checked as binary's; ``"full"``, which
-    checks UTF-8 as well, took 38-40 ms in the same run).
+    columns of fixed-width types cost nothing. A string column's offsets are
+    checked as binary's (``"full"`` checks UTF-8 as well, several times
+    slower: the ``arrow`` group's "attach_table alone" rows).
 ``"full"``
     Arrow's full validation of every column (``Table.validate(full=True)``),
     UTF-8 included. Cost: O(data).

@@ -331,7 +331,7 @@ def release_user(att: _Attachment) -> None:
         att.close()
 
 
-# A process's first weakref.finalize registers the atexit hook (~45 us here):
+# A process's first weakref.finalize registers the atexit hook (benchmarks/results/notes.md):
 # pay that at import rather than in the first attach().
 weakref.finalize(_OPEN, int).detach()
 

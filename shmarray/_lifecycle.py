@@ -177,7 +177,7 @@ def unlink(where: Where, name: str, att: _Attachment | None) -> bool:
 # -- the words of failure ---------------------------------------------------------------------------
 
 def check_size(size: object, what: str) -> int:
-    # isinstance(int) first: the runtime Protocol check costs ~7 us, an int needs none.
+    # isinstance(int) first: the runtime Protocol check is slow (benchmarks/results/notes.md), an int needs none.
     if isinstance(size, bool) or not (isinstance(size, int) or isinstance(size, SupportsIndex)):
         raise _InvalidSizeTypeError(f"{what}: size must be an int, not {type(size).__name__} ({size!r})")
     value = operator.index(size)

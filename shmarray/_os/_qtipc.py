@@ -1,7 +1,7 @@
 """The system calls Qt's QSharedMemory makes on Linux, for the facade's Qt key types.
 
 Nothing here knows Qt's rules (what is created when, what is removed when):
-``shmarray._qtnative`` holds those. This module only makes the calls, the
+``shmarray.qt._native`` holds those. This module only makes the calls, the
 way Qt's ``qsharedmemory_posix.cpp``, ``qsharedmemory_systemv.cpp`` and the
 two ``qsystemsemaphore_*.cpp`` make them:
 
@@ -18,7 +18,7 @@ two ``qsystemsemaphore_*.cpp`` make them:
   over an anonymous ``mmap`` that Python owns (``SHM_REMAP``): a detach with
   live views is refused by mmap itself, and the last view's going unmaps it.
 
-This module is imported only when a Qt key type is used (ctypes costs ~2 ms).
+This module is imported only when a Qt key type is used (ctypes is slow to import).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Warm mappings: a process keeps its idle mappings of segments for the next hand-off.
 
 Mapping a file afresh costs a page-table fault per 4 KiB page on first
-access and a page-table teardown at unmap (together ~40-60 ms for 512 MiB
-here, more than the sum a worker computes over it). When the pages a
+access and a page-table teardown at unmap (together more than the sum a
+worker computes over it: benchmarks/results/notes.md, the ``handoff`` group). When the pages a
 mapping covers are recycled for the next segment (``kept_files``), the same
 mapping of the same file already has every page-table entry: a worker that
 keeps it attaches the next array without a single fault.

@@ -1,8 +1,8 @@
 """Recycled pages: a creator keeps the files of its destroyed segments and builds the next ones in them.
 
-A fresh tmpfs page costs ~2 us to allocate and zero on first touch here
-(~266 ms for 512 MiB); a copy into pages that are already allocated runs at
-memory speed. So a process that creates segments (a producer sharing one
+A fresh tmpfs page is allocated and zeroed on first touch (figures:
+benchmarks/results/notes.md, the ``create`` group's first-touch floor); a
+copy into pages that are already allocated runs at memory speed. So a process that creates segments (a producer sharing one
 array after another) keeps each segment's file under a hidden second name;
 once the segment is destroyed (its public name gone, nobody attached, no
 mapping of it anywhere), the next segment of a fitting size is written into

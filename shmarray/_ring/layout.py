@@ -69,7 +69,7 @@ G_CONSUMER_LOST, G_ABORTED, G_PUBLISHED, G_DELIVERED, G_CONSUMERS_SEEN, G_FLAGS 
 # whoever changes G_VERSION while it is nonzero rings. Rings made before this
 # word existed hold 0 there, so an older writer only makes a waiter wait for
 # its next scan (20 ms); a sleeper that died leaves it high, which costs
-# writers a futex syscall (~1 us) per change, nothing more.
+# writers a futex syscall per change, nothing more.
 G_SLEEPERS = 14
 CONTROL_WORDS = 16
 # The last LOST_LOG producer deaths: (ticket, slot, pid, epoch) each; entry k of
