@@ -50,6 +50,7 @@ from ._ring.slots import Slot as Slot
 from ._ring.slots import SlotLostError as SlotLostError
 from ._ring.slots import SlotStateError as SlotStateError
 from ._ring.slots import SlotToken as SlotToken
+from ._reuse.allocator import allocating as allocating
 from ._segment import Segment as Segment
 from .qt import attach_qt as attach_qt
 from .qt import QtArray as QtArray

@@ -35,7 +35,7 @@ from ._errors import (
     NotFoundError,
     user_facing,
 )
-from ._header import Kind, PayloadHeader, header_from, layout, pack_header, read_header
+from ._header import HEADER, Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._lock import Guard
 from ._npy import (
     ArraySpec,
@@ -45,6 +45,7 @@ from ._npy import (
     parse_descriptor,
 )
 from ._progress import check_progress, label, reporting
+from ._reuse import allocator
 from ._segment import Dir, Segment
 from ._reference import Reference, rebuild, reduce
 
@@ -588,6 +589,10 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bo
     if dt is not src.dtype:
         src = src.view(dt)  # the same bytes without dtype metadata
     fortran = bool(src.flags.f_contiguous and not src.flags.c_contiguous)
+    if allocator.holds(src):
+        published = _share_in_place(key, src, dt, fortran, persistent, dir, what)
+        if published is not None:
+            return published
     seg, head, p_off, total = _prepare(key, src.shape, dt, fortran, what, _phase_for(src), dir)
 
     def fill_segment(write: Write) -> None:
@@ -598,4 +603,25 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bo
     # pwrite from the source writes every page, so no separate reservation.
     seg._create(total, persistent=persistent, fill=fill_segment, reserve=False)
     return _view(seg, src.shape, dt, p_off, order="F" if fortran else "C")
+
+
+def _share_in_place(key: str, src: np.ndarray, dt: np.dtype[Any], fortran: bool, persistent: bool, dir: Dir,
+                    what: str) -> SharedArray | None:
+    """share() of an ``allocating()`` array: publish the file its data lives in (no copy); None to copy instead.
+
+    Only an array that is exactly its allocation (contiguous, all of it, a
+    view of the same bytes included) and not shared before; and only when
+    its descriptor fits the room kept for it.
+    """
+    seg = Segment(key, dir=dir)  # the key is checked here
+    block = allocator.block_for(src, seg._dir)
+    if block is None:
+        return None
+    descriptor = encode_descriptor(src.shape, dt, fortran, what)
+    if HEADER.size + len(descriptor) > block.room:
+        return None
+    head = pack_header(Kind.NDARRAY, descriptor, block.room, src.nbytes)
+    with allocator.publishing(block) as source:
+        seg._publish_block(block.room + src.nbytes, block.fd, source, head, block.room, persistent=persistent)
+    return _view(seg, src.shape, dt, block.room, order="F" if fortran else "C")
 

@@ -416,6 +416,42 @@ def _publish(where: Where, source: str, name: str) -> None:
                 f"or unlink it first (shmarray.unlink / `shmarray rm`)", where.key)
 
 
+def publish_block(where: Where, name: str, block_fd: int, source: str, size: int, persistent: bool,
+                  head: bytes, room: int) -> _Attachment:
+    """Publish as segment *name* a file whose data is in place already (an ``allocating()`` array's): no copy.
+
+    The file (open as *block_fd*, hidden name *source*) has room for the
+    control page and, in the first *room* user bytes, for *head* (payload
+    header and descriptor); its data follows. Both are written, then the
+    name is linked as ``_build`` does; the attachment (ReadWrite) is
+    registered. Raises ShmError.
+    """
+    control = control_bytes(size, persistent, where.key, new_incarnation())
+    try:
+        fd = backend.reopen(block_fd, True)
+    except OSError as e:
+        raise _translate(e, "share", where.label, where.dir) from e
+    published = False
+    try:
+        backend.hold_liveness(fd, backend.getpid())
+        backend.pwrite_all(fd, memoryview(control + bytes(PAGE_SIZE - len(control))), 0)
+        backend.pwrite_all(fd, memoryview(head + bytes(room - len(head))), PAGE_SIZE)
+        _publish(where, source, name)
+        published = True
+        att = _Attachment(name, fd, True, AccessMode.ReadWrite, foreign=False)
+        att.ident = backend.identity(fd)
+        att.map(ControlBlock(control))
+        register(att)
+        return att
+    except BaseException as e:
+        if published:
+            backend.unlink_if_same(name, fd)
+        backend.close(fd)
+        if isinstance(e, OSError) and not isinstance(e, ShmError):
+            raise _translate(e, "share", where.label, where.dir) from e
+        raise
+
+
 # -- opening ----------------------------------------------------------------------------------
 
 

@@ -56,6 +56,8 @@ class SegmentService(Protocol):
 
     def _create(self, size: int, mode: AccessMode = ..., *, persistent: bool = ..., permissions: int = ...,
                 fill: Fill | None = ..., reserve: bool = ...) -> Segment: ...
+    def _publish_block(self, size: int, block_fd: int, source: str, head: bytes, room: int, *,
+                       persistent: bool = ...) -> Segment: ...
     def _boundary(self) -> tuple[int, int] | None: ...
     def _no_space(self, total: int, what: str = ...) -> OutOfResourcesError: ...
     def _mapping(self) -> Any: ...
@@ -462,6 +464,23 @@ class Segment:
             try:
                 self._att = _lifecycle.create(self._where(), name, size, mode, persistent, permissions, fill,
                                               reserve)
+            except ShmError as e:
+                raise self._fail(e) from None
+            self._arm()
+            self._ok()
+            return self
+
+    def _publish_block(self, size: int, block_fd: int, source: str, head: bytes, room: int, *,
+                       persistent: bool = False) -> Segment:
+        """Publish a file whose data is in place (an ``allocating()`` array's) as this segment, attached."""
+        with self._mutex:
+            name = self._need_name("share")
+            if self._att is not None:
+                raise self._fail(AlreadyExistsError(
+                    f"share: this object is already attached to segment {self._label()!r}", self._key))
+            try:
+                self._att = _lifecycle.publish_block(self._where(), name, block_fd, source, size, persistent,
+                                                     head, room)
             except ShmError as e:
                 raise self._fail(e) from None
             self._arm()

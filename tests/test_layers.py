@@ -17,7 +17,7 @@ RANKS = [
     {"_os", "_os._linux", "_os._names", "_os._qtipc", "_cuda"},
     {"_control", "_reuse", "_reuse.idle_maps"},
     {"_lock"},
-    {"_attachment", "_reuse.kept_files"},
+    {"_attachment", "_reuse.kept_files", "_reuse.allocator"},
     {"_transfer", "_reference"},
     {"_lifecycle"},
     {"_segment"},

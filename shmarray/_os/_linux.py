@@ -314,12 +314,21 @@ def fd_facts(fd: int) -> tuple[int, int, int, int]:
 
 
 def link_fd(fd: int, name: str) -> bool:
-    """Give the object open as *fd* (which still has a name) the name *name* too; False if it exists."""
-    try:
-        os.link(f"/proc/self/fd/{fd}", path_of(name), follow_symlinks=True)
-    except FileExistsError:
-        return False
+    """Give the object open as *fd* the name *name* too (one made with O_TMPFILE: once); False if it exists."""
+    # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link calls link(2), which would
+    # link the /proc symlink itself (EXDEV). Needs no capability (AT_EMPTY_PATH would).
+    ctypes = _libc_alloc()[0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(path_of(name)),
+                   _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        raise OSError(err, os.strerror(err), name)
     return True
+
+
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
 
 
 def open_by_name(name: str) -> int:
@@ -970,3 +979,179 @@ def getpid() -> int:
 def getppid() -> int:
     """The parent's pid (1 or a subreaper's once the parent has died)."""
     return os.getppid()
+
+
+# -- NumPy's data allocator (NEP 49): files without a name, mapped at raw addresses ---------------
+#
+# ``shmarray.allocating`` (``_reuse.allocator``) gives NumPy a data-allocation
+# handler built here with ctypes (no compiler on a user's machine): the
+# ``PyDataMem_Handler`` struct of numpy/_core/include/numpy/ndarraytypes.h,
+# wrapped in a "mem_handler" capsule and installed with ``PyDataMem_SetHandler``,
+# entry 304 of NumPy's C-API table (305: ``PyDataMem_GetHandler``), the same
+# in NumPy 1.22 to 2.x.
+
+_API_SET_HANDLER = 304
+_HANDLER_VERSION = 1
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
+# Callbacks, structs and capsule names live as long as the process: every
+# array allocated through a handler keeps its capsule and frees through it.
+_keep_alive: list[Any] = []
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_alloc() -> tuple[Any, Any, Any, Any, Any, Any]:
+    """(ctypes, libc's malloc, calloc, realloc, free, malloc_usable_size)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    c_malloc, c_calloc, c_realloc, c_free = libc.malloc, libc.calloc, libc.realloc, libc.free
+    usable = libc.malloc_usable_size
+    for f in (c_malloc, c_calloc, c_realloc):
+        f.restype = ctypes.c_void_p
+    c_malloc.argtypes = [ctypes.c_size_t]
+    c_calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    c_realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    c_free.argtypes = [ctypes.c_void_p]
+    c_free.restype = None
+    usable.argtypes = [ctypes.c_void_p]
+    usable.restype = ctypes.c_size_t
+    return ctypes, c_malloc, c_calloc, c_realloc, c_free, usable
+
+
+def libc_allocator() -> tuple[Any, Any, Any, Any, Any]:
+    """libc's (malloc, calloc, realloc, free, malloc_usable_size) as ctypes functions (addresses as ints)."""
+    return _libc_alloc()[1:]
+
+
+def make_numpy_handler(name: bytes, ctx: int, malloc: Any, calloc: Any, realloc: Any, free: Any) -> Any:
+    """A NumPy data-allocation handler (a "mem_handler" capsule) calling these Python functions.
+
+    Each gets *ctx* first, then (size), (nelem, elsize), (ptr, new_size) or
+    (ptr, size); the first three return an address or None (NULL). ctypes
+    callbacks take the GIL themselves, so NumPy may call them from any thread.
+    """
+    import ctypes
+
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    f_malloc = ctypes.CFUNCTYPE(vp, vp, sz)(malloc)
+    f_calloc = ctypes.CFUNCTYPE(vp, vp, sz, sz)(calloc)
+    f_realloc = ctypes.CFUNCTYPE(vp, vp, vp, sz)(realloc)
+    f_free = ctypes.CFUNCTYPE(None, vp, vp, sz)(free)
+
+    class Allocator(ctypes.Structure):
+        _fields_ = [("ctx", vp), ("malloc", type(f_malloc)), ("calloc", type(f_calloc)),
+                    ("realloc", type(f_realloc)), ("free", type(f_free))]
+
+    class Handler(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char * 127), ("version", ctypes.c_uint8), ("allocator", Allocator)]
+
+    handler = Handler(name[:126], _HANDLER_VERSION, Allocator(ctx, f_malloc, f_calloc, f_realloc, f_free))
+    capsule_name = ctypes.create_string_buffer(b"mem_handler")
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [vp, vp, vp]
+    capsule = new(ctypes.addressof(handler), ctypes.addressof(capsule_name), None)
+    _keep_alive.extend((f_malloc, f_calloc, f_realloc, f_free, handler, capsule_name, capsule))
+    return capsule
+
+
+@functools.lru_cache(maxsize=1)
+def _set_handler_call() -> Any:
+    import ctypes
+
+    import importlib
+
+    try:
+        mu: Any = importlib.import_module("numpy._core._multiarray_umath")  # NumPy 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        mu = importlib.import_module("numpy.core._multiarray_umath")
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    table = get(mu._ARRAY_API, None)
+    address = int(ctypes.c_void_p.from_address(table + _API_SET_HANDLER * ctypes.sizeof(ctypes.c_void_p)).value or 0)
+    # PYFUNCTYPE: called with the GIL held, and a NULL return raises the error NumPy set.
+    return ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(address)
+
+
+def set_numpy_handler(capsule: Any) -> Any:
+    """Install *capsule* as NumPy's data allocator in the current context; returns the previous one."""
+    return _set_handler_call()(capsule)
+
+
+def open_nameless(directory: str | None) -> int:
+    """A new file without a name in the segment directory (O_TMPFILE): it goes with its last fd and mapping.
+
+    It can be given a name later (``link_fd``), once. OSError where the
+    file system has no O_TMPFILE (EOPNOTSUPP, EISDIR on old kernels).
+    """
+    return os.open(directory or SHM_DIR, os.O_RDWR | _O_TMPFILE | _O_CLOEXEC, 0o600)
+
+
+def map_at_address(fd: int, length: int, huge_advise: bool) -> int:
+    """Map the first *length* bytes of *fd* (shared, read-write) and allocate its pages now; the address.
+
+    Pages are allocated before the mapping is used, so a full file system is
+    ENOSPC here and never a SIGBUS later: ``posix_fallocate``, or on a tmpfs
+    mounted ``huge=advise`` ``MADV_HUGEPAGE`` and ``MADV_POPULATE_WRITE``
+    (fallocate would give it 4 KiB pages).
+    """
+    ctypes, c_map, _, c_unmap, failed = _libc_maps()
+    populate = False
+    if huge_advise:
+        os.ftruncate(fd, length)
+    else:
+        os.posix_fallocate(fd, 0, length)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    addr = c_map(None, length, prot, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, failed):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mapping {length} bytes failed: {os.strerror(err)}")
+    if huge_advise:
+        madvise = _libc_alloc()[0].CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+        madvise(addr, length, mmap.MADV_HUGEPAGE)
+        populate = madvise(addr, length, _MADV_POPULATE_WRITE) == 0
+        if not populate:
+            err = ctypes.get_errno()
+            try:
+                if err != errno.EINVAL:  # EFAULT/ENOMEM: what a fault would have raised as SIGBUS
+                    raise OSError(errno.ENOSPC, "no room left to populate this array's pages")
+                os.posix_fallocate(fd, 0, length)
+            except BaseException:
+                c_unmap(addr, length)
+                raise
+    return int(addr)
+
+
+def unmap_address(addr: int, length: int) -> None:
+    """Unmap what map_at_address (or privatize_address) mapped."""
+    _libc_maps()[3](addr, length)
+
+
+def zero_bytes(addr: int, length: int) -> None:
+    """memset(addr, 0, length)."""
+    _libc_alloc()[0].memset(addr, 0, length)
+
+
+def move_bytes(dst: int, src: int, length: int) -> None:
+    """memmove(dst, src, length)."""
+    _libc_alloc()[0].memmove(dst, src, length)
+
+
+def privatize_address(addr: int, length: int) -> None:
+    """Replace the mapping at [addr, addr + length) by private anonymous memory holding the same bytes.
+
+    Used in a forked child, so that it never writes its parent's arrays:
+    one copy, moved into place by mremap(2). MemoryError when no memory is left.
+    """
+    ctypes, c_map, c_remap, c_unmap, failed = _libc_maps()
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    new = c_map(None, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if new in (None, failed):
+        raise MemoryError(f"no memory for a private copy of {length} bytes")
+    ctypes.memmove(new, addr, length)
+    if c_remap(new, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr) != addr:
+        c_unmap(new, length)
+        raise MemoryError(f"moving a private copy of {length} bytes into place failed")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import atexit
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from . import idle_maps
 from .._attachment import _retire, sweep_orphans
@@ -47,7 +47,7 @@ from .._control import CONTROL, parse_control
 from .._errors import ShmError
 from .._os import PREFIX, backend
 
-__all__ = ["KEEP_PREFIX", "keep", "forget", "take", "give_back", "reap_orphans", "maybe_reap",
+__all__ = ["KEEP_PREFIX", "keep", "hide", "forget", "take", "give_back", "reap_orphans", "maybe_reap",
            "kept_entries", "release_all"]
 
 KEEP_PREFIX = ".shmarray-keep-"
@@ -147,6 +147,21 @@ def keep(temp: str, public: str, size: int, fd: int) -> str | None:
         return None
     dev, ino = backend.identity(fd)
     o.kept[name] = Kept(name, public, size, dev, ino)
+    return name
+
+
+def hide(fd: int, directory: str | None) -> str:
+    """A hidden name of this process's for the file open as *fd* (an ``allocating()`` array's, being shared).
+
+    Named as a kept file, so a killed process's names are reaped as its kept
+    files are; the caller (``_reuse.allocator``) removes it itself and never
+    lists it among the files kept here.
+    """
+    o = _the_owner(directory)
+    o.serial += 1
+    name = f"{o.base}.{o.serial}"
+    if not backend.link_fd(fd, name):  # pragma: no cover - our own fresh name
+        raise FileExistsError(name)
     return name
 
 
@@ -393,8 +408,14 @@ def _owner_alive(base: str) -> bool:
         backend.close(fd)
 
 
+# What else frees memory this process keeps (the allocator's pool: ``_reuse.allocator``).
+_also_release: list[Callable[[], None]] = []
+
+
 def release_all() -> None:
     """Free everything this process keeps, in every directory (the files and the idle mappings)."""
+    for also in _also_release:
+        also()
     idle_maps.drop_idle()
     for directory in list(_owners):
         o = _owner(directory)
