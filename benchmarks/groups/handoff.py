@@ -41,6 +41,9 @@ TITLE = "Hand-off: a new array each time to a warm worker that sums it"
 REUSE = "shmarray.share + Pool task (reuse on)"
 NOREUSE = "shmarray.share + Pool task (reuse off)"
 FLOOR = "floor: np.copyto into a reused, mapped segment + the same task"
+ALLOC = "shmarray.allocating() array: share (no copy) + Pool task"
+ALLOC_SHARE = "share() alone of an allocating() array"
+OWN_SUM = "the worker's own sum of a warm array (Pool task)"
 RAY = "Ray ray.put + task"
 DASK = "Dask scatter + submit"
 T_REUSE = "shmarray.share_table + Pool task attach_table (reuse on)"
@@ -94,7 +97,8 @@ def run(ctx: Context) -> GroupResult:
     cluster: Any = None
     methods: dict[str, Callable[[], float]] = {}
     t_methods: dict[str, Callable[[], float]] = {}
-    roles = {REUSE: "shmarray", NOREUSE: "shmarray", FLOOR: "floor", T_REUSE: "shmarray"}
+    roles = {REUSE: "shmarray", NOREUSE: "shmarray", FLOOR: "floor", T_REUSE: "shmarray", ALLOC: "shmarray",
+             OWN_SUM: "floor"}
     try:
         pool.map(_noop, range(2))
 
@@ -130,10 +134,46 @@ def run(ctx: Context) -> GroupResult:
             check(got, FLOOR)
             return t1 - t0
 
+        share_times: list[float] = []
+
+        def allocated() -> float:
+            # The producer computes into an allocating() array (outside the clock: its own work);
+            # the hand-off is share (which publishes the array's file) + the task.
+            key = ctx.cleanup.name("ha")
+            h = ctx.cleanup.add(f"shmarray {key}", lambda: _unlink(key))
+            try:
+                with shmarray.allocating():
+                    a = np.empty_like(src)
+                np.copyto(a, src)
+                t0 = time.perf_counter()
+                s = shmarray.share(key, a)
+                t1 = time.perf_counter()
+                got = pool.apply(array_sum, (s,))
+                t2 = time.perf_counter()
+                del s, a
+                pool.apply(_noop, (0,))
+            finally:
+                ctx.cleanup.done(h)
+            check(got, ALLOC)
+            share_times.append(t1 - t0)
+            return t2 - t0
+
+        pool.apply(_warm_array, (size,))
+
+        def own_sum() -> float:
+            t0 = time.perf_counter()
+            got = pool.apply(_sum_warm, ())
+            t1 = time.perf_counter()
+            if got != float(size // 8):
+                raise RuntimeError(f"{OWN_SUM}: the worker summed {got!r}")
+            return t1 - t0
+
         if missing is None:
             methods[REUSE] = reuse_on
             methods[NOREUSE] = reuse_off
             methods[FLOOR] = floor
+            methods[ALLOC] = allocated
+        methods[OWN_SUM] = own_sum
 
         if have("ray"):
             import ray
@@ -217,6 +257,8 @@ def run(ctx: Context) -> GroupResult:
     for label in methods:
         res.rows.append(Row(label, samples[label], variant=variant, role=roles.get(label, "peer"),
                             error=errors.get(label, "")))
+    if share_times:
+        res.rows.append(Row(ALLOC_SHARE, share_times[1:] or share_times, variant=variant, role="shmarray"))
     for label in t_methods:
         res.rows.append(Row(label, t_samples[label], variant=t_variant, role=roles.get(label, "peer"),
                             error=t_errors.get(label, "")))
@@ -236,12 +278,32 @@ def run(ctx: Context) -> GroupResult:
             ok = ratio >= limit if peer in (RAY, FLOOR) else ratio > 1
             res.headline(aim, ratio, target, ok,
                          f"{variant}: shmarray {ours * 1e3:.0f} ms vs {peer} {theirs * 1e3:.0f} ms")
+    alloc, own, alone = (res.median(x, variant=variant) for x in (ALLOC, OWN_SUM, ALLOC_SHARE))
+    if alone is not None:
+        res.headline("share() of an allocating() array (ms)", alone * 1e3, "< 1", alone < 1e-3,
+                     f"{variant}: {alone * 1e3:.3f} ms")
+    if alloc is not None and own is not None:
+        res.headline("hand-off of an allocating() array / the worker's own sum", alloc / own, "<= 1.15",
+                     alloc / own <= 1.15, f"{variant}: {alloc * 1e3:.0f} ms vs {own * 1e3:.0f} ms")
     t_ours, t_theirs = res.median(T_REUSE, variant=t_variant), res.median(T_RAY, variant=t_variant)
     if t_ours is not None and t_theirs is not None:
         res.headline("table hand-off: Ray put+task / shmarray share_table+attach_table", t_theirs / t_ours,
                      ">= 1", t_theirs >= t_ours,
                      f"{t_variant}: shmarray {t_ours * 1e3:.0f} ms vs Ray {t_theirs * 1e3:.0f} ms")
     return res
+
+
+_WARM: Any = None
+
+
+def _warm_array(size: int) -> None:
+    """In the worker: an array of ones of *size* bytes, kept (its pages warm)."""
+    global _WARM
+    _WARM = np.ones(size // 8)
+
+
+def _sum_warm() -> float:
+    return float(_WARM.sum())
 
 
 def _one_ray(ray: Any, obj: Any, remote: Any) -> tuple[Any, float]:
