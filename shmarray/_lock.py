@@ -1,14 +1,16 @@
 """The locks: the segment lock (exclusive and shared, timeouts, survives a holder's death), the
 byte-range locks a payload layer keeps per item, and the one rule for timeouts and waiting.
 
-Between processes the lock is ``flock(2)`` on the process's one open file
-description of the segment (its attachment), so the kernel releases it when
-its holder dies. Within a process every ``Segment`` object is a lock of its
-own, as in Qt (two objects exclude each other, views share their root's):
-the objects that share one attachment meet at its ``LockGate`` first, a
-mutex that the exclusive holder keeps and that readers pass through, and
-only the first reader in takes (and the last one out drops) the shared
-``flock``. A holder mark in the segment's control block (the holder's pid,
+The segment lock is ``flock(2)`` on an open file description of the
+segment's file that belongs to one ``Segment`` object (and the views built
+on it), opened on its first lock: the kernel excludes the objects of one
+process from each other as it excludes processes (Qt's per-object lock),
+counts the readers of the shared mode, and releases a dead holder's lock.
+No in-process gate sits in front of it, so a round trip is one ``flock``
+pair plus a few attribute reads (issue: the lock within 1.3x of the
+fastest kernel-released lock). The attachment's :class:`LockGate` only
+carries what the objects of one attachment share: the holder mark and the
+fork reset. A holder mark in the segment's control block (the holder's pid,
 written after acquiring exclusively and cleared before releasing) tells the
 next acquirer that the previous exclusive holder died while holding it
 (its place in the block: ``_control.MARK_WORD``).
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import weakref
 from typing import Any, Callable, Protocol
 
@@ -32,7 +33,7 @@ from ._control import MARK_WORD
 from ._errors import LockError
 from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
-from ._wait import acquire_within, check_timeout, deadline_of, left_until, poll_until, wait_while
+from ._wait import check_timeout, deadline_of, left_until, poll_until, wait_while
 
 __all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks"]
 
@@ -40,15 +41,16 @@ _MARK = MARK_WORD
 
 
 class LockGate:
-    """The in-process side of one attachment's lock, shared by every Segment object using it.
+    """What the Segment objects of one attachment share about the lock: the holder mark, the fork reset.
 
-    *fd* is the attachment's lock descriptor; *marks* is a ``'Q'`` view of
-    the control block (None for a foreign segment) whose word MARK_WORD
-    holds the exclusive holder's pid; *write_mark*, for a control block
-    mapped read-only, writes that word through the descriptor instead.
+    *fd* is the attachment's descriptor (each object's lock opens a
+    description of its own from it); *marks* is a ``'Q'`` view of the
+    control block (None for a foreign segment) whose word MARK_WORD holds
+    the exclusive holder's pid; *write_mark*, for a control block mapped
+    read-only, writes that word through the descriptor instead.
     """
 
-    __slots__ = ("fd", "marks", "peek", "write_mark", "pid", "mutex", "readers", "cond", "owner", "sharers")
+    __slots__ = ("fd", "marks", "peek", "write_mark", "pid", "owner", "locks")
 
     def __init__(self, fd: int, marks: memoryview | None, pid: int,
                  write_mark: "Callable[[int], None] | None" = None) -> None:
@@ -57,16 +59,8 @@ class LockGate:
         self.peek = marks
         self.write_mark = write_mark if self.marks is None and marks is not None else None
         self.pid = pid
-        self._fresh()
-
-    def _fresh(self) -> None:
-        # The exclusive holder keeps the mutex for as long as it holds the lock;
-        # readers take it only to get in, so a waiting writer is not starved.
-        self.mutex = threading.Lock()
-        self.cond = threading.Condition(threading.Lock())
-        self.readers = 0
-        self.owner: SegmentLock | None = None
-        self.sharers: set[SegmentLock] = set()
+        self.owner: SegmentLock | None = None  # the exclusive holder in this process, if any
+        self.locks: weakref.WeakSet[SegmentLock] = weakref.WeakSet()
 
     def set_mark(self, value: int) -> None:
         if self.marks is not None:
@@ -79,65 +73,81 @@ class LockGate:
         return peek[_MARK] if peek is not None else 0
 
     def after_fork(self, pid: int) -> None:
-        """In a forked child (whose descriptor is its own by now, under the same number): nobody here holds the lock.
+        """In a forked child: nobody here holds the lock, and no object has a description of its own yet.
 
-        The mutex is kept (the SegmentLocks have it bound) and freed if a
-        thread of the parent held it: that thread does not exist here.
+        The child's copies of the parent's descriptions are closed, never
+        unlocked (an unlock through a copy would release the parent's lock);
+        each object opens a new one on its next lock.
         """
-        if self.owner is not None:
-            self.owner._held = 0
-        for s in self.sharers:
-            s._held = 0
         self.pid = pid
-        if self.mutex.locked():
-            self.mutex.release()
-        self.cond = threading.Condition(threading.Lock())
-        self.readers = 0
         self.owner = None
-        self.sharers = set()
+        for lk in list(self.locks):
+            lk._forget(pid)
 
 
 class SegmentLock:
-    """The lock of one Segment object (and the views built on it), through its attachment's gate."""
+    """The lock of one Segment object (and the views built on it): ``flock`` on a description of its own."""
 
-    __slots__ = ("_gate", "_held", "recovered", "_fd", "_marks", "_try_mutex", "holds", "__weakref__")
+    __slots__ = ("_gate", "_held", "recovered", "_fd", "_marks", "_pid", "holds", "__weakref__")
 
     def __init__(self, gate: LockGate) -> None:
         self._gate = gate
         self._held = 0  # 0 free, 1 shared, 2 exclusive
         self.recovered = False
-        # Bound once for the fast path. The descriptor keeps its number for
-        # the attachment's life (across fork too), and so does the mutex.
-        self._fd = gate.fd
+        self._fd = -1  # this object's description, opened on the first lock (and again after a fork)
+        # Bound once for the fast path: a writable view of the control block, or None.
         self._marks = gate.marks
-        self._try_mutex = gate.mutex.acquire
+        self._pid = gate.pid
         self.holds: Holds | None = None  # the guard rule, made on first SharedArray.lock()
+        gate.locks.add(self)
 
     @property
     def held(self) -> str | None:
         """'exclusive', 'shared' or None."""
         return (None, "shared", "exclusive")[self._held]
 
+    def _open(self) -> int:
+        # Read-only is enough for flock, and every attacher may read the file.
+        fd = self._fd
+        if fd < 0:
+            fd = self._fd = backend.reopen(self._gate.fd, False)
+        return fd
+
+    def _forget(self, pid: int) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            backend.close(fd)
+        self._held = 0
+        self._pid = pid
+
+    def close(self) -> None:
+        """This object is done: release what it holds, close its description."""
+        if self._pid != backend.getpid():
+            self._fd = -1  # a forked child that missed the reset: the number is not ours to close
+            self._held = 0
+            return
+        if self._held:
+            self.release()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            backend.close(fd)
+
     def acquire(self, timeout: float | None = None, shared: bool = False) -> bool:
         """Take the lock; True when held, False when *timeout* ran out."""
         if timeout is None and not shared and not self._held:
             # The common case first, with nothing looked up twice: a round trip
-            # within 1.3x of a bare flock pair is an aim of the project (issue 2).
+            # within 1.3x of a bare flock pair is an aim of the project.
+            fd = self._fd
+            flock(fd if fd >= 0 else self._open(), LOCK_EX)
             marks = self._marks
-            if marks is not None and self._try_mutex(False):
-                g = self._gate
-                if not g.readers:
-                    try:
-                        flock(self._fd, LOCK_EX)
-                    except BaseException:
-                        g.mutex.release()
-                        raise
-                    self.recovered = marks[_MARK] != 0
-                    marks[_MARK] = g.pid
-                    self._held = 2
-                    g.owner = self
-                    return True
-                g.mutex.release()
+            if marks is not None:
+                self.recovered = marks[_MARK] != 0
+                marks[_MARK] = self._pid
+            else:
+                self._mark_taken()
+            self._held = 2
+            self._gate.owner = self
+            return True
         timeout = check_timeout(timeout)
         if self._held:
             if self._held == 2 or shared:
@@ -145,20 +155,11 @@ class SegmentLock:
             raise LockError(
                 "this object holds the shared lock; unlock() it before asking for the exclusive lock"
             )
-        g = self._gate
-        deadline = None if timeout is None or timeout <= 0 else deadline_of(timeout)
-        if not acquire_within(g.mutex, timeout, deadline):
+        if not self._take(LOCK_SH if shared else LOCK_EX, timeout):
             return False
         if shared:
-            try:
-                with g.cond:
-                    if g.readers == 0 and not self._take(g, LOCK_SH, deadline, timeout):
-                        return False
-                    g.readers += 1
-                    g.sharers.add(self)
-            finally:
-                g.mutex.release()
             self._held = 1
+            g = self._gate
             mark = g.mark()
             if mark:
                 # No live exclusive holder can coexist with our shared
@@ -167,31 +168,18 @@ class SegmentLock:
                 g.set_mark(0)
             self.recovered = mark != 0
             return True
-        try:
-            with g.cond:
-                # timeout 0: try once (a zero deadline); None: no deadline.
-                limit = deadline if timeout is None or deadline is not None else time.monotonic()
-                if not wait_while(g.cond, lambda: g.readers > 0, limit):
-                    return self._give_back(g)
-            if not self._take(g, LOCK_EX, deadline, timeout):
-                return self._give_back(g)
-        except BaseException:
-            g.mutex.release()
-            raise
+        self._mark_taken()
         self._held = 2
-        g.owner = self
-        self.recovered = g.mark() != 0
-        g.set_mark(g.pid)
+        self._gate.owner = self
         return True
 
-    @staticmethod
-    def _give_back(g: LockGate) -> bool:
-        g.mutex.release()
-        return False
+    def _mark_taken(self) -> None:
+        g = self._gate
+        self.recovered = g.mark() != 0
+        g.set_mark(self._pid)
 
-    @staticmethod
-    def _take(g: LockGate, op: int, deadline: float | None, timeout: float | None) -> bool:
-        fd = g.fd
+    def _take(self, op: int, timeout: float | None) -> bool:
+        fd = self._open()
         if timeout is None:
             # Blocking flock: EINTR runs signal handlers, so Ctrl-C interrupts it.
             flock(fd, op)
@@ -205,32 +193,26 @@ class SegmentLock:
                 return False
             return True
 
-        return poll_until(attempt, left_until(deadline) or 0.0)
+        return poll_until(attempt, timeout)
 
     def release(self) -> bool:
         """Release the lock; False when this object did not hold it."""
         held = self._held
-        if not held:
-            return False
-        g = self._gate
-        self._held = 0
         if held == 2:
+            self._held = 0
             marks = self._marks
             if marks is not None:
                 marks[_MARK] = 0
             else:
-                g.set_mark(0)
-            g.owner = None
+                self._gate.set_mark(0)
+            self._gate.owner = None
             flock(self._fd, LOCK_UN)
-            g.mutex.release()
             return True
-        with g.cond:
-            g.sharers.discard(self)
-            g.readers -= 1
-            if g.readers == 0:
-                flock(g.fd, LOCK_UN)
-                g.cond.notify_all()
-        return True
+        if held:
+            self._held = 0
+            flock(self._fd, LOCK_UN)
+            return True
+        return False
 
 
 class ByteLocks:

@@ -591,8 +591,8 @@ class Segment:
 def _drop_user(att: _Attachment, lk: SegmentLock | None, own: list[int]) -> None:
     """A Segment object is done (detach() or collected): its lock and its own description go, then its use."""
     mine = att.pid == backend.getpid()
-    if lk is not None and lk._held and mine:
-        lk.release()
+    if lk is not None:
+        lk.close()  # releases what this object holds (in the process that took it), closes its description
     if own:
         backend.close(own[0])
         own.clear()

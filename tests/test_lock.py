@@ -306,3 +306,118 @@ def test_good_timeouts(key):
     a.segment.unlock()
     assert b.segment.lock(1)
     b.segment.unlock()
+
+
+# -- each object's own description: the kernel excludes objects as it excludes processes ----------
+
+
+def _hold_read_only_until_killed(key: str, ready_path: str) -> None:
+    seg = Segment(key).attach(shmarray.AccessMode.ReadOnly)
+    seg.lock()  # the mark goes through the descriptor: the mapping is read-only
+    with open(ready_path, "w") as f:
+        f.write("locked")
+    time.sleep(600)
+
+
+@pytest.mark.timeout(60)
+def test_killed_read_only_holder_is_reported(key, tmp_path):
+    ready = str(tmp_path / "ready")
+    with Segment(key).create(8) as seg:
+        child = start(_hold_read_only_until_killed, key, ready)
+        wait_for(ready)
+        assert seg.lock(timeout=0) is False
+        child.kill()
+        assert seg.lock(timeout=5) is True
+        assert seg.lock_recovered is True
+        seg.unlock()
+        child.close()
+
+
+def _wait_lock_then_report(key: str) -> bool:
+    with Segment(key).attach() as seg:
+        seg.lock()  # blocks: another process holds it
+        recovered = seg.lock_recovered
+        time.sleep(0.05)
+        seg.unlock()
+        return recovered
+
+
+@pytest.mark.timeout(120)
+def test_killed_holder_lets_every_blocked_process_in_and_one_reports_it(key, tmp_path):
+    ready = str(tmp_path / "ready")
+    with Segment(key).create(8):
+        holder = start(_hold_until_killed, key, ready, False)
+        wait_for(ready)
+        waiters = [start(_wait_lock_then_report, key) for _ in range(2)]
+        for w in waiters:
+            _wait_blocked_in_lock(w.pid)
+        holder.kill()
+        # The first one in finds the dead holder's mark and clears it on unlock.
+        assert sorted(w.result(30) for w in waiters) == [False, True]
+        holder.close()
+
+
+def _fork_while_holding(key: str, shared: bool) -> str:
+    seg = Segment(key).attach()
+    other = Segment(key).attach()
+    assert seg.lock(shared=shared)
+    pid = os.fork()
+    if pid == 0:  # the child neither holds its parent's lock nor frees it, even when it detaches
+        code = 0
+        if seg.lock_held is not None:
+            code = 3
+        elif seg.unlock() is not False:
+            code = 4
+        elif seg.lock(timeout=0) is not False:  # exclusive: the parent's lock keeps it out
+            code = 5
+        seg.detach()
+        other.detach()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    still = other.lock(timeout=0) is False  # the parent's hold survived the child
+    seg.unlock()
+    got = other.lock(timeout=0)
+    other.unlock()
+    seg.detach()
+    other.detach()
+    return f"{os.waitstatus_to_exitcode(status)} {still} {got}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shared", [False, True])
+def test_forked_child_neither_holds_nor_frees_the_parents_lock(key, shared):
+    with Segment(key).create(8):
+        assert run(_fork_while_holding, key, shared) == "0 True True"
+
+
+def test_unlock_from_another_thread_releases_the_objects_lock(key):
+    with Segment(key).create(8) as a, Segment(key).attach() as b:
+        assert a.lock()
+        done: list[bool] = []
+        t = threading.Thread(target=lambda: done.append(a.unlock()))
+        t.start()
+        t.join(10)
+        assert done == [True]
+        assert b.lock(timeout=0) is True
+        b.unlock()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_each_objects_lock_description_closes_with_it(key):
+    with Segment(key).create(8):
+        before = _open_fds()
+        for _ in range(20):
+            s = Segment(key).attach()
+            assert s.lock() and s.unlock()
+            assert s.lock(shared=True) and s.unlock()
+            s.detach()
+        t = Segment(key).attach()
+        assert t.lock()
+        del t  # collected while holding: released and closed
+        assert _open_fds() == before
+        with Segment(key).attach() as u:
+            assert u.lock(timeout=0) is True and u.lock_recovered is False
+            u.unlock()
