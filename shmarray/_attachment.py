@@ -38,6 +38,7 @@ from typing import Any
 from ._errors import AccessMode, InvalidSizeError, ShmError
 from ._reuse import idle_maps
 from ._control import CONTROL, DEAD_OFFSET, MARK_OFFSET, U64, ControlBlock, parse_control
+from . import _watch
 from ._lock import LockGate
 from ._os import PREFIX, backend
 
@@ -265,6 +266,8 @@ def register(att: _Attachment) -> None:
     # Holding att itself, it never fires on collection: only when the last
     # user calls it, or at interpreter exit.
     att.finalizer = weakref.finalize(att, _Attachment.close, att)
+    if not att.foreign:
+        _watch.hold(att.name)  # freed by the watcher if this process dies as its last holder
 
 
 def _unregister(att: _Attachment) -> None:
@@ -325,6 +328,8 @@ def release_user(att: _Attachment) -> None:
         if att.users > 0 or att.closed:
             return
         _unregister(att)  # nobody finds it any more
+    if not att.foreign:
+        _watch.release(att.name)
     if att.finalizer is not None:
         att.finalizer()
     else:  # pragma: no cover - never registered
@@ -374,6 +379,8 @@ def _after_fork_in_child() -> None:
     idle_maps.after_fork_in_child()
     for att in list(_OPEN):
         att.after_fork()
+        if not att.closed and not att.foreign:
+            _watch.hold(att.name)  # held in the child's own right: watched in its own right
     for guard in guards:
         backend.close(guard)
 

@@ -22,6 +22,7 @@ import operator
 import os
 from typing import Callable, NamedTuple, SupportsIndex, Union
 
+from . import _watch
 from ._reuse import idle_maps, kept_files
 from ._attachment import (
     _Attachment,
@@ -293,6 +294,7 @@ def _build(where: Where, name: str, size: int, mode: AccessMode, persistent: boo
         if taken is not None:
             return _build_in(where, taken, name, size, mode, fill)
     pid = backend.getpid()
+    _watch.building_in(where.dir)  # a death mid-build leaves a temp file: the watcher removes it
     temp = backend.qualify(where.dir, f"{TEMP_PREFIX}{pid}-{backend.token_hex(6)}")
     fd = backend.create_exclusive(temp, permissions)
     published = False

@@ -125,3 +125,18 @@ def _dev_shm_unchanged() -> Iterator[None]:
         time.sleep(1.0)
         left &= set(os.listdir(SHM))
     assert not left, f"the test run left entries in /dev/shm: {sorted(left)}"
+
+
+@pytest.fixture
+def unwatched(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """As where no watcher runs (SHMARRAY_WATCH=0, an older shmarray): what a death leaves stays until someone looks.
+
+    This process lets go of its watcher (which then ends: nobody else is
+    connected), so no sweep runs during the test; spawned children inherit
+    the switch. The next test gets a watcher again on first need.
+    """
+    from shmarray import _watch
+
+    monkeypatch.setenv("SHMARRAY_WATCH", "0")
+    _watch._drop()
+    yield

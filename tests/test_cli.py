@@ -197,7 +197,7 @@ def _create_and_hang(key: str, ready: str) -> None:
     time.sleep(300)
 
 
-def test_ls_shows_what_a_killed_holder_left_and_gc_frees_it(key, tmp_path):
+def test_ls_shows_what_a_killed_holder_left_and_gc_frees_it(key, tmp_path, unwatched):
     ready = str(tmp_path / "ready")
     child = start(_create_and_hang, key, ready)
     wait_for(ready)

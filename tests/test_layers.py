@@ -15,10 +15,10 @@ PKG = pathlib.Path(shmarray.__file__).parent
 RANKS = [
     {"_errors", "_display", "_progress", "_wait"},
     {"_os", "_os._linux", "_os._names", "_os._qtipc", "_cuda"},
-    {"_control", "_reuse", "_reuse.idle_maps"},
+    {"_control", "_reuse", "_reuse.idle_maps", "_watch"},
     {"_lock"},
     {"_attachment", "_reuse.kept_files", "_reuse.allocator"},
-    {"_transfer", "_reference"},
+    {"_transfer", "_reference", "_reaper"},
     {"_lifecycle"},
     {"_segment"},
     {"_header", "_npy"},

@@ -48,7 +48,7 @@ def test_killed_attachers_do_not_keep_a_segment_alive(key, tmp_path):
     assert not _exists(name)
 
 
-def test_only_attacher_killed_makes_the_segment_dead_at_once(key, tmp_path):
+def test_only_attacher_killed_makes_the_segment_dead_at_once(key, tmp_path, unwatched):
     seg = Segment(key).create(16)
     name = seg.native_key
     kids = _start_attached(key, tmp_path, 1)
@@ -70,7 +70,7 @@ def test_create_succeeds_over_a_dead_segment(key, tmp_path):
         assert fresh.size == 32 and fresh.data[1] == 0
 
 
-def test_gc_removes_orphans_and_keeps_persistent(make_key, tmp_path):
+def test_gc_removes_orphans_and_keeps_persistent(make_key, tmp_path, unwatched):
     orphan, keep, live = make_key(), make_key(), make_key()
     Segment(keep).create(16, persistent=True).detach()
     a = Segment(orphan).create(16)
@@ -265,7 +265,7 @@ def _create_and_wait(key: str, ready: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["create", "gc"])
-def test_a_crashed_users_segment_is_freed_by_the_next_create_or_gc(make_key, tmp_path, how):
+def test_a_crashed_users_segment_is_freed_by_the_next_create_or_gc(make_key, tmp_path, how, unwatched):
     from shmarray._reuse import kept_files
 
     crashed = make_key()

@@ -265,7 +265,7 @@ if sys.argv[1:] == ["hang"]:
 
 
 @pytest.mark.parametrize("next_step", ["ls", "create", "gc"])
-def test_after_sigkill_the_next_process_frees_kept_memory(tmp_path, make_key, next_step):
+def test_after_sigkill_the_next_process_frees_kept_memory(tmp_path, make_key, next_step, unwatched):
     script = tmp_path / "exit.py"
     script.write_text(_EXIT)
     proc = subprocess.Popen([sys.executable, str(script), "hang"], stdout=subprocess.PIPE, text=True,

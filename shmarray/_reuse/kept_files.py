@@ -41,6 +41,7 @@ import atexit
 import time
 from typing import Callable, NamedTuple
 
+from .. import _watch
 from . import idle_maps
 from .._attachment import _retire, sweep_orphans
 from .._control import CONTROL, parse_control
@@ -92,6 +93,7 @@ class _Owner:
             raise OSError("could not lock a fresh keep owner file")
         self.kept: dict[str, Kept] = {}
         self.serial = 0
+        _watch.keep(self.base)  # what it keeps is freed by the watcher if this process dies
 
 
 _owners: dict[str | None, _Owner] = {}
@@ -313,13 +315,25 @@ def _owner_of(bare: str) -> str:
     return KEEP_PREFIX + bare[len(KEEP_PREFIX):].split(".", 1)[0]
 
 
-def reap_orphans(directory: str | None = None) -> list[str]:
+def reap_owner(base: str) -> list[str]:
+    """Free the kept files of the owner file *base* (a path) if its process is gone (its lock is free).
+
+    The watcher's call when that process's connection ends (``_reaper``). Returns the bare names removed.
+    """
+    directory, bare = backend.split_name(backend.path_of(base))
+    return reap_orphans(directory, only=bare)
+
+
+def reap_orphans(directory: str | None = None, *, only: str | None = None) -> list[str]:
     """Free the kept files in *directory* of processes that died (their owner file's lock is free).
 
+    *only*: the bare name of one owner file, whose files alone are looked at.
     Returns the bare names removed.
     """
-    _last_reap[directory] = time.monotonic()
-    names = [n for n in backend.list_names(directory) if n.startswith(KEEP_PREFIX)]
+    if only is None:
+        _last_reap[directory] = time.monotonic()
+    names = [n for n in backend.list_names(directory) if n.startswith(KEEP_PREFIX)
+             and (only is None or _owner_of(n) == only)]
     if not names:
         return []
     o = _owner(directory)
@@ -433,6 +447,7 @@ def release_all() -> None:
         except OSError:  # pragma: no cover - its directory went away
             pass
         backend.close(o.fd)
+        _watch.unkeep(o.base)
 
 
 def _at_exit() -> None:
