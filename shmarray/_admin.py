@@ -50,8 +50,28 @@ def unlink_key(key: str | None = None, *, native_key: str | None = None, dir: "D
 def unlink(key: str, *, dir: "Dir" = None) -> None:
     """Remove the segment *key* now (persistent or not); attached users keep their memory.
 
-    *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
-    Raises NotFoundError when there is no such segment.
+    The name is gone at once (``attach(key)`` fails, ``create(key)``
+    succeeds); the memory goes when the last attached user detaches.
+
+    Parameters
+    ----------
+    key : str
+        The segment's key.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Raises
+    ------
+    NotFoundError
+        When there is no such segment.
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> lut = shmarray.share("doc-unlink", np.arange(4), persistent=True)
+    >>> shmarray.unlink("doc-unlink")
+    >>> int(lut[3])                       # still mapped here
+    3
     """
     unlink_key(key, dir=dir)
 
@@ -127,7 +147,17 @@ def collect(*, dir: "Dir" = None) -> list[Removed]:
 def collect_garbage(*, dir: "Dir" = None) -> list[str]:
     """Remove segments nobody is attached to that are not persistent, and dead creators' leftovers.
 
-    Returns the native names removed (in *dir*: default ``SHMARRAY_DIR``, else /dev/shm).
-    ``shmarray gc`` prints each one's key and size.
+    ``shmarray gc`` prints each one's key and size. Listing (:func:`ls`)
+    never frees anything; this does.
+
+    Parameters
+    ----------
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    list of str
+        The native names removed.
     """
     return [r.name for r in collect(dir=dir)]

@@ -111,13 +111,26 @@ class MappedArray(np.ndarray):
 class SharedArray(MappedArray):
     """An ndarray whose memory lives in a shared-memory segment (the ``numpy.memmap`` model).
 
-    Made by :func:`create`, :func:`share` and :func:`attach`. Views (slices,
-    reshapes, transposes, ``.view(dtype)``) are SharedArrays too and keep the
-    segment attached and mapped; results that do not live in the segment
-    (ufunc outputs, fancy-index copies, ``.copy()``) are plain ndarrays, and
-    reductions give scalars. Pickling sends a reference (key and view
-    geometry); the receiver attaches. ``np.asarray(a)`` is a plain ndarray
-    view and pickles by value.
+    Made by :func:`create`, :func:`share` and :func:`attach`, never directly.
+    Views (slices, reshapes, transposes, ``.view(dtype)``) are SharedArrays too
+    and keep the segment attached and mapped; results that do not live in the
+    segment (ufunc outputs, fancy-index copies, ``.copy()``) are plain
+    ndarrays, and reductions give scalars. Pickling sends a reference (key and
+    view geometry, about 100 bytes); the receiver attaches. ``np.asarray(a)``
+    is a plain ndarray view and pickles by value.
+
+    See Also
+    --------
+    create, share, attach
+
+    Examples
+    --------
+    >>> import numpy as np, pickle, shmarray
+    >>> a = shmarray.share("doc-sharedarray", np.arange(6.0).reshape(2, 3))
+    >>> type(a[0]).__name__, type(a + 1).__name__
+    ('SharedArray', 'ndarray')
+    >>> len(pickle.dumps(a[:, 1])) < 300
+    True
     """
 
     # Class-level defaults: a SharedArray outside any segment (e.g. a copy
@@ -150,13 +163,40 @@ class SharedArray(MappedArray):
         """Take the segment lock now; the guard it returns releases it (``with``, or :meth:`unlock`).
 
         ``a.lock()`` as a statement holds the lock until ``a.unlock()``, as
-        ``threading.Lock.acquire`` does; ``with a.lock(): a[0] = 1`` releases
-        on exit (``as`` gives the array). Exclusive by default,
-        ``shared=True`` for readers. *timeout* None waits forever, 0 tries
-        once; LockError when it runs out. Between processes it is the
-        segment's lock; within a process the threads using this array (and
-        its views) exclude each other too, and a thread that holds it may
-        lock again (each hold is released once).
+        ``threading.Lock.acquire`` does; ``with a.lock(): a[0] = 1`` releases on
+        exit (``as`` gives the array). Between processes it is the segment's lock;
+        within a process the threads using this array (and its views) exclude
+        each other too, and a thread that holds it may lock again (each hold is
+        released once).
+
+        Parameters
+        ----------
+        timeout : float or None, optional
+            Seconds to wait: None (the default) waits forever, 0 tries once.
+        shared : bool, optional
+            Take the lock as a reader (many at once) instead of exclusively.
+
+        Returns
+        -------
+        guard
+            A context manager that releases this hold on exit; entering it
+            gives the array.
+
+        Raises
+        ------
+        LockError
+            When *timeout* runs out, or the array's segment is closed.
+        ValueError, TypeError
+            For a *timeout* that is not None or a finite number >= 0.
+
+        Examples
+        --------
+        >>> import shmarray
+        >>> a = shmarray.create("doc-lock", 1, "i8")
+        >>> with a.lock(timeout=1):
+        ...     a[0] += 1
+        >>> int(a[0])
+        1
         """
         seg = self._shm_seg
         if seg is None:
@@ -167,8 +207,11 @@ class SharedArray(MappedArray):
     def unlock(self) -> None:
         """Release this thread's latest hold of the segment lock (taken by :meth:`lock`).
 
-        A LockError when this thread holds none: a second unlock never
-        releases another hold.
+        Raises
+        ------
+        LockError
+            When this thread holds none: a second unlock never releases another
+            hold.
         """
         seg = self._shm_seg
         if seg is None:
@@ -178,8 +221,9 @@ class SharedArray(MappedArray):
     def close(self) -> None:
         """Detach the segment now; views already taken keep working until they are collected.
 
-        Idempotent. Without close(), the segment stays attached while any
-        view of it is alive.
+        Idempotent. Without ``close()``, the segment stays attached while any
+        view of it is alive; the segment is destroyed when the last holder in any
+        process goes (unless persistent).
         """
         seg = self._shm_seg
         if seg is not None:
@@ -313,11 +357,38 @@ def _read_spec(seg: Segment, key: str) -> tuple[ArraySpec, int]:
 def attach(key: str, *, readonly: bool = False, dir: Dir = None) -> SharedArray:
     """Attach the array that segment *key* holds: same dtype, shape and order, zero-copy.
 
-    ``readonly=True`` maps the memory read-only, so nothing can write it
-    through this array, its views or its buffer. Raises NotFoundError when
-    there is no such segment, and HeaderError when the segment holds
-    something else or its header is corrupt. *dir* is the segment directory
-    (default ``SHMARRAY_DIR``, else /dev/shm).
+    Parameters
+    ----------
+    key : str
+        The segment's key.
+    readonly : bool, optional
+        Map the memory read-only, so nothing can write it through this array,
+        its views or its buffer.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    SharedArray
+        A view of the segment's data; it holds the segment while it (or a
+        view of it) is alive.
+
+    Raises
+    ------
+    NotFoundError
+        When there is no such segment (never created, or the last process
+        holding it detached or exited).
+    HeaderError
+        When the segment holds something else (a table, a ring) or its
+        header is corrupt.
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> a = shmarray.create("doc-attach", (2, 3), np.float32)
+    >>> b = shmarray.attach("doc-attach")          # usually in another process
+    >>> b.shape, b.dtype
+    ((2, 3), dtype('float32'))
     """
     seg = _attach_segment(key, readonly, dir)
     try:
@@ -474,22 +545,64 @@ def create(key: str, shape: object, dtype: object = float, *, order: str = "C", 
            dir: Dir = None) -> SharedArray:
     """A new array in segment *key*: zero-filled, or every item set to *fill*.
 
-    Lifetime: the segment lives while some process holds it (this array, a
-    view of it, or an array attached elsewhere). When the last of them goes,
-    or its process exits, the segment goes too: keep the result until the
-    other processes have attached it, or pass ``persistent=True`` to keep the
-    segment until ``shmarray.unlink(key)``.
+    The segment lives while some process holds it (this array, a view of it,
+    or an array attached elsewhere). When the last of them goes, or its
+    process exits, the segment goes too: keep the result until the other
+    processes have attached it, or pass ``persistent=True``.
 
-    *order* is "C" or "F". The segment's pages are reserved now, so a full
-    /dev/shm is an OutOfResourcesError here, never a crash later.
-    ``exist_ok=True`` is get-or-create (a notebook cell run again): when
-    *key* already holds an array of the same dtype, shape and order it is
-    attached and returned, untouched (*fill* is not applied); a different
-    one, or one whose persistence differs, raises AlreadyExistsError naming
-    both. ``progress=True`` shows a bar
-    (``tqdm.auto``) while a *fill* value is written; zeros are reserved in
-    one call and need none. *dir* is the segment directory (default
-    ``SHMARRAY_DIR``, else /dev/shm).
+    Parameters
+    ----------
+    key : str
+        The segment's key (any non-empty str of at most 1024 characters
+        without NUL).
+    shape : int or tuple of int
+        The array's shape.
+    dtype : data-type, optional
+        Any fixed-size dtype (default float64); ``object`` is refused.
+    order : {"C", "F"}, optional
+        Memory order.
+    fill : scalar, optional
+        Every item's value; None (the default) leaves the array zero-filled.
+    persistent : bool, optional
+        Keep the segment after its last holder goes, until
+        :func:`unlink` or ``shmarray rm KEY``.
+    exist_ok : bool, optional
+        Get-or-create (a notebook cell run again): when *key* already holds
+        an array of the same dtype, shape and order it is attached and
+        returned untouched (*fill* is not applied).
+    progress : bool, optional
+        Show a bar (``tqdm.auto``) while a *fill* value is written; zeros
+        need none. Needs tqdm.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    SharedArray
+        The new array.
+
+    Raises
+    ------
+    AlreadyExistsError
+        When *key* exists (with ``exist_ok=True``: when it holds something
+        different, or its persistence differs; the message names both).
+    OutOfResourcesError
+        When the directory is full: pages are reserved now, so a full
+        /dev/shm fails here, never with a crash later.
+    InvalidKeyError, InvalidSizeError
+        For a bad key, or a shape too large.
+    TypeError, ValueError
+        For a dtype that cannot be shared, a bad shape, *order* or *fill*.
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> a = shmarray.create("doc-create", (2, 2), np.int16, fill=7)
+    >>> a.tolist()
+    [[7, 7], [7, 7]]
+    >>> b = shmarray.create("doc-create", (2, 2), np.int16, exist_ok=True)
+    >>> b.key == a.key
+    True
     """
     what = f"create array {key!r}"
     dims = check_shape(shape, what)
@@ -566,17 +679,46 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bo
           dir: Dir = None) -> SharedArray:
     """Copy *array* into a new segment *key* and return it as a SharedArray.
 
-    Lifetime: the segment lives while some process holds it (the returned
-    array, a view of it, or an array attached elsewhere). When the last of
-    them goes, or its process exits, the segment goes too: keep the result
-    (``share(key, x)`` as a bare statement is gone at once), or pass
-    ``persistent=True`` to keep the segment until ``shmarray.unlink(key)``.
+    The segment lives while some process holds it (the returned array, a view
+    of it, or an array attached elsewhere): keep the result (``share(key, x)``
+    as a bare statement is gone at once), or pass ``persistent=True``. An
+    array made inside :func:`allocating` is published without a copy.
 
-    Keeps the dtype and shape, and Fortran order when the array is
-    Fortran-contiguous; a non-contiguous array is stored C-contiguous.
-    ``progress=True`` shows a bar (``tqdm.auto``: a widget in Jupyter, text
-    on stderr in a terminal) while the data is copied in; it needs tqdm.
-    *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    Parameters
+    ----------
+    key : str
+        The segment's key.
+    array : numpy.ndarray
+        The data. Dtype and shape are kept, and Fortran order when the array
+        is Fortran-contiguous; a non-contiguous array is stored C-contiguous.
+    persistent : bool, optional
+        Keep the segment after its last holder goes, until :func:`unlink`.
+    progress : bool, optional
+        Show a bar (``tqdm.auto``: a widget in Jupyter, text on stderr in a
+        terminal) while the data is copied in. Needs tqdm.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    SharedArray
+        The shared copy.
+
+    Raises
+    ------
+    AlreadyExistsError
+        When *key* exists.
+    OutOfResourcesError
+        When the directory has no room for it.
+    TypeError
+        For something other than an ndarray, or an ``object`` dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> w = shmarray.share("doc-share", np.arange(4.0))
+    >>> float(w[1:].sum())
+    6.0
     """
     what = f"share array {key!r}"
     if not isinstance(array, np.ndarray):

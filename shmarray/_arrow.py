@@ -297,26 +297,42 @@ def share_table(key: str, data: object, *, persistent: bool = False,
 
     Parameters
     ----------
-    key
-        The segment's key; AlreadyExistsError if a live segment has it.
-    data
-        A ``pyarrow.Table``, a ``pyarrow.RecordBatch``, a ``pandas.DataFrame``
-        (through ``pa.Table.from_pandas``: the index and the pandas metadata
-        are kept, so ``to_pandas()`` gives the same frame back), or any object
-        with ``__arrow_c_stream__`` (a polars DataFrame, a DuckDB result ...).
-    persistent
+    key : str
+        The segment's key.
+    data : pyarrow.Table, pyarrow.RecordBatch, pandas.DataFrame or Arrow stream
+        The table: a ``pandas.DataFrame`` goes through
+        ``pa.Table.from_pandas`` (the index and the pandas metadata are kept,
+        so ``to_pandas()`` gives the same frame back); any object with
+        ``__arrow_c_stream__`` (a polars DataFrame, a DuckDB result ...) is
+        read as a stream.
+    persistent : bool, optional
         Keep the segment after the last detach, until ``shmarray.unlink(key)``.
-    progress
+    progress : bool, optional
         Show a bar (``tqdm.auto``) while the stream is written; needs tqdm.
-    dir
+    dir : str or os.PathLike, optional
         The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
 
     Returns
     -------
     pyarrow.Table
         The table as it lives in the segment (mapped read-only). Holding it (or
-        anything derived from it) keeps the segment attached; without
-        *persistent*, the segment goes when the last table in any process does.
+        anything derived from it) keeps the segment attached.
+
+    Raises
+    ------
+    AlreadyExistsError
+        When a live segment has *key*.
+    OutOfResourcesError
+        When the directory has no room for the stream.
+    TypeError
+        For *data* of another type.
+
+    Examples
+    --------
+    >>> import pyarrow as pa, shmarray
+    >>> t = shmarray.share_table("doc-table", pa.table({"px": [1.5, 2.5], "qty": [10, 20]}))
+    >>> shmarray.attach_table("doc-table").num_rows
+    2
     """
     seg = Segment(key, dir=dir)  # refuses a bad key before anything else
     show = check_progress(progress, f"share_table({key!r})")
@@ -380,15 +396,34 @@ def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds", dir
 
     Every buffer lies in the segment. The segment is attached read-only and
     stays attached while any buffer of the table (or of a slice, column or
-    zero-copy pandas block of it) is alive. *validate* says what is checked
-    first (see the module docs): ``"metadata"`` (O(columns), for writers you
-    trust), ``"bounds"`` (every offset and index, so no access can leave its
-    buffer; O(rows) of variable-size columns) or ``"full"`` (UTF-8 too; O(data)).
+    zero-copy pandas block of it) is alive.
 
-    Raises NotFoundError when there is no segment *key* (or the handle's
-    segment is gone or was replaced), HeaderError when it holds something
-    else (naming what) or a corrupt payload. *dir* is the segment directory
-    (default ``SHMARRAY_DIR``, else /dev/shm; a handle knows its own).
+    Parameters
+    ----------
+    key : str or TableHandle
+        The segment's key, or a handle from :func:`table_handle`.
+    validate : {"bounds", "metadata", "full"}, optional
+        What is checked before the table is built. ``"metadata"``:
+        O(columns), for writers you trust. ``"bounds"`` (the default): also
+        every offset and index, so no access can leave its buffer; O(rows) of
+        variable-size columns. ``"full"``: UTF-8 too; O(data).
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm; a
+        handle knows its own).
+
+    Returns
+    -------
+    pyarrow.Table
+        The table, every buffer in the segment's mapping.
+
+    Raises
+    ------
+    NotFoundError
+        When there is no segment *key* (or the handle's segment is gone or
+        was replaced).
+    HeaderError
+        When the segment holds something else (naming what), or a corrupt
+        payload.
     """
     mode = _check_validate(validate)
     if isinstance(key, TableHandle):
@@ -405,12 +440,12 @@ def attach_table(key: "str | TableHandle", *, validate: Validate = "bounds", dir
 class TableHandle:
     """A small picklable handle on a table that lives in a segment; ``attach_table(handle)`` maps it.
 
-    ``pyarrow.Table`` pickles its bytes; a handle pickles as a reference to
-    the segment instance (about 100 bytes), as a SharedArray does, so the
-    receiver maps the same buffers. Holding a handle keeps its segment
-    attached (so alive, when it is not persistent). A handle sent by a
-    transport to another host (``shmarray.dask``) carries the table's bytes
-    instead, and ``attach_table`` there gives that copy.
+    Made by :func:`table_handle`. ``pyarrow.Table`` pickles its bytes; a
+    handle pickles as a reference to the segment instance (about 100 bytes),
+    as a SharedArray does, so the receiver maps the same buffers. Holding a
+    handle keeps its segment attached (so alive, when it is not persistent).
+    A handle sent by a transport to another host (``shmarray.dask``) carries
+    the table's bytes instead, and ``attach_table`` there gives that copy.
     """
 
     __slots__ = ("_key", "_seg", "_value")
@@ -475,8 +510,36 @@ TableHandle.__module__ = "shmarray"
 def table_handle(table_or_key: "pyarrow.Table | str", *, dir: Dir = None) -> TableHandle:
     """A :class:`TableHandle` on a table from ``share_table``/``attach_table``, or on segment *key*.
 
-    TypeError for a table that does not live in a segment (pickle it by value,
-    or ``share_table`` it first).
+    Parameters
+    ----------
+    table_or_key : pyarrow.Table or str
+        A table that lives in a segment, or a segment's key.
+    dir : str or os.PathLike, optional
+        The segment directory, for a key (default ``SHMARRAY_DIR``, else
+        /dev/shm).
+
+    Returns
+    -------
+    TableHandle
+        A ~100-byte picklable reference that keeps the segment while held.
+
+    Raises
+    ------
+    TypeError
+        For a table that does not live in a segment (pickle it by value, or
+        ``share_table`` it first).
+    NotFoundError
+        For a key with no segment.
+
+    Examples
+    --------
+    >>> import pickle, pyarrow as pa, shmarray
+    >>> t = shmarray.share_table("doc-handle", pa.table({"x": list(range(1000))}))
+    >>> h = shmarray.table_handle(t)
+    >>> len(pickle.dumps(h)) < 300
+    True
+    >>> shmarray.attach_table(pickle.loads(pickle.dumps(h))).num_rows
+    1000
     """
     if isinstance(table_or_key, str):
         return TableHandle(table_or_key, dir=dir)
@@ -727,8 +790,31 @@ def share_frame(key: str, frame: "pandas.DataFrame", *, persistent: bool = False
                 dir: Dir = None) -> "pandas.DataFrame":
     """Share a pandas DataFrame (index and dtypes kept) and return it read back from the segment.
 
-    The same as ``share_table(key, frame).to_pandas()``; see attach_frame for
-    which columns come back without a copy.
+    The same as ``share_table(key, frame).to_pandas()``; see
+    :func:`attach_frame` for which columns come back without a copy.
+
+    Parameters
+    ----------
+    key : str
+        The segment's key.
+    frame : pandas.DataFrame
+        The frame.
+    persistent : bool, optional
+        Keep the segment after the last detach, until ``shmarray.unlink(key)``.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The frame, read back from the segment.
+
+    Raises
+    ------
+    AlreadyExistsError, OutOfResourcesError
+        As :func:`share_table`.
+    ModuleNotFoundError
+        Without pandas.
     """
     if not _is_frame(frame):
         raise TypeError(f"share_frame({key!r}) takes a pandas.DataFrame, not {type(frame).__name__}; "
@@ -742,7 +828,7 @@ def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Va
     """``attach_table(key, validate=validate, dir=dir).select(columns).to_pandas(**to_pandas)``.
 
     Columns that come back without a copy (and so keep the segment attached
-    while the frame lives) -- measured with pandas 3 and pyarrow 26, pass
+    while the frame lives), measured with pandas 3 and pyarrow 26, pass
     ``split_blocks=True`` (without it pandas consolidates same-dtype columns
     into one block, a copy):
 
@@ -756,6 +842,31 @@ def attach_frame(key: str, *, columns: Sequence[str] | None = None, validate: Va
     dictionaries (categoricals), dates and nested types. Add
     ``zero_copy_only=True`` (with ``split_blocks=True``) to get an
     ArrowInvalid instead of a silent copy.
+
+    Parameters
+    ----------
+    key : str
+        The segment's key.
+    columns : sequence of str, optional
+        The columns to read (default all).
+    validate : {"bounds", "metadata", "full"}, optional
+        As :func:`attach_table`.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    **to_pandas
+        Passed to ``pyarrow.Table.to_pandas`` (``split_blocks=True`` ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The frame.
+
+    Raises
+    ------
+    NotFoundError, HeaderError
+        As :func:`attach_table`.
+    ModuleNotFoundError
+        Without pandas (``pip install '.[pandas]'``).
     """
     _need_pandas(f"attach_frame({key!r})")
     table = attach_table(key, validate=validate, dir=dir)

@@ -340,12 +340,34 @@ class allocating:
     ``share(key, a)`` of such an array publishes the memory it already lives
     in: no copy. Smaller arrays, and threads or tasks outside the block, use
     NumPy's usual allocator. Arrays freed (inside the block or after it)
-    return their memory for reuse. *dir* is the segment directory (default
-    ``SHMARRAY_DIR``, else /dev/shm); ``share(..., dir=)`` copies nothing
-    only for the same directory. A full directory makes the allocation fail
-    with NumPy's MemoryError, which leaves the block as an
-    ``OutOfResourcesError``. Blocks nest; leaving one (by return or
+    return their memory for reuse. Blocks nest; leaving one (by return or
     exception) restores the allocator that was in place before it.
+
+    Parameters
+    ----------
+    min_bytes : int, optional
+        The smallest allocation that goes to shared memory (default 1 MiB).
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm);
+        ``share(..., dir=)`` copies nothing only for the same directory.
+
+    Raises
+    ------
+    OutOfResourcesError
+        When the block is left by a full directory: the allocation fails
+        inside with NumPy's MemoryError.
+    TypeError, InvalidSizeError
+        For a *min_bytes* that is not an int >= 1.
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> with shmarray.allocating(min_bytes=4096):
+    ...     a = np.ones(100_000)
+    >>> s = shmarray.share("doc-allocating", a)     # no copy
+    >>> a[0] = 5
+    >>> float(s[0])
+    5.0
     """
 
     def __init__(self, min_bytes: int = 1 << 20, *, dir: Any = None) -> None:
