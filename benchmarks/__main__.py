@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 GROUPS = ("lock", "wake", "attach", "share", "create", "writes", "progress", "arrow", "pool", "handoff",
-          "reference", "cluster", "dirs", "ring")
+          "reference", "cluster", "dirs", "ring", "watch")
 OPT_IN = ("gpu",)  # run only when named with --only
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

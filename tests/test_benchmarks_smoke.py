@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = ("lock", "wake", "attach", "share", "create", "writes", "progress", "arrow", "pool", "handoff",
-          "reference", "cluster", "dirs", "ring")
+          "reference", "cluster", "dirs", "ring", "watch")
 
 
 def _bench_entries() -> set[str]:

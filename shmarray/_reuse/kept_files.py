@@ -30,9 +30,12 @@ Lifetime:
   dead kept files, then every dead kept file in the directory (``give_back``).
 - At a normal exit the owner frees what it kept (truncated, so the memory is
   back at once, even if another process keeps an idle mapping of it). When
-  the owner is killed, its lock goes with it; the next process that creates
-  segments, or ``shmarray gc``, frees its files (``reap_orphans``); ``shmarray ls``
-  lists them as orphans and frees nothing.
+  the owner is killed, its lock goes with it, and its watcher (``_watch``,
+  ``_reaper``) frees its files within about a second (``reap_owner``). Where
+  no watcher saw the death (``SHMARRAY_WATCH=0``, a killed cgroup, the init of
+  a PID namespace), another watcher's sweep of the directory, the next process
+  that creates segments, or ``shmarray gc`` frees them (``reap_orphans``);
+  until then ``shmarray ls`` lists them as orphans and frees nothing.
 """
 
 from __future__ import annotations
