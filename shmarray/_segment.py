@@ -76,10 +76,42 @@ class SegmentService(Protocol):
 class Segment:
     """A named shared-memory segment, modelled on Qt's QSharedMemory.
 
-    ``Segment(key)`` derives a native (OS) name from *key*; ``Segment(native_key=...)``
-    uses an OS name as is (e.g. a ``multiprocessing.shared_memory`` segment).
+    ``Segment(key)`` derives a native (OS) name from *key*;
+    ``Segment(native_key=...)`` uses an OS name as is (e.g. a
+    ``multiprocessing.shared_memory`` segment, which ``detach()`` then never
+    removes). Nothing is opened until :meth:`create` or :meth:`attach`.
     Failures raise :class:`ShmError` subclasses; ``error``/``error_string``
-    keep the last error as Qt does.
+    keep the last error as Qt does. The segment lives while some ``Segment``
+    anywhere is attached to it (unless created persistent); a forked child
+    that inherits an attached Segment is attached in its own right.
+
+    Parameters
+    ----------
+    key : str, optional
+        The segment's key: any non-empty str of at most 1024 characters
+        without NUL; it lives in ``shmarray_<readable part>_<hash>``.
+    native_key : str, optional
+        An OS name to use as is, instead of *key*.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Raises
+    ------
+    ValueError
+        When both *key* and *native_key* are given.
+    InvalidKeyError
+        For a key or native key that cannot name a segment.
+
+    Examples
+    --------
+    >>> from shmarray import Segment, AccessMode
+    >>> seg = Segment("doc-segment").create(1 << 16)
+    >>> seg.data[:5] = b"hello"
+    >>> with Segment("doc-segment").attach(AccessMode.ReadOnly) as view:
+    ...     bytes(view.data[:5])
+    b'hello'
+    >>> seg.detach()
+    True
     """
 
     # Defaults at class level, so detach() and __del__ work on a half-built object.
@@ -191,11 +223,57 @@ class Segment:
         persistent: bool = False,
         permissions: int = 0o600,
     ) -> Segment:
-        """Create a new segment of *size* usable bytes (zero-filled) and attach to it."""
+        """Create a new segment of *size* usable bytes (zero-filled) and attach to it.
+
+        Parameters
+        ----------
+        size : int
+            Usable bytes (> 0). The pages are reserved now.
+        mode : AccessMode, optional
+            How this object maps it (default ReadWrite).
+        persistent : bool, optional
+            Keep the segment after its last detach, until ``shmarray.unlink(key)``.
+        permissions : int, optional
+            The segment file's mode (default 0o600: your user only).
+
+        Returns
+        -------
+        Segment
+            This object, attached.
+
+        Raises
+        ------
+        AlreadyExistsError
+            When a live segment has the key.
+        OutOfResourcesError
+            When the directory has no room (says how much is free): never a
+            SIGBUS later.
+        InvalidSizeError
+            For a size <= 0 or too large.
+        """
         return self._create(size, mode, persistent=persistent, permissions=permissions)
 
     def attach(self, mode: AccessMode = AccessMode.ReadWrite) -> Segment:
-        """Attach to an existing segment; raises NotFoundError if there is none."""
+        """Attach to an existing segment.
+
+        Parameters
+        ----------
+        mode : AccessMode, optional
+            ReadWrite (the default), or ReadOnly: then ``data`` is a read-only
+            memoryview.
+
+        Returns
+        -------
+        Segment
+            This object, attached.
+
+        Raises
+        ------
+        NotFoundError
+            When there is no such segment.
+        PermissionDeniedError
+            When the file's permissions forbid it.
+        """
         with self._mutex:
             try:
                 mode = AccessMode(mode)
@@ -225,8 +303,13 @@ class Segment:
     def detach(self) -> bool:
         """Detach; destroys the segment if this was its last attachment (unless persistent).
 
-        Returns False when this object was not attached. Live memoryviews and
-        arrays keep working: memory is unmapped when the last of them goes.
+        Live memoryviews and arrays keep working: memory is unmapped when the
+        last of them goes.
+
+        Returns
+        -------
+        bool
+            False when this object was not attached.
         """
         with self._mutex:
             att = self._att
@@ -241,7 +324,13 @@ class Segment:
             return True
 
     def unlink(self) -> bool:
-        """Remove the name now; existing mappings stay valid. False if it was already gone."""
+        """Remove the name now; existing mappings stay valid.
+
+        Returns
+        -------
+        bool
+            False if it was already gone.
+        """
         with self._mutex:
             name = self._need_name("unlink")
             try:
@@ -304,9 +393,14 @@ class Segment:
         """Page-lock the data for CUDA (``cudaHostRegister``), so host-to-device copies run at pinned speed.
 
         Through torch, cupy or libcudart, whichever sees a GPU. Idempotent;
-        undone by unpin() or at detach (before the mapping could go). Raises
-        CudaUnavailableError (a ShmError and RuntimeError) without CUDA,
-        PinError when CUDA refuses.
+        undone by :meth:`unpin` or at detach (before the mapping could go).
+
+        Raises
+        ------
+        CudaUnavailableError
+            Without CUDA (a ShmError and RuntimeError, naming what was tried).
+        PinError
+            When CUDA refuses the registration.
         """
         from ._cuda import pin_mapping
 

@@ -49,12 +49,30 @@ FillFn = Callable[[Slot, Sequence[Any]], "int | None"]
 
 
 def fill_slot(slot: Slot, samples: Sequence[Any]) -> int:
-    """Stack *samples* into *slot*, field by field; returns the number of rows written.
+    """Stack *samples* into *slot*, field by field.
 
-    A sample is a mapping (field name -> value), a tuple/list (values in the
-    ring's field order), or, for a one-field ring, the value itself. Values
-    are anything NumPy can read (ndarrays, CPU tensors, scalars); they are
-    cast 'same_kind' (float into an integer field is an error, not a silent cut).
+    Values are anything NumPy can read (ndarrays, CPU tensors, scalars); they
+    are cast 'same_kind' (float into an integer field is an error, not a
+    silent cut).
+
+    Parameters
+    ----------
+    slot : Slot
+        A slot held for filling.
+    samples : sequence
+        Each a mapping (field name -> value), a tuple or list (values in the
+        ring's field order), or, for a one-field ring, the value itself.
+
+    Returns
+    -------
+    int
+        The number of rows written.
+
+    Raises
+    ------
+    ValueError, TypeError, KeyError
+        For a sample that does not fit the ring's fields (a missing field is
+        a KeyError), or more samples than a slot's rows.
     """
     names = list(slot.keys())
     n = len(samples)
@@ -97,9 +115,19 @@ class RingCollate:
     """A DataLoader ``collate_fn`` that writes each batch into a free slot of *ring* and returns its token.
 
     Runs in the workers. It pickles by the ring's key and attaches there
-    (once per process). *fill* (default :func:`fill_slot`) writes the
-    samples and returns the rows it wrote. *timeout* bounds the wait for a
-    free slot (None: wait, checking that the main process is alive).
+    (once per process).
+
+    Parameters
+    ----------
+    ring : BatchRing or str
+        The ring, or its key.
+    fill : callable, optional
+        ``fill(slot, samples) -> rows`` (default :func:`fill_slot`).
+    timeout : float or None, optional
+        Bounds the wait for a free slot (None: wait, checking that the main
+        process is alive).
+    dir : str or os.PathLike, optional
+        The ring's segment directory, for a key.
     """
 
     def __init__(self, ring: BatchRing | str, *, fill: FillFn | None = None,
@@ -281,12 +309,31 @@ class RingLoader:
     come as ndarrays. A batch is never overwritten: when the next one is
     asked for, the previous slot goes back to the workers, and a batch still
     referenced anywhere is first moved into private memory (one copy, only
-    for kept batches; see the module docstring). With *device* each batch is
-    copied there (``non_blocking``; by DMA when pinned) and the slot is
-    released once that copy has completed. The last batch of an iteration
-    keeps its slot until the next iteration starts or ``close()``. Stopping
-    early shuts the DataLoader's workers down and takes back the slots of
-    batches never consumed.
+    for kept batches). The last batch of an iteration keeps its slot until
+    the next iteration starts or ``close()``. Stopping early shuts the
+    DataLoader's workers down and takes back the slots of batches never
+    consumed.
+
+    Parameters
+    ----------
+    loader : torch.utils.data.DataLoader
+        Its ``collate_fn`` is a :class:`RingCollate` on *ring*.
+    ring : BatchRing
+        The ring; at least ``prefetch_factor * num_workers`` slots.
+    device : torch.device or str, optional
+        Copy each batch there (``non_blocking``; by DMA when pinned) and
+        release the slot once that copy has completed.
+    non_blocking : bool, optional
+        For the copy to *device*.
+    pin : bool, optional
+        Register the ring's mapping with CUDA (``BatchRing.pin``).
+    own_ring : bool, optional
+        ``close()`` also shuts the ring down and removes it.
+
+    Raises
+    ------
+    ValueError
+        When the loader's ``collate_fn`` is not a RingCollate on *ring*.
     """
 
     def __init__(self, loader: Any, ring: BatchRing, *, device: Any = None, non_blocking: bool = True,
@@ -475,19 +522,57 @@ def ring_loader(dataset: Any, sample_fields: Mapping[str, Any] | None = None, ba
                 timeout: float | None = None, dir: Dir = None, **loader_kwargs: Any) -> RingLoader:
     """A DataLoader over *dataset* feeding a new ring, wrapped in a RingLoader; ``close()`` removes the ring.
 
-    Batches look like ``default_collate``'s: samples that are tuples or
-    lists give lists of batched tensors, dicts give dicts, namedtuples
-    namedtuples, a single array a tensor. The fields are learned from the
-    first sample (``dataset[0]``); *sample_fields*, ``{"images": ((3, 224,
-    224), np.uint8), "labels": ((), np.int64)}``, sets them instead (samples
-    are then dicts of them, tuples of them in that order, or the one value).
-    A sample that does not fit raises, naming the field and both shapes and
-    dtypes. Slots hold *batch_size* rows; *slots* defaults to
-    ``prefetch_factor * num_workers + 2``. Batches stay valid for as long
-    as you keep them. Other keyword arguments go to
-    ``torch.utils.data.DataLoader`` (shuffle, sampler, drop_last,
-    persistent_workers, multiprocessing_context, ...). *dir* is the ring's
-    segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    Batches look like ``default_collate``'s: samples that are tuples or lists
+    give lists of batched tensors, dicts give dicts, namedtuples namedtuples,
+    a single array a tensor. A sample that does not fit raises, naming the
+    field and both shapes and dtypes. Batches stay valid for as long as you
+    keep them. torch is imported here only.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        Any map-style dataset.
+    sample_fields : mapping of str to (shape, dtype), optional
+        ``{"images": ((3, 224, 224), np.uint8), "labels": ((), np.int64)}``
+        sets the fields (samples are then dicts of them, tuples of them in
+        that order, or the one value); by default they are learned from
+        ``dataset[0]``.
+    batch_size : int, optional
+        Rows per slot.
+    num_workers : int, optional
+        DataLoader workers (default 2).
+    slots : int, optional
+        Default ``prefetch_factor * num_workers + 2``.
+    key : str, optional
+        The ring's key (default a fresh one).
+    prefetch_factor : int, optional
+        As the DataLoader's.
+    fill : callable, optional
+        ``fill(slot, samples) -> rows`` (default :func:`fill_slot`).
+    device : torch.device or str, optional
+        Copy each batch there; the slot is released once the copy completed.
+    pin : bool, optional
+        Register the consumer's mappings of the slots with CUDA.
+    timeout : float or None, optional
+        Bounds a worker's wait for a free slot.
+    dir : str or os.PathLike, optional
+        The ring's segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+    **loader_kwargs
+        Passed to ``torch.utils.data.DataLoader`` (``shuffle``, ``sampler``,
+        ``drop_last``, ``persistent_workers``, ``multiprocessing_context``,
+        ...); ``collate_fn`` is the ring's.
+
+    Returns
+    -------
+    RingLoader
+
+    Raises
+    ------
+    ModuleNotFoundError
+        Without torch.
+    ValueError, TypeError
+        For a bad *batch_size* or *sample_fields*, a ``collate_fn`` argument,
+        or a dataset with no sample to learn the fields from.
     """
     from torch.utils.data import DataLoader
 

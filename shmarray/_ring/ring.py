@@ -84,11 +84,24 @@ _T = TypeVar("_T")
 
 
 class BatchRing:
-    """A ring of fixed-shape batch slots in one segment; see the module docstring.
+    """A ring of fixed-shape batch slots in one segment: producers fill slots in place, consumers read them in place.
 
-    Build with :meth:`create` or :meth:`attach`. Timeouts follow
-    ``Segment.lock``: None waits forever, 0 tries once, > 0 is a deadline;
-    running out raises :class:`RingTimeoutError`.
+    Build with :meth:`create` or :meth:`attach`, never directly. Timeouts
+    follow ``Segment.lock``: None waits forever, 0 tries once, > 0 is a
+    deadline; running out raises :class:`RingTimeoutError`. A slot whose
+    holder died is taken back (checked every 20 ms by waiters).
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> ring = shmarray.BatchRing.create("doc-ring", {"x": ((4,), np.float32)}, slots=2)
+    >>> with ring.acquire() as slot:           # a producer, in any process
+    ...     slot["x"][:] = 1.5
+    >>> batch = ring.get(timeout=1)            # a consumer
+    >>> batch["x"].tolist()
+    [1.5, 1.5, 1.5, 1.5]
+    >>> batch.release()
+    >>> ring.close()
     """
 
     # Defaults at class level, so close() works on a half-built object.
@@ -135,12 +148,46 @@ class BatchRing:
     def create(cls, key: str, fields: Mapping[str, Any], slots: int = 4, *, ordered: bool = True,
                persistent: bool = False, permissions: int = 0o600, on_lost: str = "raise",
                dir: Dir = None, slot_align: int = 64) -> BatchRing:
-        """A new ring of *slots* slots, each holding one array per field: ``{name: (shape, dtype)}``.
+        """A new ring of *slots* slots, each holding one array per field.
 
-        Raises AlreadyExistsError when *key* exists, TypeError / ValueError for bad fields.
-        *dir* is the segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
-        *slot_align*: slots start at file offsets that are multiples of it (a
-        page size lets a consumer map each slot on its own, as ``RingLoader`` does).
+        Parameters
+        ----------
+        key : str
+            The ring's segment key.
+        fields : mapping of str to (shape, dtype)
+            ``{name: (shape, dtype)}``: each slot holds one array per field.
+        slots : int, optional
+            How many batches can be in flight (default 4).
+        ordered : bool, optional
+            Deliver in ticket order (the ticket taken at ``acquire()``; the
+            default), or whatever is published first.
+        persistent : bool, optional
+            Keep the segment after its last holder goes, until ``unlink``.
+        permissions : int, optional
+            The segment file's mode (default 0o600).
+        on_lost : {"raise", "skip"}, optional
+            How consumers hear of a producer that died filling a slot: a
+            :class:`SlotLostError` from the next ``get()``, or only
+            ``stats().lost``.
+        dir : str or os.PathLike, optional
+            The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+        slot_align : int, optional
+            Slots start at file offsets that are multiples of it (a page size
+            lets a consumer map each slot on its own, as ``RingLoader`` does).
+
+        Returns
+        -------
+        BatchRing
+            The ring, attached.
+
+        Raises
+        ------
+        AlreadyExistsError
+            When *key* exists.
+        TypeError, ValueError
+            For bad fields, slots or alignment.
+        OutOfResourcesError
+            When the directory has no room.
         """
         _check_on_lost(on_lost)
         lay = make_layout(fields, slots, ordered, slot_align)
@@ -165,7 +212,28 @@ class BatchRing:
 
     @classmethod
     def attach(cls, key: str, *, on_lost: str = "raise", dir: Dir = None) -> BatchRing:
-        """Attach the ring *key* (in *dir*); HeaderError when the segment holds something else or is corrupt."""
+        """Attach the ring *key* made by :meth:`create` (in any process).
+
+        Parameters
+        ----------
+        key : str
+            The ring's segment key.
+        on_lost : {"raise", "skip"}, optional
+            As :meth:`create`, for this process's ``get()``.
+        dir : str or os.PathLike, optional
+            The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+        Returns
+        -------
+        BatchRing
+
+        Raises
+        ------
+        NotFoundError
+            When there is no segment *key*.
+        HeaderError
+            When the segment holds something else or is corrupt.
+        """
         _check_on_lost(on_lost)
         return cls._on(Segment(key, dir=dir).attach(), key, on_lost)
 
@@ -239,8 +307,26 @@ class BatchRing:
     def acquire(self, timeout: float | None = None) -> Slot:
         """A free slot to fill; waits while all are in use (backpressure).
 
-        Raises RingTimeoutError, or RingShutDownError after shutdown() or when
-        every consumer has gone and the ring is full.
+        Use it as a context manager (published on a clean exit, aborted on an
+        exception), or call ``slot.publish(rows=None)`` / ``slot.abort()``.
+
+        Parameters
+        ----------
+        timeout : float or None, optional
+            Seconds to wait: None waits forever, 0 tries once.
+
+        Returns
+        -------
+        Slot
+            A slot held for filling: ``slot[field]`` is an ndarray over its memory.
+
+        Raises
+        ------
+        RingTimeoutError
+            When *timeout* runs out.
+        RingShutDownError
+            After ``shutdown()``, or when every consumer has gone and the ring
+            is full.
         """
         return self._wait(self._try_acquire, timeout, "for a free slot")
 
@@ -314,9 +400,27 @@ class BatchRing:
     def get(self, timeout: float | None = None) -> Slot:
         """The next published batch, as a held slot; ``release()`` it when done.
 
-        Raises RingTimeoutError; RingShutDownError once the ring is shut down
-        and drained; SlotLostError (once per loss, then go on) when a producer
-        died holding a slot and ``on_lost="raise"``.
+        Parameters
+        ----------
+        timeout : float or None, optional
+            Seconds to wait: None waits forever, 0 tries once.
+
+        Returns
+        -------
+        Slot
+            A slot held for reading. Its views stay valid memory after
+            ``release()``, but a producer may refill the slot at once: copy what
+            you keep.
+
+        Raises
+        ------
+        RingTimeoutError
+            When *timeout* runs out.
+        RingShutDownError
+            Once the ring is shut down and drained.
+        SlotLostError
+            Once per loss, when a producer died holding a slot and
+            ``on_lost="raise"``; the next ``get()`` goes on.
         """
         self._become_consumer()
         return self._wait(self._try_get, timeout, "for a published batch")
@@ -370,7 +474,23 @@ class BatchRing:
                              self._key, tuple(recs))
 
     def claim(self, token: SlotToken) -> Slot:
-        """Take a handed-off slot (see ``Slot.handoff``) for reading; SlotLostError when it is stale."""
+        """Take a handed-off slot (see ``Slot.handoff``) for reading.
+
+        Parameters
+        ----------
+        token : SlotToken
+            The small, picklable token ``slot.handoff()`` returned.
+
+        Returns
+        -------
+        Slot
+            The slot, held for reading.
+
+        Raises
+        ------
+        SlotLostError
+            When the token is stale (its slot was taken back).
+        """
         if not isinstance(token, SlotToken):
             raise TypeError(f"claim() wants a SlotToken, not {type(token).__name__}")
         if token.key != self._key or not 0 <= token.index < self._lay.slots:
@@ -405,7 +525,20 @@ class BatchRing:
         return RingIterator(self, None)
 
     def batches(self, timeout: float | None = None) -> RingIterator:
-        """Iterate published batches, *timeout* per batch; each is released when the next is asked for."""
+        """Iterate published batches; each is released when the next is asked for.
+
+        ``for batch in ring`` is ``ring.batches()``; iteration ends once the ring
+        is shut down and drained.
+
+        Parameters
+        ----------
+        timeout : float or None, optional
+            The wait for each batch (None: forever).
+
+        Returns
+        -------
+        RingIterator
+        """
         timeout = check_timeout(timeout)
         return RingIterator(self, timeout)
 
@@ -454,11 +587,16 @@ class BatchRing:
     def shutdown(self, immediate: bool = False) -> None:
         """Stop the ring for every process, waking every waiter (like ``queue.Queue.shutdown``).
 
-        After it, ``acquire()`` raises RingShutDownError. With *immediate*
-        False, slots being filled may still be published and consumers get
-        every published batch, then RingShutDownError (iteration stops). With
-        *immediate* True, published batches are dropped and ``get()`` and
-        ``publish()`` raise at once. Held slots can always be released.
+        After it, ``acquire()`` raises RingShutDownError. Held slots can always
+        be released.
+
+        Parameters
+        ----------
+        immediate : bool, optional
+            False (the default): slots being filled may still be published and
+            consumers get every published batch, then RingShutDownError
+            (iteration stops). True: published batches are dropped and ``get()``
+            and ``publish()`` raise at once.
         """
         seg, ctl = self._enter(None)
         try:
@@ -472,7 +610,12 @@ class BatchRing:
             self._leave(seg)
 
     def stats(self) -> RingStats:
-        """Slots by state and the ring's counters, read under the lock."""
+        """Slots by state and the ring's counters, read under the lock.
+
+        Returns
+        -------
+        RingStats
+        """
         seg, ctl = self._enter(None)
         try:
             n = self._lay.slots

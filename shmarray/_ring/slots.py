@@ -165,11 +165,37 @@ class Slot:
         return "producer" if self._producer else "consumer"
 
     def publish(self, rows: int | None = None) -> None:
-        """Make the filled slot available to ``get()``; *rows*: only the first rows are valid."""
+        """Make the filled slot available to ``get()``.
+
+        Parameters
+        ----------
+        rows : int, optional
+            Only the first *rows* rows are valid (a short last batch); None: all.
+
+        Raises
+        ------
+        SlotStateError
+            When this process does not hold the slot for filling.
+        RingShutDownError
+            After ``shutdown(immediate=True)``.
+        TypeError, ValueError
+            For *rows* that is not an int within the slot's rows.
+        """
         self._ring._publish(self, rows, READY)
 
     def handoff(self, rows: int | None = None) -> SlotToken:
-        """Publish for ``ring.claim(token)`` only (not ``get()``); send the token any way you like."""
+        """Publish for ``ring.claim(token)`` only (not ``get()``); send the token any way you like.
+
+        Parameters
+        ----------
+        rows : int, optional
+            As :meth:`publish`.
+
+        Returns
+        -------
+        SlotToken
+            Small and picklable; claim it once.
+        """
         self._ring._publish(self, rows, SENT)
         return SlotToken(self._ring.key, self.index, self.generation, self.epoch, self.ticket,
                          self._ring._instance())
