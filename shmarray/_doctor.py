@@ -124,12 +124,29 @@ def _read(path: str) -> str | None:
 
 
 def doctor(dir: Dir = None) -> Doctor:
-    """The facts that limit shared memory for segments in *dir* (default ``SHMARRAY_DIR``, else /dev/shm).
+    """The facts that limit shared memory for segments in *dir*, as ``shmarray doctor`` reports them.
 
-    ``problems``: what is wrong or limiting, each with its fix (a Docker
-    flag, a Kubernetes volume, a mount line, a limit to raise). ``advice``:
-    what would be faster though nothing is wrong (huge pages). Nothing is
-    changed.
+    Nothing is changed.
+
+    Parameters
+    ----------
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    Doctor
+        ``problems`` (a tuple): what is wrong or limiting, each with its fix (a Docker
+        flag, a Kubernetes volume, a mount line, a limit to raise).
+        ``advice``: what would be faster though nothing is wrong (huge
+        pages). ``as_dict()`` is ``shmarray doctor --json``.
+
+    Examples
+    --------
+    >>> import shmarray
+    >>> report = shmarray.doctor()
+    >>> isinstance(report.problems, tuple) and isinstance(report.advice, tuple)
+    True
     """
     d = (_check_dir(dir) if dir is not None else None) or backend.SHM_DIR
     exists = os.path.isdir(d)

@@ -228,10 +228,20 @@ def describe_payload(entry: SegmentEntry) -> str:
 def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[SegmentEntry]:
     """Every shmarray segment in the segment directory (and, with *include_foreign*, other objects and kept memory).
 
-    Segments whose users all died, and memory a dead process kept for
-    reuse, are listed as orphans (``orphan`` is True); nothing is freed
-    (``collect_garbage`` does that). *dir* defaults to ``SHMARRAY_DIR``,
-    else /dev/shm.
+    Segments whose users all died, and memory a dead process kept for reuse,
+    are listed as orphans (``orphan`` is True); nothing is freed
+    (:func:`collect_garbage` does that).
+
+    Parameters
+    ----------
+    include_foreign : bool, optional
+        Also list other objects, and memory kept for reuse.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    list of SegmentEntry
     """
     d = _where(dir, "list")
     out = []
@@ -257,7 +267,26 @@ def list_segments(*, include_foreign: bool = False, dir: Dir = None) -> list[Seg
 
 @user_facing
 def segment_info(key: str | None = None, *, native_key: str | None = None, dir: Dir = None) -> SegmentEntry:
-    """The listing entry of one segment (in *dir*); NotFoundError if there is none."""
+    """The listing entry of one segment.
+
+    Parameters
+    ----------
+    key : str, optional
+        The segment's key.
+    native_key : str, optional
+        Its OS name instead.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    SegmentEntry
+
+    Raises
+    ------
+    NotFoundError
+        When there is no such segment.
+    """
     name, label = _name(key, native_key)
     entry = _read(name, _where(dir, "info"))
     if entry is None:
@@ -325,12 +354,31 @@ Listing.__module__ = "shmarray"
 def ls(pattern: str | None = None, *, include_foreign: bool = False, dir: Dir = None) -> Listing:
     """The shmarray segments in the segment directory, as ``shmarray ls`` lists them.
 
-    *dir* defaults to ``SHMARRAY_DIR``, else /dev/shm.
+    Listing never frees anything: segments whose users all died are shown as
+    orphans (:func:`collect_garbage` frees them).
 
-    *pattern* keeps the keys that match it (``fnmatch``: ``"frames-*"``);
-    segments made by native key match on their native name. With
-    *include_foreign*, other objects in /dev/shm are listed too. In Jupyter
-    the result shows as a table; it is a list of :class:`SegmentEntry`.
+    Parameters
+    ----------
+    pattern : str, optional
+        Keep the keys that match it (``fnmatch``: ``"frames-*"``); segments
+        made by native key match on their native name.
+    include_foreign : bool, optional
+        Also list other objects in the directory, and memory kept for reuse.
+    dir : str or os.PathLike, optional
+        The segment directory (default ``SHMARRAY_DIR``, else /dev/shm).
+
+    Returns
+    -------
+    Listing
+        A list of :class:`SegmentEntry`; printed as a table, an HTML table in
+        Jupyter; ``pandas.DataFrame(shmarray.ls())`` makes a frame of it.
+
+    Examples
+    --------
+    >>> import numpy as np, shmarray
+    >>> a = shmarray.create("doc-ls-frames", (10, 10), np.uint8)
+    >>> [(e.key, e.kind) for e in shmarray.ls("doc-ls-*")]
+    [('doc-ls-frames', 'ndarray')]
     """
     if pattern is not None and not isinstance(pattern, str):
         raise TypeError(f"ls: pattern must be a str such as 'frames-*', not {type(pattern).__name__}")

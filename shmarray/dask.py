@@ -300,7 +300,16 @@ def register(client: Client) -> Any:
     results, worker-to-worker transfers) moves as a ~100-byte reference, and
     writes are seen by everyone; to a process on another host it moves as
     its bytes. See the module docs for the scheduler and lifetime rules.
-    With an asynchronous client, returns a coroutine to await.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The client of the cluster.
+
+    Returns
+    -------
+    None or coroutine
+        With an asynchronous client, a coroutine to await.
     """
     install()
     if client.asynchronous:
@@ -328,7 +337,26 @@ def from_shared(a: SharedArray, chunks: Any = "auto", *, name: str | None = None
     """A dask array over SharedArray *a*: every chunk is a view of *a* (a ~100-byte reference in the graph).
 
     Tasks on workers of this host read (and may write) *a*'s memory in place;
-    keep *a* alive while the graph runs.
+    keep *a* alive while the graph runs. (``da.from_array(a)`` copies its
+    chunks into the graph instead.)
+
+    Parameters
+    ----------
+    a : SharedArray
+        The array.
+    chunks : optional
+        As ``dask.array.from_array``'s (default "auto").
+    name : str, optional
+        The graph layer's name (default a fresh one).
+
+    Returns
+    -------
+    dask.array.Array
+
+    Raises
+    ------
+    TypeError
+        When *a* is not a SharedArray.
     """
     import itertools
 
@@ -347,11 +375,32 @@ def from_shared(a: SharedArray, chunks: Any = "auto", *, name: str | None = None
 def to_shared(x: dask.array.Array, key: str, *, persistent: bool = False, **compute_kwargs: Any) -> SharedArray:
     """Compute dask array *x* into a new SharedArray *key*: each chunk is written in place by its worker.
 
-    *compute_kwargs* go to ``compute`` (with a distributed client, for
-    example ``workers=[...]``). A chunk whose task ran on another host
-    cannot reach this segment: that raises ShmError instead of leaving
-    zeros. AlreadyExistsError if *key* exists; on failure no segment is
-    left behind.
+    On failure no segment is left behind.
+
+    Parameters
+    ----------
+    x : dask.array.Array
+        The array to compute.
+    key : str
+        The new segment's key.
+    persistent : bool, optional
+        Keep the segment after its last holder goes, until ``shmarray.unlink(key)``.
+    **compute_kwargs
+        Passed to ``compute`` (with a distributed client, for example
+        ``workers=[...]``).
+
+    Returns
+    -------
+    SharedArray
+        The result.
+
+    Raises
+    ------
+    AlreadyExistsError
+        When *key* exists.
+    ShmError
+        When a chunk's task ran on another host, which cannot reach this
+        segment (rather than leaving zeros).
     """
     import dask.array as da
 

@@ -72,13 +72,40 @@ def attach_qt(
 ) -> QtArray:
     """Attach a segment a Qt program made, as an ndarray of *dtype* and *shape* at byte *offset*.
 
-    *key* is a ``QNativeIpcKey`` (ours or PySide6's/PyQt6's), or a str: Qt 6's
-    ``QSharedMemory.platformSafeKey(key)`` (PosixRealtime, ``/dev/shm/<key>``),
-    or with ``legacy=True`` Qt's legacy key (``QSharedMemory("key")`` in Qt,
-    System V). *shape* None takes as many items as fit after *offset*. The
-    segment holds no header: the caller says what it holds. Lock with
-    ``arr.locked()`` (Qt's semaphore). Raises NotFoundError and the other
-    ShmErrors on failure, with Qt's error text.
+    The segment holds no header: the caller says what it holds. Lock with
+    ``arr.locked()`` (Qt's semaphore).
+
+    Parameters
+    ----------
+    key : str or QNativeIpcKey
+        A ``QNativeIpcKey`` (ours or PySide6's/PyQt6's), or a str: Qt 6's
+        ``QSharedMemory.platformSafeKey(key)`` (PosixRealtime,
+        ``/dev/shm/<key>``), or with ``legacy=True`` Qt's legacy key
+        (``QSharedMemory("key")`` in Qt, System V).
+    dtype : data-type
+        The items' dtype.
+    shape : int or tuple of int, optional
+        None takes as many items as fit after *offset*.
+    offset : int, optional
+        Where the array starts in the segment's bytes.
+    mode : shmarray.AccessMode, optional
+        ReadWrite (the default) or ReadOnly.
+    legacy : bool, optional
+        A str *key* is Qt's legacy (System V) key.
+    order : {"C", "F"}, optional
+        Memory order.
+
+    Returns
+    -------
+    QtArray
+        An ndarray over the segment; ``.qt`` is its :class:`QSharedMemory`.
+
+    Raises
+    ------
+    NotFoundError
+        When there is no such segment (Qt's error text).
+    ShmError
+        The other failures, as their ShmError subclasses.
     """
     if isinstance(key, str):
         key = QSharedMemory.legacyNativeKey(key) if legacy else QSharedMemory.platformSafeKey(key)

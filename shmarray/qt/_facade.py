@@ -39,10 +39,36 @@ class QSharedMemory:
     """Access to a shared memory segment, as Qt's ``QSharedMemory``.
 
     ``QSharedMemory(key=None, parent=None, *, qt_compat=False)`` or
-    ``QSharedMemory(parent)``; *parent* (a QObject or anything else) is
-    accepted and ignored. *key* is a str (a shmarray segment, or Qt's legacy
-    key with ``qt_compat=True``) or a ``QNativeIpcKey`` (Qt mode; PySide6's
-    and PyQt6's keys are taken too).
+    ``QSharedMemory(parent)``. Methods keep Qt's camelCase names and return
+    ``bool`` where Qt does; the last failure is in ``error()`` /
+    ``errorString()``. ``data()`` is a memoryview (None when not attached).
+
+    Parameters
+    ----------
+    key : str or QNativeIpcKey, optional
+        A str is a shmarray segment (shared with ``shmarray.Segment(key)``),
+        or Qt's legacy key with ``qt_compat=True``; a ``QNativeIpcKey`` (ours,
+        PySide6's or PyQt6's) puts the object in Qt mode, where a real Qt
+        program shares its bytes and lock.
+    parent : object, optional
+        A QObject or anything else: accepted and ignored.
+    qt_compat : bool, optional
+        A str key is Qt's legacy key (System V), as ``QSharedMemory("key")``
+        in Qt.
+
+    Examples
+    --------
+    >>> from shmarray.qt import QSharedMemory
+    >>> shm = QSharedMemory("doc-qt")
+    >>> shm.create(1024)
+    True
+    >>> shm.lock(); shm.data()[:2] = b"hi"; shm.unlock()
+    True
+    True
+    >>> QSharedMemory("doc-qt").create(1024)
+    False
+    >>> shm.detach()
+    True
     """
 
     AccessMode = AccessMode
@@ -205,11 +231,21 @@ class QSharedMemory:
 
 
 def remove_qt_segment(key: QNativeIpcKey | Any) -> bool:
-    """Remove what Qt leaves for *key* (segment, lock semaphore, key files); True when something went.
+    """Remove what Qt leaves for *key* (segment, lock semaphore, key files).
 
     Qt never removes a POSIX segment on Linux, and a System V one outlives a
-    crashed last user: this is the clean-up, for when no process uses it
-    (a process still attached keeps its mapping but loses the shared lock).
+    crashed last user: this is the clean-up, for when no process uses it (a
+    process still attached keeps its mapping but loses the shared lock).
+
+    Parameters
+    ----------
+    key : QNativeIpcKey
+        The key Qt used (ours, PySide6's or PyQt6's).
+
+    Returns
+    -------
+    bool
+        True when something was removed.
     """
     native = as_key(key)
     if native is None:
