@@ -38,6 +38,7 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
 napoleon_use_param = True
+napoleon_use_ivar = True
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -96,7 +96,38 @@ class SharedMemoryError(QtEnum):
 
 
 class ShmError(Exception):
-    """Base of every shmarray error; ``.code`` is a :class:`SharedMemoryError`."""
+    """Base of every shmarray error.
+
+    Each subclass is also the built-in exception you would catch
+    (``NotFoundError`` is a ``FileNotFoundError``, ``AlreadyExistsError`` a
+    ``FileExistsError``, ``InvalidSizeError`` a ``ValueError`` ...), and
+    pickles with its message and key.
+
+    Parameters
+    ----------
+    message : str, optional
+        What went wrong, and usually what to do.
+    key : str, optional
+        The segment's key, when there is one.
+
+    Attributes
+    ----------
+    code : SharedMemoryError
+        Qt's error code for this kind of failure.
+    key : str or None
+        The segment's key.
+    message : str
+        The message.
+
+    Examples
+    --------
+    >>> import shmarray
+    >>> try:
+    ...     shmarray.attach("doc-never-created")
+    ... except FileNotFoundError as e:
+    ...     print(type(e).__name__, e.key, e.code.name)
+    NotFoundError doc-never-created NotFound
+    """
 
     code: SharedMemoryError = SharedMemoryError.UnknownError
 
