@@ -35,7 +35,8 @@ from ._os import backend
 from ._os._linux import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN, flock
 from ._wait import check_timeout, deadline_of, left_until, poll_until, wait_while
 
-__all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks"]
+__all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLocks", "segment_lock",
+           "segment_unlock"]
 
 _MARK = MARK_WORD
 
@@ -50,7 +51,7 @@ class LockGate:
     read-only, writes that word through the descriptor instead.
     """
 
-    __slots__ = ("fd", "marks", "peek", "write_mark", "pid", "owner", "locks")
+    __slots__ = ("fd", "marks", "peek", "write_mark", "pid", "locks")
 
     def __init__(self, fd: int, marks: memoryview | None, pid: int,
                  write_mark: "Callable[[int], None] | None" = None) -> None:
@@ -59,8 +60,15 @@ class LockGate:
         self.peek = marks
         self.write_mark = write_mark if self.marks is None and marks is not None else None
         self.pid = pid
-        self.owner: SegmentLock | None = None  # the exclusive holder in this process, if any
         self.locks: weakref.WeakSet[SegmentLock] = weakref.WeakSet()
+
+    @property
+    def owner(self) -> SegmentLock | None:
+        """The object's lock that holds it exclusively in this process, if any (asked at close, not kept up to date by the hot path)."""
+        for lk in list(self.locks):
+            if lk._held == 2:
+                return lk
+        return None
 
     def set_mark(self, value: int) -> None:
         if self.marks is not None:
@@ -80,7 +88,6 @@ class LockGate:
         each object opens a new one on its next lock.
         """
         self.pid = pid
-        self.owner = None
         for lk in list(self.locks):
             lk._forget(pid)
 
@@ -88,18 +95,23 @@ class LockGate:
 class SegmentLock:
     """The lock of one Segment object (and the views built on it): ``flock`` on a description of its own."""
 
-    __slots__ = ("_gate", "_held", "recovered", "_fd", "_marks", "_pid", "holds", "__weakref__")
+    __slots__ = ("_gate", "_held", "_seen", "_fd", "_marks", "_pid", "holds", "__weakref__")
 
     def __init__(self, gate: LockGate) -> None:
         self._gate = gate
         self._held = 0  # 0 free, 1 shared, 2 exclusive
-        self.recovered = False
+        self._seen = 0  # the holder mark found by the last acquisition: a dead holder's pid, or 0
         self._fd = -1  # this object's description, opened on the first lock (and again after a fork)
         # Bound once for the fast path: a writable view of the control block, or None.
         self._marks = gate.marks
         self._pid = gate.pid
         self.holds: Holds | None = None  # the guard rule, made on first SharedArray.lock()
         gate.locks.add(self)
+
+    @property
+    def recovered(self) -> bool:
+        """True when the last acquisition found that the previous exclusive holder had died holding it."""
+        return self._seen != 0
 
     @property
     def held(self) -> str | None:
@@ -141,12 +153,11 @@ class SegmentLock:
             flock(fd if fd >= 0 else self._open(), LOCK_EX)
             marks = self._marks
             if marks is not None:
-                self.recovered = marks[_MARK] != 0
+                self._seen = marks[_MARK]
                 marks[_MARK] = self._pid
             else:
                 self._mark_taken()
             self._held = 2
-            self._gate.owner = self
             return True
         timeout = check_timeout(timeout)
         if self._held:
@@ -166,16 +177,15 @@ class SegmentLock:
                 # lock: the mark is a dead holder's. Report it (once, where
                 # this attachment may clear it).
                 g.set_mark(0)
-            self.recovered = mark != 0
+            self._seen = mark
             return True
         self._mark_taken()
         self._held = 2
-        self._gate.owner = self
         return True
 
     def _mark_taken(self) -> None:
         g = self._gate
-        self.recovered = g.mark() != 0
+        self._seen = g.mark()
         g.set_mark(self._pid)
 
     def _take(self, op: int, timeout: float | None) -> bool:
@@ -205,7 +215,6 @@ class SegmentLock:
                 marks[_MARK] = 0
             else:
                 self._gate.set_mark(0)
-            self._gate.owner = None
             flock(self._fd, LOCK_UN)
             return True
         if held:
@@ -406,15 +415,60 @@ class Holds:
 
 
 class _LockOwner(Protocol):
-    """What ``SegmentLocked`` asks of the Segment it serves (declared here: the lock sits below it)."""
+    """What ``SegmentLocked``, ``segment_lock`` and ``segment_unlock`` ask of the Segment they serve
+    (declared here: the lock sits below it)."""
 
     _lk: SegmentLock | None
+    _error: Any
 
     @property
     def key(self) -> str | None: ...
     def _label(self) -> str | None: ...
+    def _ok(self) -> None: ...
+    def _lock_slow(self, timeout: float | None, shared: bool) -> bool: ...
     def lock(self, timeout: float | None = ..., *, shared: bool = ...) -> bool: ...
     def unlock(self) -> bool: ...
+
+
+def segment_lock(seg: _LockOwner, timeout: float | None = None, *, shared: bool = False) -> bool:
+    """Take the segment lock; True when held, False when *timeout* seconds ran out.
+
+    None waits forever (Ctrl-C interrupts), 0 tries once. Locking again
+    through the object that holds the lock returns True at once. Each
+    Segment object is a lock of its own, also against other objects of
+    the same segment in this process (views share their root's).
+    """
+    # ``Segment.lock`` itself: the common case (exclusive, no timeout, a
+    # description open, a writable mark) is one Python call around one flock,
+    # which keeps the round trip near a bare flock pair (the lock group's aim,
+    # 1.3x); everything else is Segment._lock_slow -> SegmentLock.acquire.
+    lk = seg._lk
+    if lk is not None and timeout is None and not shared and not lk._held:
+        fd = lk._fd
+        marks = lk._marks
+        if fd >= 0 and marks is not None:
+            flock(fd, LOCK_EX)
+            lk._seen = marks[_MARK]
+            marks[_MARK] = lk._pid
+            lk._held = 2
+            if seg._error:
+                seg._ok()
+            return True
+    return seg._lock_slow(timeout, shared)
+
+
+def segment_unlock(seg: _LockOwner) -> bool:
+    """Release the segment lock; False when this object did not hold it."""
+    lk = seg._lk
+    if lk is None:
+        return False
+    marks = lk._marks
+    if lk._held == 2 and marks is not None:  # ``Segment.unlock``'s common case, as in segment_lock
+        lk._held = 0
+        marks[_MARK] = 0  # cleared before releasing: a mark left behind is a dead holder's
+        flock(lk._fd, LOCK_UN)
+        return True
+    return lk.release()
 
 
 class SegmentLocked:

@@ -32,7 +32,7 @@ from ._errors import (
     UnknownShmError,
 )
 from ._lifecycle import Dir, Fill, Where, check_dir, check_size, no_space
-from ._lock import Holds, SegmentLock, SegmentLocked
+from ._lock import Holds, SegmentLock, SegmentLocked, segment_lock, segment_unlock
 from ._os import backend, check_key, check_native_key, native_key_for
 from ._reference import Reference, attach_instances_with, rebuild, reduce
 from ._wait import check_timeout
@@ -445,14 +445,13 @@ class Segment:
                 "block), so it has no lock; coordinate by other means", self._key))
         return self._lk
 
-    def lock(self, timeout: float | None = None, *, shared: bool = False) -> bool:
-        """Take the segment lock; True when held, False when *timeout* seconds ran out.
+    # lock() and unlock(): their common case runs in one Python call, so their code is the
+    # lock's (``_lock.segment_lock``, ``segment_unlock``); the rest comes here.
+    lock = segment_lock
+    unlock = segment_unlock
 
-        None waits forever (Ctrl-C interrupts), 0 tries once. Locking again
-        through the object that holds the lock returns True at once. Each
-        Segment object is a lock of its own, also against other objects of
-        the same segment in this process (views share their root's).
-        """
+    def _lock_slow(self, timeout: float | None, shared: bool) -> bool:
+        """``lock()`` beyond its common case: timeouts, the shared mode, the first lock, Qt's error state."""
         lk = self._lk
         if lk is None:
             lk = self._the_lock("lock")  # raises the right LockError
@@ -465,11 +464,6 @@ class Segment:
             raise self._fail(e) from None
         self._fail(LockError(f"lock: timed out after {timeout} s waiting for segment {self._label()!r}", self._key))
         return False
-
-    def unlock(self) -> bool:
-        """Release the segment lock; False when this object did not hold it."""
-        lk = self._lk
-        return lk.release() if lk is not None else False
 
     def locked(self, timeout: float | None = None, *, shared: bool = False) -> SegmentLocked:
         """Context manager holding the lock; raises LockError on timeout."""
