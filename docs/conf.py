@@ -42,6 +42,10 @@ napoleon_use_ivar = True
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# numpydoc sections carry the types; hints fill in only what a docstring documents.
+autodoc_typehints_description_target = "documented"
+# Defaults as written (dtype=float, not <class 'float'>).
+autodoc_preserve_defaults = True
 autodoc_typehints_format = "short"
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True}
 autodoc_inherit_docstrings = False
@@ -60,6 +64,7 @@ html_css_files = ["custom.css"]
 html_show_sourcelink = False
 html_theme_options = {
     "navbar_align": "left",
+    "header_links_before_dropdown": 6,
     "show_toc_level": 2,
     "navigation_with_keys": False,
     "footer_start": ["copyright"],
