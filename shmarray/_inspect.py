@@ -43,9 +43,45 @@ __all__ = ["SegmentEntry", "SegmentInfo", "Listing", "ls", "list_segments", "seg
 class SegmentEntry:
     """One segment as ``shmarray ls`` lists it (``pandas.DataFrame(shmarray.ls())`` makes a table).
 
-    ``kind`` is 'ndarray', 'arrow table', 'batch ring', 'raw', 'foreign' or
-    'kept' (memory a process keeps for reuse; ``kept`` is then (owner alive,
-    other names)); ``payload`` says what it holds in a few words.
+    Made by :func:`ls`, :func:`list_segments` and :func:`segment_info`,
+    read without attaching. Also named ``SegmentInfo``.
+
+    Attributes
+    ----------
+    key : str or None
+        The key (None for a segment made by native key, or a foreign object).
+    native_key : str
+        The file's name in the directory.
+    size : int
+        Usable bytes.
+    kind : str
+        'ndarray', 'arrow table', 'batch ring', 'raw', 'foreign' or 'kept'
+        (memory a process keeps for reuse).
+    payload : str
+        What it holds, in a few words (``ndarray float64 (1000, 480) C``).
+    pids : tuple of int
+        The attached processes.
+    attachments : int
+        How many attachments hold it.
+    persistent : bool
+        It outlives its last holder.
+    orphan : bool
+        Its users (or, for kept memory, its owner) died: ``shmarray gc``
+        frees it; listing only shows it.
+    lock : str or None
+        'exclusive' or 'shared' while someone holds the segment lock.
+    lock_holder : int or None
+        The pid of the exclusive holder.
+    creator_pid : int
+        Who created it.
+    created : float
+        When (UNIX seconds).
+    shmarray : bool
+        False for a foreign object.
+    dir : str
+        The directory it lives in.
+    kept : tuple or None
+        For kept memory: (owner alive, other names).
     """
 
     key: str | None

@@ -48,7 +48,19 @@ class SlotStateError(ShmError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class LostSlot:
-    """A batch lost because its producer died while filling it."""
+    """A batch lost because its producer died while filling it (in ``SlotLostError.lost``).
+
+    Attributes
+    ----------
+    ticket : int
+        The batch's ticket.
+    slot : int
+        The slot it was filled in.
+    pid : int
+        The producer that died.
+    epoch : int
+        The ring's epoch at the loss.
+    """
 
     ticket: int
     slot: int
@@ -86,7 +98,25 @@ class SlotToken:
 
 @dataclasses.dataclass(frozen=True)
 class RingStats:
-    """A snapshot of a ring: slots by state, and counters since creation."""
+    """A snapshot of a ring (``ring.stats()``): slots by state, and counters since creation.
+
+    Attributes
+    ----------
+    slots : int
+        Slots in the ring.
+    free, filling, ready, reading, handed_off : int
+        Slots in each state.
+    published, delivered, aborted : int
+        Batches published, delivered to consumers, and aborted.
+    lost : int
+        Batches lost because their producer died filling them.
+    consumer_lost : int
+        Batches dropped because their consumer died reading them.
+    shut_down : bool
+        ``shutdown()`` was called.
+    epoch : int
+        The ring's epoch counter.
+    """
 
     slots: int
     free: int
