@@ -95,7 +95,7 @@ class LockGate:
 class SegmentLock:
     """The lock of one Segment object (and the views built on it): ``flock`` on a description of its own."""
 
-    __slots__ = ("_gate", "_held", "_seen", "_fd", "_marks", "_pid", "holds", "__weakref__")
+    __slots__ = ("_gate", "_held", "_seen", "_fd", "_marks", "_pid", "holds", "error_set", "__weakref__")
 
     def __init__(self, gate: LockGate) -> None:
         self._gate = gate
@@ -106,6 +106,9 @@ class SegmentLock:
         self._marks = gate.marks
         self._pid = gate.pid
         self.holds: Holds | None = None  # the guard rule, made on first SharedArray.lock()
+        # True while the Segment's Qt error state may be set (Segment._fail sets it), so the
+        # fast path reads a slot of its own instead of the Segment's: a success clears the state.
+        self.error_set = True
         gate.locks.add(self)
 
     @property
@@ -451,7 +454,8 @@ def segment_lock(seg: _LockOwner, timeout: float | None = None, *, shared: bool 
             lk._seen = marks[_MARK]
             marks[_MARK] = lk._pid
             lk._held = 2
-            if seg._error:
+            if lk.error_set:
+                lk.error_set = False
                 seg._ok()
             return True
     return seg._lock_slow(timeout, shared)

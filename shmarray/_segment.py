@@ -197,6 +197,9 @@ class Segment:
     def _fail(self, exc: ShmError) -> ShmError:
         self._error = exc.code
         self._error_string = str(exc)
+        lk = self._lk
+        if lk is not None:
+            lk.error_set = True  # the lock's fast path clears the error state again on success
         # Raised again from the public method: the frames below it are internals.
         return exc.with_traceback(None)
 

@@ -421,3 +421,15 @@ def test_each_objects_lock_description_closes_with_it(key):
         with Segment(key).attach() as u:
             assert u.lock(timeout=0) is True and u.lock_recovered is False
             u.unlock()
+
+
+def test_a_lock_on_the_fast_path_clears_the_error_state(key):
+    with Segment(key).create(8) as a, Segment(key).attach() as b:
+        assert b.lock() and b.unlock()  # the description is open: the next lock() takes the fast path
+        assert a.lock()
+        assert b.lock(timeout=0) is False
+        assert b.error is shmarray.SharedMemoryError.LockError
+        a.unlock()
+        assert b.lock() is True
+        assert b.error is shmarray.SharedMemoryError.NoError and b.error_string == ""
+        b.unlock()
