@@ -86,6 +86,25 @@ class QNativeIpcKey:
     type=DefaultTypeForOs)`` or ``QNativeIpcKey(other)`` (ours, or a
     PySide6/PyQt6 one). Equal keys have the same native key, type and
     legacy key. Keys pickle, so a key can be handed to a worker process.
+
+    Parameters
+    ----------
+    key : str, optional
+        The native key (for PosixRealtime, the name in /dev/shm).
+    type : QNativeIpcKey.Type, optional
+        ``SystemV``, ``PosixRealtime`` or ``Windows``, with Qt's values
+        (default ``DefaultTypeForOs``: PosixRealtime on Linux).
+    other : QNativeIpcKey
+        A key to copy (ours, PySide6's or PyQt6's).
+
+    Examples
+    --------
+    >>> from shmarray.qt import QNativeIpcKey, QSharedMemory
+    >>> k = QNativeIpcKey("camera")
+    >>> k.nativeKey(), k.type() == QNativeIpcKey.Type.PosixRealtime
+    ('camera', True)
+    >>> QNativeIpcKey.fromString(k.toString()) == k
+    True
     """
 
     Type = _Type
