@@ -39,6 +39,7 @@ __all__ = ["LockGate", "SegmentLock", "SegmentLocked", "Holds", "Guard", "ByteLo
            "segment_unlock"]
 
 _MARK = MARK_WORD
+_OPENING = threading.Lock()  # taken only while a lock opens its description
 
 
 class LockGate:
@@ -122,10 +123,15 @@ class SegmentLock:
         return (None, "shared", "exclusive")[self._held]
 
     def _open(self) -> int:
-        # Read-only is enough for flock, and every attacher may read the file.
         fd = self._fd
         if fd < 0:
-            fd = self._fd = backend.reopen(self._gate.fd, False)
+            # Once per object (and per fork): two threads locking it first at once
+            # must not open two descriptions, or one would wait for the other forever.
+            with _OPENING:
+                fd = self._fd
+                if fd < 0:
+                    # Read-only is enough for flock, and every attacher may read the file.
+                    fd = self._fd = backend.reopen(self._gate.fd, False)
         return fd
 
     def _forget(self, pid: int) -> None:

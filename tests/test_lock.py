@@ -433,3 +433,29 @@ def test_a_lock_on_the_fast_path_clears_the_error_state(key):
         assert b.lock() is True
         assert b.error is shmarray.SharedMemoryError.NoError and b.error_string == ""
         b.unlock()
+
+
+def test_threads_locking_a_fresh_object_at_once_share_one_description(key):
+    with Segment(key).create(8) as seg:
+        assert seg.lock() and seg.unlock()  # its own description is open from here on
+        before = _open_fds()
+        for _ in range(10):
+            s = Segment(key).attach()
+            start_line = threading.Barrier(6)
+            got: list[bool] = []
+
+            def first_lock(s: Segment = s, start_line: threading.Barrier = start_line) -> None:
+                start_line.wait(10)
+                got.append(s.lock(timeout=10))
+
+            threads = [threading.Thread(target=first_lock) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            assert got == [True] * 6  # one object, one hold: every thread of it is let in
+            assert s.unlock() is True
+            assert seg.lock(timeout=0) is True  # nothing left holding it
+            seg.unlock()
+            s.detach()
+        assert _open_fds() == before
