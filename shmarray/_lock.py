@@ -7,8 +7,10 @@ on it), opened on its first lock: the kernel excludes the objects of one
 process from each other as it excludes processes (Qt's per-object lock),
 counts the readers of the shared mode, and releases a dead holder's lock.
 No in-process gate sits in front of it, so a round trip is one ``flock``
-pair plus a few attribute reads (issue: the lock within 1.3x of the
-fastest kernel-released lock). The attachment's :class:`LockGate` only
+pair plus a few attribute reads, in one Python call each way
+(:func:`segment_lock` and :func:`segment_unlock` are ``Segment.lock`` and
+``Segment.unlock``): the lock group's aim is 1.3x of the fastest
+kernel-released lock. The attachment's :class:`LockGate` only
 carries what the objects of one attachment share: the holder mark and the
 fork reset. A holder mark in the segment's control block (the holder's pid,
 written after acquiring exclusively and cleared before releasing) tells the
@@ -439,7 +441,7 @@ class _LockOwner(Protocol):
     def unlock(self) -> bool: ...
 
 
-def segment_lock(seg: _LockOwner, timeout: float | None = None, *, shared: bool = False) -> bool:
+def segment_lock(self: _LockOwner, timeout: float | None = None, *, shared: bool = False) -> bool:
     """Take the segment lock; True when held, False when *timeout* seconds ran out.
 
     None waits forever (Ctrl-C interrupts), 0 tries once. Locking again
@@ -451,7 +453,7 @@ def segment_lock(seg: _LockOwner, timeout: float | None = None, *, shared: bool 
     # description open, a writable mark) is one Python call around one flock,
     # which keeps the round trip near a bare flock pair (the lock group's aim,
     # 1.3x); everything else is Segment._lock_slow -> SegmentLock.acquire.
-    lk = seg._lk
+    lk = self._lk
     if lk is not None and timeout is None and not shared and not lk._held:
         fd = lk._fd
         marks = lk._marks
@@ -462,14 +464,14 @@ def segment_lock(seg: _LockOwner, timeout: float | None = None, *, shared: bool 
             lk._held = 2
             if lk.error_set:
                 lk.error_set = False
-                seg._ok()
+                self._ok()
             return True
-    return seg._lock_slow(timeout, shared)
+    return self._lock_slow(timeout, shared)
 
 
-def segment_unlock(seg: _LockOwner) -> bool:
+def segment_unlock(self: _LockOwner) -> bool:
     """Release the segment lock; False when this object did not hold it."""
-    lk = seg._lk
+    lk = self._lk
     if lk is None:
         return False
     marks = lk._marks
