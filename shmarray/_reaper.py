@@ -200,7 +200,15 @@ def main(listen_fd: int) -> None:
     sel.close()
 
 
+def _mount_namespace(pid: int | str) -> int:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return -1
+
+
 def _accept(listener: socket.socket, sel: selectors.BaseSelector, clients: dict[int, _Client], me: int) -> None:
+    own_ns = _mount_namespace("self")
     while True:
         try:
             sock, _ = listener.accept()
@@ -214,8 +222,12 @@ def _accept(listener: socket.socket, sel: selectors.BaseSelector, clients: dict[
         except OSError:
             sock.close()
             continue
-        if uid != me:
-            sock.close()  # another user's process: what it says is none of ours to free
+        theirs = _mount_namespace(pid)
+        if uid != me or theirs not in (own_ns, -1):
+            # Another user's process (what it says is none of ours to free), or one that sees
+            # other files under the same paths (another mount namespace). A process already gone
+            # (it died before the watcher came up) is served: it chose this watcher by its namespace.
+            sock.close()
             continue
         sock.setblocking(True)
         client = _Client(sock, pid)

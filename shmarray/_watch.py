@@ -130,7 +130,7 @@ def _connected() -> int:
 
     if time.monotonic() - _failed_at < 5.0:
         return -1  # no watcher could be had a moment ago: do not try on every call
-    sock = _connect(os.environ.get(ENV))
+    sock = _connect(_ours(os.environ.get(ENV)))
     if sock is None:
         sock = _start()
     if sock is None:
@@ -186,8 +186,28 @@ def _start() -> socket.socket | None:
     sock = _connect(name)
     listener.close()  # the watcher has its own copy; the connection above is queued on it
     if sock is not None:
-        os.environ[ENV] = name
+        os.environ[ENV] = f"{name}:{_mount_namespace()}"
     return sock
+
+
+def _mount_namespace() -> int:
+    """This process's mount namespace: a watcher resolves the paths it is told in its own."""
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:  # no /proc: one namespace as far as anyone here can tell
+        return 0
+
+
+def _ours(value: str | None) -> str | None:
+    """The watcher named in *value* if it sees the same files as this process (its mount namespace), else None.
+
+    A process in a mount namespace of its own (``unshare -m``, a container sharing the network
+    namespace) sees another /dev/shm under the same path: it needs a watcher of its own.
+    """
+    if not value:
+        return None
+    name, _, ns = value.rpartition(":")
+    return name if name and ns == str(_mount_namespace()) else None
 
 
 def _reap_child() -> None:

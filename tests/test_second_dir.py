@@ -126,7 +126,7 @@ def test_tables_rings_and_listing_in_a_directory(seg_dir: str, make_key) -> None
     del t, ring, again
 
 
-def test_a_crashed_attacher_leaves_nothing(seg_dir: str, key: str) -> None:
+def test_a_crashed_attacher_leaves_nothing(seg_dir: str, key: str, unwatched: None) -> None:
     code = textwrap.dedent(f"""
         import os, numpy as np, shmarray
         a = shmarray.share({key!r}, np.ones(1000), dir={seg_dir!r})
@@ -176,7 +176,7 @@ def test_memory_is_recycled_inside_a_directory(seg_dir: str, make_key) -> None: 
         idle_maps.set_budget(None)
 
 
-def test_a_killed_creators_kept_memory_in_a_directory_is_reaped(seg_dir: str, key: str) -> None:
+def test_a_killed_creators_kept_memory_in_a_directory_is_reaped(seg_dir: str, key: str, unwatched: None) -> None:
     code = textwrap.dedent(f"""
         import gc, os, numpy as np, shmarray
         a = shmarray.share({key!r}, np.ones(1 << 18), dir={seg_dir!r})

@@ -309,3 +309,21 @@ def test_the_watcher_installs_no_signal_handler_and_is_shared_by_a_pool(tmp_path
     ''')
     assert got["same"], got
     assert got["env"] and got["envs"] == [got["env"]], got  # spawned workers find the same watcher
+
+
+def test_in_another_directory(tmp_path):
+    """dir= segments: the watcher frees them where they live."""
+    got = _scenario(tmp_path, r'''
+        other = "/dev/shm/elsewhere"
+        os.mkdir(other)
+        code = ("import numpy as np, shmarray, time; a = shmarray.share('far', np.ones(1 << 16), dir=%r); "
+                "b = shmarray.share('far2', np.ones(1 << 16), dir=%r); del b; print('ready', flush=True); "
+                "time.sleep(60)" % (other, other))
+        p = spawn(code)
+        during = sorted(os.listdir(other))
+        p.kill()
+        p.wait(30)
+        took = until(lambda: not os.listdir(other))
+        print(json.dumps({"during": during, "took": took, "left": os.listdir(other)}))
+    ''')
+    assert got["during"] and got["took"] is not None and got["left"] == [], got
