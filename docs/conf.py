@@ -47,7 +47,9 @@ autodoc_typehints_description_target = "documented"
 # Defaults as written (dtype=float, not <class 'float'>).
 autodoc_preserve_defaults = True
 autodoc_typehints_format = "short"
-autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True}
+autodoc_default_options = {"members": True, "undoc-members": False}
+# The page ToC names members without their class ("acquire()", not "BatchRing.acquire()").
+toc_object_entries_show_parents = "hide"
 autodoc_inherit_docstrings = False
 # Optional dependencies the API pages import; mocked only where they are not
 # installed, so that `pip install -e '.[docs]'` alone builds the reference.
