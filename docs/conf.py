@@ -73,5 +73,6 @@ html_theme_options = {
     "footer_end": [],
     "secondary_sidebar_items": ["page-toc"],
 }
-html_sidebars = {"index": []}
+# Pages without sub-pages need no section navigation.
+html_sidebars = {"index": [], "getting-started": [], "formats": [], "contributing": []}
 pygments_style = "sphinx"
