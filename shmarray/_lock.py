@@ -442,12 +442,33 @@ class _LockOwner(Protocol):
 
 
 def segment_lock(self: _LockOwner, timeout: float | None = None, *, shared: bool = False) -> bool:
-    """Take the segment lock; True when held, False when *timeout* seconds ran out.
+    """Take the segment lock.
 
-    None waits forever (Ctrl-C interrupts), 0 tries once. Locking again
-    through the object that holds the lock returns True at once. Each
-    Segment object is a lock of its own, also against other objects of
-    the same segment in this process (views share their root's).
+    Locking again through the object that holds the lock returns True at
+    once. Each Segment object is a lock of its own, also against other
+    objects of the same segment in this process (views share their root's).
+    When the previous exclusive holder died holding it, the lock is taken
+    all the same and ``lock_recovered`` is True.
+
+    Parameters
+    ----------
+    timeout : float or None, optional
+        Seconds to wait: None (the default) waits forever (Ctrl-C
+        interrupts), 0 tries once.
+    shared : bool, optional
+        Take it as a reader (many at once) instead of exclusively.
+
+    Returns
+    -------
+    bool
+        True when held, False when *timeout* ran out (``error`` is then
+        LockError, as in Qt).
+
+    Raises
+    ------
+    LockError
+        When the segment is not attached or is foreign (no lock), or this
+        object holds the shared lock and asks for the exclusive one.
     """
     # ``Segment.lock`` itself: the common case (exclusive, no timeout, a
     # description open, a writable mark) is one Python call around one flock,
@@ -470,7 +491,13 @@ def segment_lock(self: _LockOwner, timeout: float | None = None, *, shared: bool
 
 
 def segment_unlock(self: _LockOwner) -> bool:
-    """Release the segment lock; False when this object did not hold it."""
+    """Release the segment lock.
+
+    Returns
+    -------
+    bool
+        False when this object did not hold it.
+    """
     lk = self._lk
     if lk is None:
         return False
