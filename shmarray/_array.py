@@ -20,6 +20,7 @@ checks that the view lies inside the segment's data.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -45,7 +46,6 @@ from ._npy import (
     parse_descriptor,
 )
 from ._progress import check_progress, label, reporting
-from ._reuse import allocator
 from ._segment import Dir, Segment
 from ._reference import Reference, rebuild, reduce
 
@@ -731,7 +731,10 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bo
     if dt is not src.dtype:
         src = src.view(dt)  # the same bytes without dtype metadata
     fortran = bool(src.flags.f_contiguous and not src.flags.c_contiguous)
-    if allocator.holds(src):
+    # Only a process that entered allocating() has loaded the allocator, and only there can
+    # an array live in one of its files: the others never import it (nor ctypes) for share().
+    allocator = sys.modules.get("shmarray._reuse.allocator")
+    if allocator is not None and allocator.holds(src):
         published = _share_in_place(key, src, dt, fortran, persistent, dir, what)
         if published is not None:
             return published
@@ -755,6 +758,8 @@ def _share_in_place(key: str, src: np.ndarray, dt: np.dtype[Any], fortran: bool,
     view of the same bytes included) and not shared before; and only when
     its descriptor fits the room kept for it.
     """
+    from ._reuse import allocator  # loaded already: share() found the array in it
+
     seg = Segment(key, dir=dir)  # the key is checked here
     block = allocator.block_for(src, seg._dir)
     if block is None:

@@ -30,11 +30,14 @@ half-built files may be left). Each is one small write on the connection.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from ._os import backend
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = ["hold", "release", "keep", "unkeep", "building_in", "ENV", "disabled"]
 
@@ -150,6 +153,7 @@ def _connected() -> int:
 def _connect(name: str | None) -> socket.socket | None:
     if not name:
         return None
+    import socket  # here: a process that holds no segment never loads it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect("\0" + name)
@@ -162,6 +166,8 @@ def _connect(name: str | None) -> socket.socket | None:
 def _start() -> socket.socket | None:
     """Start a watcher on a fresh abstract socket, connect to it, and name it for the processes started from here."""
     global _child
+    import socket
+
     _reap_child()
     name = f"shmarray-watch-{backend.getpid()}-{backend.token_hex(8)}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
