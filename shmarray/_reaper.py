@@ -94,28 +94,32 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _wait_exit(client: _Client) -> None:
-    """Until the process has finished exiting (its descriptors and locks are gone), at most _EXIT_WAIT."""
+def _wait_exit(client: _Client) -> bool:
+    """Wait until the process has finished exiting (its descriptors and locks gone), at most _EXIT_WAIT.
+
+    False when it is still alive: it closed its connection itself (``SHMARRAY_WATCH=0`` was set, or it
+    reconnected), so nothing may be taken from it that no lock protects (its half-built files).
+    """
     deadline = time.monotonic() + _EXIT_WAIT
     if client.pidfd is not None:
         sel = selectors.DefaultSelector()
         try:
             sel.register(client.pidfd, selectors.EVENT_READ)
-            sel.select(_EXIT_WAIT)
+            return bool(sel.select(_EXIT_WAIT))
         finally:
             sel.close()
             os.close(client.pidfd)
             client.pidfd = None
-        return
     while time.monotonic() < deadline:  # no pidfd: watch /proc
         try:
             with open(f"/proc/{client.pid}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
-            return
+            return True
         if state in (b"Z", b"X"):
-            return
+            return True
         time.sleep(0.01)
+    return False
 
 
 def reap(held: dict[str, set[str]], pid: int) -> list[str]:
@@ -237,5 +241,7 @@ def _accept(listener: socket.socket, sel: selectors.BaseSelector, clients: dict[
 
 def _finish(client: _Client) -> None:
     client.sock.close()
-    _wait_exit(client)
-    reap(client.held, client.own_pid)
+    if _wait_exit(client):
+        reap(client.held, client.own_pid)
+    else:  # alive: only what the kernel's locks guard (nothing it holds can be taken)
+        reap({"H": client.held["H"], "K": client.held["K"]}, client.own_pid)

@@ -327,3 +327,27 @@ def test_in_another_directory(tmp_path):
         print(json.dumps({"during": during, "took": took, "left": os.listdir(other)}))
     ''')
     assert got["during"] and got["took"] is not None and got["left"] == [], got
+
+
+LEAVER = r'''
+import os, time
+import numpy as np, shmarray
+from shmarray import _watch
+from shmarray._os import TEMP_PREFIX
+a = shmarray.share("leaver", np.ones(16))          # connected: it builds in /dev/shm
+os.environ["SHMARRAY_WATCH"] = "0"
+_watch._drop()                                      # alive, but no longer connected
+temp = f"/dev/shm/{TEMP_PREFIX}{os.getpid()}-building"
+open(temp, "w").close()                             # stands for a segment being built now
+time.sleep(2.5)                                     # past the watcher's wait for an exit
+print("kept" if os.path.exists(temp) else "removed", flush=True)
+os.unlink(temp)
+'''
+
+
+def test_a_live_process_that_leaves_its_watcher_keeps_its_half_built_files(tmp_path):
+    got = _scenario(tmp_path, f'''
+        out = subprocess.run([sys.executable, "-c", {LEAVER!r}], capture_output=True, text=True, timeout=60)
+        print(json.dumps({{"out": out.stdout.strip(), "err": out.stderr[-500:]}}))
+    ''')
+    assert got["out"] == "kept", got
