@@ -7,6 +7,10 @@ Two figures per lock, in ns:
   The counter is checked afterwards: a lock that lets an update through
   unprotected is reported as failed, not timed.
 
+Both figures interleave the locks: every lock's processes start first, and
+the rounds rotate through the locks (``interleave``), so a slow spell of
+the shared machine is spread over all of them.
+
 Kernel-released locks are dropped by the kernel when their holder dies
 (flock, OFD byte locks, SysV semaphores with SEM_UNDO, shmarray's lock);
 futex semaphores (multiprocessing.Lock, posix_ipc) stay taken, and the
@@ -198,11 +202,13 @@ class _Handle:
         self._closers.clear()
 
 
-def _contender(conn: Any, spec: dict[str, Any], inherited_lock: Any) -> None:
-    """A contending process: warm up, then run n counted round trips per 'go'."""
+def _contender(conn: Any, spec: dict[str, Any], inherited_lock: Any, cpu: int | None) -> None:
+    """A contending process (on CPU *cpu*, when given): warm up, then run n counted round trips per 'go'."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     h = _Handle(spec, inherited_lock)
     try:
         h.loop(200, counted=False)
@@ -286,54 +292,106 @@ def _counter_of(spec: dict[str, Any], seg: Any) -> tuple[Any, Callable[[], None]
     return view, close
 
 
-def _contended(ctx: Context, kind: str, spec: dict[str, Any], seg: Any, mp_lock: Any,
-               n: int, reps: int) -> tuple[list[float], str]:
-    """ns per increment over *reps* rounds of 2 processes x *n* increments; (samples, error)."""
-    procs, conns = [], []
-    counter, close_counter = _counter_of(spec, seg)
-    samples: list[float] = []
-    try:
-        for _ in range(2):
+def _contender_cpus() -> list[int]:
+    """Two different CPUs for the two contenders, or [] where this process may use only one.
+
+    Left to the scheduler, the two processes of a pair sometimes share one
+    CPU: they then take turns by time slice, the lock almost never changes
+    hands, and the round measures an uncontended lock. Which pair that
+    happens to differs from run to run (it made flock's contended median
+    move by 20% between runs), so each contender gets a CPU of its own.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[:2] if len(cpus) >= 2 else []
+
+
+class _Pair:
+    """Two contending processes on one lock, started once; each sample is one counted round."""
+
+    def __init__(self, kind: str, spec: dict[str, Any], seg: Any, mp_lock: Any, n: int) -> None:
+        self.kind, self.n = kind, n
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        self.counter, self._close_counter = _counter_of(spec, seg)
+        cpus = _contender_cpus()
+        for i in range(2):
             parent, child = MP.Pipe()
-            p = MP.Process(target=_contender, args=(child, spec, mp_lock if kind == MP_LOCK else None),
-                           daemon=True)
+            p = MP.Process(target=_contender, daemon=True,
+                           args=(child, spec, mp_lock if kind == MP_LOCK else None, cpus[i] if cpus else None))
             p.start()
             child.close()
-            procs.append(p)
-            conns.append(parent)
-        for c in conns:
+            self.procs.append(p)
+            self.conns.append(parent)
+
+    def wait_ready(self) -> None:
+        """Raise unless both processes warmed up within 60 s."""
+        for c in self.conns:
             if not c.poll(60) or c.recv() != "ready":
-                return samples, "a contending process did not start within 60 s"
-        for _ in range(reps + 1):  # the first round is a warm-up
-            counter[0] = 0
-            for c in conns:
-                c.send(n)
-            spans = []
-            for c in conns:
-                if not c.poll(120):
-                    return samples, "a contending process did not finish within 120 s"
-                spans.append(c.recv())
-            if counter[0] != 2 * n:
-                return [], (f"lost updates: counter is {counter[0]}, expected {2 * n}: "
-                            "the lock did not exclude")
-            start = min(s for s, _ in spans)
-            end = max(e for _, e in spans)
-            samples.append((end - start) / (2 * n))
-        return samples[1:], ""
-    finally:
-        for c in conns:
+                raise RuntimeError("a contending process did not start within 60 s")
+
+    def sample(self) -> float:
+        """ns per increment of one round: 2 processes x n increments, the counter checked."""
+        n = self.n
+        self.counter[0] = 0
+        for c in self.conns:
+            c.send(n)
+        spans = []
+        for c in self.conns:
+            if not c.poll(120):
+                raise RuntimeError("a contending process did not finish within 120 s")
+            spans.append(c.recv())
+        if self.counter[0] != 2 * n:
+            raise RuntimeError(f"lost updates: counter is {self.counter[0]}, expected {2 * n}: "
+                               "the lock did not exclude")
+        start = min(s for s, _ in spans)
+        end = max(e for _, e in spans)
+        return (end - start) / (2 * n)
+
+    def close(self) -> None:
+        """Stop both processes and release the counter."""
+        for c in self.conns:
             try:
                 c.send(None)
             except OSError:
                 pass
-        for p in procs:
+        for p in self.procs:
             p.join(5)
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        for c in conns:
+        for c in self.conns:
             c.close()
-        close_counter()
+        self._close_counter()
+
+
+def _contended(ctx: Context, specs: dict[str, dict[str, Any]], seg: Any, mp_lock: Any,
+               n: int, reps: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """ns per increment of every exclusive lock, its rounds interleaved with the other locks' rounds.
+
+    Every lock's pair of processes is started first and waits between
+    rounds, so that a slow spell of this shared machine lands on all the
+    locks alike instead of on whichever one ran during it.
+    """
+    pairs: dict[str, _Pair] = {}
+    errors: dict[str, str] = {}
+    try:
+        for kind, spec in specs.items():
+            pairs[kind] = _Pair(kind, spec, seg, mp_lock, n)
+        for kind, pair in list(pairs.items()):
+            try:
+                pair.wait_ready()
+            except RuntimeError as e:
+                errors[kind] = str(e)
+                pairs.pop(kind).close()
+        ctx.log(f"  contended: {len(pairs)} locks x 2 processes x {n} increments, interleaved")
+        samples, errs = interleave(ctx, {k: p.sample for k, p in pairs.items()}, reps=reps, warmup=1)
+        errors.update(errs)
+        for kind in errors:
+            samples[kind] = []
+        return samples, errors
+    finally:
+        for pair in pairs.values():
+            pair.close()
 
 
 def run(ctx: Context) -> GroupResult:
@@ -367,12 +425,12 @@ def run(ctx: Context) -> GroupResult:
                             extra={"kernel_released": KERNEL_RELEASED.get(kind)}))
 
     n_con = 2_000 if ctx.quick else 20_000
-    for kind, spec in specs.items():
-        if kind in (FLOOR, SHMARRAY_SH):
-            continue  # shared holders do not exclude each other: no counter to protect
-        ctx.log(f"  contended: {kind}, 2 processes x {n_con} increments")
-        s, err = _contended(ctx, kind, spec, seg, mp_lock, n_con, ctx.reps(7, 3))
-        res.rows.append(Row(kind, s, unit="ns", variant="contended", role=_role(kind), error=err,
+    # Shared holders do not exclude each other: there is no counter to protect.
+    excl = {k: v for k, v in specs.items() if k not in (FLOOR, SHMARRAY_SH)}
+    con, con_errors = _contended(ctx, excl, seg, mp_lock, n_con, ctx.reps(12, 3))
+    for kind in excl:
+        res.rows.append(Row(kind, con.get(kind, []), unit="ns", variant="contended", role=_role(kind),
+                            error=con_errors.get(kind, ""),
                             extra={"kernel_released": KERNEL_RELEASED.get(kind), "increments": 2 * n_con}))
     res.notes.append(
         "Kernel-released: the kernel drops the lock when its holder dies (shmarray, flock, OFD, "
