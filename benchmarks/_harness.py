@@ -123,10 +123,12 @@ class GroupResult:
                 out.append((s, b / a))
         return out
 
-    def headline(self, aim: str, ratio: float | None, target: str, ok: bool | None, detail: str) -> None:
-        """Record a headline ratio (an aim of the project, measured in this run)."""
+    def headline(self, aim: str, ratio: float | None, target: str, ok: bool | None, detail: str,
+                 unit: str = "x") -> None:
+        """Record a headline figure (an aim of the project, measured in this run): a ratio, or a value in *unit*."""
         self.headlines.append(
-            {"group": self.name, "aim": aim, "ratio": ratio, "target": target, "ok": ok, "detail": detail}
+            {"group": self.name, "aim": aim, "ratio": ratio, "target": target, "ok": ok, "detail": detail,
+             "unit": unit}
         )
 
 

@@ -125,7 +125,9 @@ def headline_table(groups: list[GroupResult]) -> list[str]:
     for g in groups:
         for h in g.headlines:
             met = {True: "yes", False: "**no**", None: "-"}[h["ok"]]
-            out.append(f"| {h['aim']} | {_ratio_txt(h['ratio'])} | {h['target']} | {met} | {h['detail']} |")
+            unit = h.get("unit", "x")
+            value = _ratio_txt(h["ratio"]) if unit == "x" or h["ratio"] is None else f"{h['ratio']:.2f} {unit}"
+            out.append(f"| {h['aim']} | {value} | {h['target']} | {met} | {h['detail']} |")
     return out
 
 

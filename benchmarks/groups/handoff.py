@@ -280,11 +280,15 @@ def run(ctx: Context) -> GroupResult:
                          f"{variant}: shmarray {ours * 1e3:.0f} ms vs {peer} {theirs * 1e3:.0f} ms")
     alloc, own, alone = (res.median(x, variant=variant) for x in (ALLOC, OWN_SUM, ALLOC_SHARE))
     if alone is not None:
-        res.headline("share() of an allocating() array (ms)", alone * 1e3, "< 1", alone < 1e-3,
-                     f"{variant}: {alone * 1e3:.3f} ms")
+        res.headline("share() of an allocating() array", alone * 1e3, "< 1 ms", alone < 1e-3,
+                     f"{variant}: {alone * 1e3:.3f} ms", unit="ms")
     if alloc is not None and own is not None:
         res.headline("hand-off of an allocating() array / the worker's own sum", alloc / own, "<= 1.15",
                      alloc / own <= 1.15, f"{variant}: {alloc * 1e3:.0f} ms vs {own * 1e3:.0f} ms")
+    ray = res.median(RAY, variant=variant)
+    if alloc is not None and ray is not None:
+        res.headline("hand-off of an allocating() array / Ray put+task", alloc / ray, "<= 0.6",
+                     alloc / ray <= 0.6, f"{variant}: {alloc * 1e3:.0f} ms vs Ray {ray * 1e3:.0f} ms")
     t_ours, t_theirs = res.median(T_REUSE, variant=t_variant), res.median(T_RAY, variant=t_variant)
     if t_ours is not None and t_theirs is not None:
         res.headline("table hand-off: Ray put+task / shmarray share_table+attach_table", t_theirs / t_ours,
