@@ -8,6 +8,8 @@ import io
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -337,6 +339,83 @@ def test_full_directory_is_out_of_resources_never_sigbus(tmp_path: Any) -> None:
     assert lines[0] == "inside MemoryError"
     assert lines[1] == "outside OutOfResourcesError True"
     assert lines[2] == f"sum {2 << 20} {1 << 20}"
+
+
+_ERRORS = """
+import numpy as np, shmarray
+
+def made_inside():
+    with shmarray.allocating(min_bytes=4096):
+        return np.ones(1 << 16)
+
+cases = {
+    "broadcast": lambda: np.ones(5) + np.ones(3),
+    "nested": lambda: (np.ones(5) + np.ones(5)) + (np.ones(5) + np.ones(3)),
+    "nested big": lambda: (np.ones(1 << 17) + 1) + (np.ones(1 << 17) + np.ones(3)),
+    "ufunc in ufunc": lambda: np.add(np.ones(5), np.add(np.ones(5), np.ones(3))),
+    "index in a list": lambda: [np.ones(5), np.ones(5)[7]],
+    "reshape": lambda: np.ones(3).reshape(2, 2),
+    "concatenate": lambda: np.concatenate([np.ones(5), np.ones((2, 2))]),
+    "raise in a function": lambda: (lambda t: {}["boom"])(np.ones(1 << 17)),
+}
+for name, case in cases.items():
+    for _ in range(3):  # a first call and the specialised ones
+        with shmarray.allocating(min_bytes=4096):
+            try:
+                case()
+            except (ValueError, IndexError, KeyError) as e:
+                kind = type(e).__name__
+    print(name, kind)
+try:
+    made_inside() + np.ones(3)  # made in a block, freed while the error leaves this line
+except ValueError:
+    print("outside ValueError")
+"""
+
+
+def test_errors_inside_the_block_arrive_as_numpy_raised_them() -> None:
+    """NumPy frees temporaries while an exception propagates: the allocator must neither lose nor replace it.
+
+    Before the native shim in front of the callbacks, these were a
+    SystemError ("error return without exception set") or a segfault.
+    """
+    out = subprocess.run([sys.executable, "-c", _ERRORS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [
+        "broadcast ValueError", "nested ValueError", "nested big ValueError", "ufunc in ufunc ValueError",
+        "index in a list IndexError", "reshape ValueError", "concatenate ValueError",
+        "raise in a function KeyError", "outside ValueError"]
+
+
+_FULL_IN_AN_EXPRESSION = """
+import numpy as np, shmarray
+for _ in range(3):
+    try:
+        with shmarray.allocating():
+            a = np.ones(12 << 17)   # 12 MiB of the 32
+            b = a * 2 + a ** 2      # a * 2 fits, a ** 2 does not: freed while MemoryError propagates
+    except shmarray.OutOfResourcesError as e:
+        print("OutOfResourcesError", "does not fit" in str(e))
+    del a
+print("alive")
+"""
+
+
+def test_full_directory_inside_an_expression(tmp_path: Any) -> None:
+    out = run_with_small_dev_shm(_FULL_IN_AN_EXPRESSION, tmp_path, "32m")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["OutOfResourcesError True"] * 3 + ["alive"]
+
+
+def test_a_machine_without_the_shim_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    with pytest.raises(shmarray.UnknownShmError, match="x86-64"):
+        with shmarray.allocating(min_bytes=12345):
+            pytest.fail("the block ran without an allocator")
+    assert not in_shared(np.ones(1 << 20))
 
 
 def test_min_bytes_is_checked() -> None:

@@ -1023,12 +1023,76 @@ def libc_allocator() -> tuple[Any, Any, Any, Any, Any]:
     return _libc_alloc()[1:]
 
 
+# One shim: shim(a, b, c) { s = PyGILState_Ensure(); PyErr_Fetch(&t, &v, &tb); r = target(a, b, c);
+# PyErr_Restore(t, v, tb); PyGILState_Release(s); return r; }, x86-64 System V, assembled by GNU as
+# from that sequence (endbr64; push rbx, r12, r13; sub rsp, 32: the stack 16-byte aligned at
+# each call; t, v, tb and s at rsp+0, 8, 16, 24). The five absolute addresses are placeholders.
+_SHIM_X86_64 = bytes.fromhex(
+    "f30f1efa53415441554883ec204889fb4989f44989d548b84444444444444444ffd089442418488d3c24488d7424"
+    "08488d54241048b81111111111111111ffd04889df4c89e64c89ea48b82222222222222222ffd04889c3488b3c24"
+    "488b742408488b54241048b83333333333333333ffd08b7c241848b85555555555555555ffd04889d84883c42041"
+    "5d415c5bc3")
+_SHIM_SLOTS = {"ensure": 24, "fetch": 54, "target": 75, "restore": 104, "release": 120}
+_SHIM_STRIDE = 160
+_PROT_EXEC = 4
+
+
+def _error_safe(ctypes: Any, targets: list[int]) -> list[int]:
+    """Native entry points that call each of *targets* with Python's pending exception set aside.
+
+    NumPy frees an array while an exception propagates (a temporary of a
+    failed expression): a ctypes callback entered then runs Python code
+    with that exception pending, loses it, and the interpreter goes on
+    from a NULL without an exception (SystemError, or a crash). Python's
+    own finalizers and weakref callbacks set it aside around their code
+    (PyErr_Fetch/PyErr_Restore); ctypes callbacks do not, and no Python
+    code can, so each callback gets this native shim in front of it. It
+    lives in a page of its own, written, then made read+execute, and kept
+    for the life of the process (arrays made with the handler may outlive
+    everything else). OSError where no shim can be made: another machine
+    than x86-64, or a system that refuses executable memory.
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        raise OSError(errno.ENOTSUP, f"no native shim for this machine ({platform.machine()}); "
+                                     "shmarray.allocating() needs x86-64 in this version")
+    api = ctypes.pythonapi
+    fixed = {name: ctypes.cast(getattr(api, fn), ctypes.c_void_p).value for name, fn in (
+        ("ensure", "PyGILState_Ensure"), ("fetch", "PyErr_Fetch"), ("restore", "PyErr_Restore"),
+        ("release", "PyGILState_Release"))}
+    code = bytearray(_SHIM_STRIDE * len(targets))
+    for i, target in enumerate(targets):
+        one = bytearray(_SHIM_X86_64)
+        for slot, at in _SHIM_SLOTS.items():
+            one[at:at + 8] = struct.pack("<Q", target if slot == "target" else fixed[slot])
+        code[i * _SHIM_STRIDE:i * _SHIM_STRIDE + len(one)] = one
+    _, c_map, _, c_unmap, failed = _libc_maps()
+    length = -(-len(code) // PAGE_SIZE) * PAGE_SIZE
+    page = c_map(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if page in (None, failed):
+        raise OSError(ctypes.get_errno(), "mmap for the allocator's shims failed")
+    ctypes.memmove(page, bytes(code), len(code))
+    protect = ctypes.CDLL(None, use_errno=True).mprotect
+    protect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    protect.restype = ctypes.c_int
+    if protect(page, length, mmap.PROT_READ | _PROT_EXEC) != 0:
+        err = ctypes.get_errno()
+        c_unmap(page, length)
+        raise OSError(err, "this system refuses executable memory (mprotect PROT_EXEC), which "
+                           "shmarray.allocating() needs for its allocator")
+    return [page + i * _SHIM_STRIDE for i in range(len(targets))]
+
+
 def make_numpy_handler(name: bytes, ctx: int, malloc: Any, calloc: Any, realloc: Any, free: Any) -> Any:
     """A NumPy data-allocation handler (a "mem_handler" capsule) calling these Python functions.
 
     Each gets *ctx* first, then (size), (nelem, elsize), (ptr, new_size) or
-    (ptr, size); the first three return an address or None (NULL). ctypes
-    callbacks take the GIL themselves, so NumPy may call them from any thread.
+    (ptr, size); the first three return an address or None (NULL). Each is
+    entered through a native shim (:func:`_error_safe`) that takes the GIL
+    and sets aside an exception NumPy is propagating, so NumPy may call
+    them from any thread and at any moment. OSError where that shim cannot
+    be made here.
     """
     import ctypes
 
@@ -1037,15 +1101,15 @@ def make_numpy_handler(name: bytes, ctx: int, malloc: Any, calloc: Any, realloc:
     f_calloc = ctypes.CFUNCTYPE(vp, vp, sz, sz)(calloc)
     f_realloc = ctypes.CFUNCTYPE(vp, vp, vp, sz)(realloc)
     f_free = ctypes.CFUNCTYPE(None, vp, vp, sz)(free)
+    shims = _error_safe(ctypes, [int(ctypes.cast(f, vp).value or 0) for f in (f_malloc, f_calloc, f_realloc, f_free)])
 
     class Allocator(ctypes.Structure):
-        _fields_ = [("ctx", vp), ("malloc", type(f_malloc)), ("calloc", type(f_calloc)),
-                    ("realloc", type(f_realloc)), ("free", type(f_free))]
+        _fields_ = [("ctx", vp), ("malloc", vp), ("calloc", vp), ("realloc", vp), ("free", vp)]
 
     class Handler(ctypes.Structure):
         _fields_ = [("name", ctypes.c_char * 127), ("version", ctypes.c_uint8), ("allocator", Allocator)]
 
-    handler = Handler(name[:126], _HANDLER_VERSION, Allocator(ctx, f_malloc, f_calloc, f_realloc, f_free))
+    handler = Handler(name[:126], _HANDLER_VERSION, Allocator(ctx, *shims))
     capsule_name = ctypes.create_string_buffer(b"mem_handler")
     new = ctypes.pythonapi.PyCapsule_New
     new.restype = ctypes.py_object

@@ -47,7 +47,7 @@ from typing import Any
 
 from . import idle_maps, kept_files
 from .._display import human
-from .._errors import InvalidSizeError, OutOfResourcesError
+from .._errors import InvalidSizeError, OutOfResourcesError, UnknownShmError
 from .._os import backend
 
 __all__ = ["allocating", "Block", "holds", "block_for", "publishing"]
@@ -358,6 +358,10 @@ class allocating:
         inside with NumPy's MemoryError.
     TypeError, InvalidSizeError
         For a *min_bytes* that is not an int >= 1.
+    UnknownShmError
+        On entering, where the allocator cannot run: a machine other than
+        x86-64, or a system that refuses executable memory (a few bytes of
+        native code let NumPy free arrays while an exception propagates).
 
     Examples
     --------
@@ -384,7 +388,10 @@ class allocating:
         self._previous: list[Any] = []
 
     def __enter__(self) -> allocating:
-        capsule = _handler_for(self.min_bytes, self.dir)
+        try:
+            capsule = _handler_for(self.min_bytes, self.dir)
+        except OSError as e:  # no native shim here (another machine, no executable memory)
+            raise UnknownShmError(f"allocating: not available here: {e.strerror or e}") from None
         _failure.error = None
         self._previous.append(backend.set_numpy_handler(capsule))
         return self
