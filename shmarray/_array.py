@@ -39,6 +39,7 @@ from ._errors import (
 from ._header import HEADER, Kind, PayloadHeader, header_from, layout, pack_header, read_header
 from ._lock import Guard
 from ._npy import (
+    NUMPY2,
     ArraySpec,
     check_dtype,
     check_shape,
@@ -94,7 +95,10 @@ class MappedArray(np.ndarray):
         arr = super().__array_wrap__(arr, context)
         if isinstance(arr, MappedArray) and arr._home() is not None:
             return arr  # written in place into the mapping (out=)
-        if return_scalar:
+        # NumPy 2 says when the result should be a scalar (a reduction, a ufunc of 0-d
+        # inputs); NumPy 1.x asks no such thing of subclasses and returns what wrap gives.
+        # There every 0-d result is a scalar, as it is for a plain ndarray.
+        if return_scalar or (not NUMPY2 and arr.ndim == 0):
             return arr[()]
         return arr.view(np.ndarray)
 

@@ -60,6 +60,7 @@ from ._errors import HeaderError, InvalidSizeError
 __all__ = [
     "MAX_NPY_HEADER",
     "MAX_DIMS",
+    "NUMPY2",
     "ArraySpec",
     "check_dtype",
     "check_shape",
@@ -76,7 +77,8 @@ __all__ = [
 # would be larger, so every segment they make can be attached.
 MAX_NPY_HEADER = 1 << 16
 # numpy's limit on the number of dimensions (NPY_MAXDIMS).
-MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+MAX_DIMS = 64 if NUMPY2 else 32
 _INTP_MAX = np.iinfo(np.intp).max
 
 
@@ -129,11 +131,43 @@ def check_dtype(dtype: object, what: str) -> np.dtype[Any]:
             f"{what}: dtype {dt} has no fixed-size memory layout that another process can read; "
             "use a fixed-size dtype (e.g. 'U<n>' instead of StringDType)"
         )
+    plain: np.dtype[Any] = _drop_metadata(dt)
+    return plain
+
+
+def _drop_metadata(dt: np.dtype[Any]) -> np.dtype[Any]:
+    """*dt* without metadata anywhere in it: ``numpy.lib.format.drop_metadata`` (NumPy >= 1.26), or the same rule.
+
+    The header stores the dtype as ``.npy`` does, which cannot hold
+    metadata; NumPy 1.24-1.25 warns on writing one that has some.
+    """
     drop = getattr(npformat, "drop_metadata", None)
     if drop is not None:
-        plain: np.dtype[Any] = drop(dt)
-        return plain
-    return dt
+        return drop(dt)  # type: ignore[no-any-return]
+    if dt.names is not None:
+        fields = dt.fields
+        assert fields is not None
+        found = dt.metadata is not None
+        names, formats, offsets, titles = [], [], [], []
+        for name in dt.names:
+            field = fields[name]
+            field_dt = _drop_metadata(field[0])
+            found = found or field_dt is not field[0]
+            names.append(name)
+            formats.append(field_dt)
+            offsets.append(field[1])
+            titles.append(field[2] if len(field) > 2 else None)
+        if not found:
+            return dt
+        return np.dtype({"names": names, "formats": formats, "offsets": offsets, "titles": titles,
+                         "itemsize": dt.itemsize}, align=dt.isalignedstruct)
+    if dt.subdtype is not None:
+        sub, shape = dt.subdtype
+        new = _drop_metadata(sub)
+        if dt.metadata is None and new is sub:
+            return dt
+        return np.dtype((new, shape))
+    return dt if dt.metadata is None else np.dtype(dt.str)
 
 
 def check_shape(shape: object, what: str) -> tuple[int, ...]:

@@ -428,7 +428,7 @@ def test_bad_dtypes(key, dtype, words):
 
 
 def test_variable_width_string_dtype_is_refused(key):
-    string_dtype = getattr(np.dtypes, "StringDType", None)
+    string_dtype = getattr(getattr(np, "dtypes", None), "StringDType", None)
     if string_dtype is None:
         pytest.skip("numpy < 2 has no StringDType")
     with pytest.raises(TypeError, match="fixed-size"):

@@ -275,7 +275,10 @@ _TOKENS = st.sampled_from(["{", "}", "'descr'", "'fortran_order'", "'shape'", ":
 
 def _numpys_reading(desc: bytes) -> object:
     """What numpy's own reader (the private one behind its public readers; the oracle) makes of *desc*."""
-    from numpy.lib import _format_impl
+    try:
+        from numpy.lib import _format_impl  # NumPy 2
+    except ImportError:
+        from numpy.lib import format as _format_impl  # NumPy 1.x
 
     fp = io.BytesIO(desc)
     try:
