@@ -408,6 +408,33 @@ def test_full_directory_inside_an_expression(tmp_path: Any) -> None:
     assert out.stdout.splitlines() == ["OutOfResourcesError True"] * 3 + ["alive"]
 
 
+_POOL_GIVES_WAY = """
+import numpy as np, shmarray, os
+for k in range(3):
+    with shmarray.allocating():
+        a = np.ones((5 + k) << 17)      # 5, 6, 7 MiB, kept for reuse when freed
+    del a
+st = os.statvfs("/dev/shm")
+print("kept", (st.f_blocks - st.f_bfree) * st.f_frsize >> 20)
+s = shmarray.share("pool-gives-way", np.ones(55 << 17))   # 55 of 64 MiB: fits once the pool gives way
+print("share", float(s[-1]))
+s.close()
+del s  # the array's own mapping goes with it
+for k in range(3):
+    with shmarray.allocating():
+        a = np.ones((5 + k) << 17)
+    del a
+c = shmarray.create("pool-gives-way-2", 55 << 17, "f8")
+print("create", c.shape[0] == 55 << 17)
+"""
+
+
+def test_memory_kept_for_reuse_gives_way_to_share_and_create(tmp_path: Any) -> None:
+    out = run_with_small_dev_shm(_POOL_GIVES_WAY, tmp_path, "64m")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["kept 13", "share 1.0", "create True"]
+
+
 def test_a_machine_without_the_shim_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import platform
 

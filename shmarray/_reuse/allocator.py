@@ -128,8 +128,7 @@ def _fresh(size: int, directory: str | None) -> Block | None:
         except OSError as e:
             backend.close(fd)
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM) and attempt == 1:
-                freed = _give_back(directory)
-                if freed + kept_files.give_back(length, directory) > 0:
+                if kept_files.give_back(length, directory) > 0:  # this pool's files first
                     continue
             _failure.error = (e.errno, size, directory)
             return None
@@ -458,3 +457,4 @@ def _give_back_all() -> None:
 backend.register_after_fork_in_child(_after_fork_in_child)
 atexit.register(_at_exit)
 kept_files._also_release.append(_give_back_all)
+kept_files._also_give_back.append(_give_back)

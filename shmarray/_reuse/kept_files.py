@@ -283,7 +283,10 @@ def _give_back_own(need: int | None, directory: str | None) -> int:
 
 def give_back(need: int, directory: str | None) -> int:
     """Free kept memory in *directory* before a create fails for lack of room: ours first, then any dead kept file."""
-    freed = _give_back_own(need, directory)
+    freed = sum(also(directory) for also in _also_give_back)
+    if freed >= need:
+        return freed
+    freed += _give_back_own(need - freed, directory)
     if freed >= need:
         return freed
     reap_orphans(directory)
@@ -425,8 +428,10 @@ def _owner_alive(base: str) -> bool:
         backend.close(fd)
 
 
-# What else frees memory this process keeps (the allocator's pool: ``_reuse.allocator``).
+# What else frees memory this process keeps (the allocator's pool: ``_reuse.allocator``):
+# all of it, and (given a directory, returning the bytes freed) that of one directory.
 _also_release: list[Callable[[], None]] = []
+_also_give_back: list[Callable[[str | None], int]] = []
 
 
 def release_all() -> None:
