@@ -686,7 +686,9 @@ def share(key: str, array: np.ndarray, *, persistent: bool = False, progress: bo
     The segment lives while some process holds it (the returned array, a view
     of it, or an array attached elsewhere): keep the result (``share(key, x)``
     as a bare statement is gone at once), or pass ``persistent=True``. An
-    array made inside :func:`allocating` is published without a copy.
+    array made inside :func:`allocating` is published without a copy: it
+    and the result are then two mappings of the same bytes, which NumPy
+    cannot see overlap (copy one before assigning it to the other).
 
     Parameters
     ----------
