@@ -164,6 +164,7 @@ def _drop(b: Block) -> None:
 
 def _give_back(directory: str | None) -> int:
     """Free the pooled files of *directory* (a create or an allocation is short of room); bytes freed."""
+    _drain()
     with _LOCK:
         mine = [b for b in _pool if b.dir == directory]
         for b in mine:
@@ -224,53 +225,95 @@ def _release(b: Block) -> None:
 # -- the handler's four functions (ctypes callbacks: never raise) -----------------------------
 
 
-def _on_malloc(ctx: int, size: int) -> int | None:
-    try:
-        if size < _configs[ctx][0]:
-            return _malloc(size)  # type: ignore[no-any-return]
-        return _big(ctx, size, False)
-    except BaseException:  # noqa: BLE001 - NULL: NumPy raises MemoryError
-        return None
+# The callbacks run Python code inside NumPy. The shim in front of them (``backend.make_numpy_handler``)
+# runs the signal handlers that are due before a callback, so a Ctrl-C lands there and is simulated
+# again after it. A signal arriving during a callback may still raise there, at the end of any call,
+# losing a result just returned. So nothing that cannot be done twice is done before the result is
+# safe: an allocation is tried again (what the lost attempt took is at worst leaked, never freed
+# twice), an old pointer realloc leaves is only marked for freeing (``_deferred``, a store with no
+# call between it and the result's) and freed at the next callback, and an interrupted free is not
+# redone. The interrupt itself is kept: the flag makes the shim simulate SIGINT after the callback.
+# Results go to ``out[0]`` (it starts at NULL): a callback that raises leaves NULL, never garbage.
+_deferred: dict[int, int] = {}  # pointer -> size: freed at the next callback
+_interrupted = backend.interrupt_flag()
+_SIGINT = 2
+_TRIES = 3
 
 
-def _on_calloc(ctx: int, nelem: int, elsize: int) -> int | None:
-    try:
-        size = nelem * elsize
-        if size < _configs[ctx][0]:
-            return _calloc(nelem, elsize)  # type: ignore[no-any-return]
-        return _big(ctx, size, True)
-    except BaseException:  # noqa: BLE001
-        return None
-
-
-def _on_realloc(ctx: int, ptr: int | None, new_size: int) -> int | None:
-    try:
-        if not ptr:
-            return _on_malloc(ctx, new_size)
-        b = _live.get(ptr)
-        small = new_size < _configs[ctx][0]
+def _drain() -> None:
+    """Free what realloc left behind."""
+    while _deferred:
+        try:
+            ptr, size = _deferred.popitem()  # out of the dict first: an interrupted free is never redone
+        except KeyError:  # another thread took the last one
+            return
+        b = _live.pop(ptr, None)
         if b is None:
-            if small:
-                return _realloc(ptr, new_size)  # type: ignore[no-any-return]
-            addr = _big(ctx, new_size, False)
-            if addr is not None:
-                backend.move_bytes(addr, ptr, min(_usable(ptr), new_size))
-                _free(ptr)
-            return addr
-        if not b.published and b.pid == backend.getpid() and new_size <= b.capacity:
-            b.size = new_size  # in place; a shared array's file keeps its segment's bytes
-            return ptr
-        addr = _malloc(max(new_size, 1)) if small else _big(ctx, new_size, False)
-        if addr is not None:
-            backend.move_bytes(addr, ptr, min(b.size, new_size))
-            _on_free(ctx, ptr, b.size)
-        return addr
-    except BaseException:  # noqa: BLE001
-        return None
+            _free(ptr)
+        else:
+            _release(b)
 
 
-def _on_free(ctx: int, ptr: int | None, size: int) -> None:
+def _allocate(ctx: int, size: int, zero: bool, nelem: int = 0, elsize: int = 0) -> int | None:
+    if size < _configs[ctx][0]:
+        return _calloc(nelem, elsize) if zero else _malloc(size)  # type: ignore[no-any-return]
+    return _big(ctx, size, zero)
+
+
+def _on_malloc(ctx: int, size: int, _unused: int, out: Any) -> None:
+    for _ in range(_TRIES):
+        try:
+            _drain()
+            out[0] = _allocate(ctx, size, False)  # left at 0 (NULL): NumPy raises MemoryError
+            return
+        except KeyboardInterrupt:
+            _interrupted[0] = _SIGINT
+        except BaseException:  # noqa: BLE001
+            return
+
+
+def _on_calloc(ctx: int, nelem: int, elsize: int, out: Any) -> None:
+    for _ in range(_TRIES):
+        try:
+            _drain()
+            out[0] = _allocate(ctx, nelem * elsize, True, nelem, elsize)
+            return
+        except KeyboardInterrupt:
+            _interrupted[0] = _SIGINT
+        except BaseException:  # noqa: BLE001
+            return
+
+
+def _on_realloc(ctx: int, ptr: int | None, new_size: int, out: Any) -> None:
+    for _ in range(_TRIES):
+        try:
+            _drain()
+            if not ptr:
+                out[0] = _allocate(ctx, new_size, False)
+                return
+            b = _live.get(ptr)
+            if b is not None and not b.published and b.pid == backend.getpid() and new_size <= b.capacity:
+                b.size = new_size  # in place; a shared array's file keeps its segment's bytes
+                out[0] = ptr
+                return
+            old = _usable(ptr) if b is None else b.size
+            addr = _allocate(ctx, max(new_size, 1), False)
+            if addr is None:
+                return  # NULL: NumPy keeps ptr, untouched
+            backend.move_bytes(addr, ptr, min(old, new_size))
+            # The one destructive step, and the result, with no call between or after them.
+            _deferred[ptr] = old
+            out[0] = addr
+            return
+        except KeyboardInterrupt:
+            _interrupted[0] = _SIGINT
+        except BaseException:  # noqa: BLE001
+            return
+
+
+def _on_free(ctx: int, ptr: int | None, size: int, _out: Any) -> None:
     try:
+        _drain()
         if not ptr:
             return
         b = _live.pop(ptr, None)
@@ -278,6 +321,8 @@ def _on_free(ctx: int, ptr: int | None, size: int) -> None:
             _free(ptr)
         else:
             _release(b)
+    except KeyboardInterrupt:
+        _interrupted[0] = _SIGINT
     except BaseException:  # noqa: BLE001 - nothing to report to NumPy
         pass
 
@@ -397,6 +442,7 @@ class allocating:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         backend.set_numpy_handler(self._previous.pop())
+        _drain()
         failed = getattr(_failure, "error", None)
         _failure.error = None
         if isinstance(exc, MemoryError) and not isinstance(exc, OutOfResourcesError) and failed is not None:
