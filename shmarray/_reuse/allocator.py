@@ -233,9 +233,9 @@ def _release(b: Block) -> None:
 # twice), an old pointer realloc leaves is only marked for freeing (``_deferred``, a store with no
 # call between it and the result's) and freed at the next callback, and an interrupted free is not
 # redone. The interrupt itself is kept: the flag makes the shim simulate SIGINT after the callback.
-# Results go to ``out[0]`` (it starts at NULL): a callback that raises leaves NULL, never garbage.
+# A result counts once ``_flags[1]`` is set just before the return: a callback that raised gives NULL.
 _deferred: dict[int, int] = {}  # pointer -> size: freed at the next callback
-_interrupted = backend.interrupt_flag()
+_flags = backend.shim_flags()  # [0] a caught Ctrl-C, [1] the result is final
 _SIGINT = 2
 _TRIES = 3
 
@@ -260,60 +260,72 @@ def _allocate(ctx: int, size: int, zero: bool, nelem: int = 0, elsize: int = 0) 
     return _big(ctx, size, zero)
 
 
-def _on_malloc(ctx: int, size: int, _unused: int, out: Any) -> None:
+def _on_malloc(ctx: int, size: int) -> int | None:
     for _ in range(_TRIES):
         try:
-            _drain()
-            out[0] = _allocate(ctx, size, False)  # left at 0 (NULL): NumPy raises MemoryError
-            return
+            if _deferred:
+                _drain()
+            addr = _allocate(ctx, size, False)  # None (NULL): NumPy raises MemoryError
+            _flags[1] = 1  # final: the shim passes it on
+            return addr
         except KeyboardInterrupt:
-            _interrupted[0] = _SIGINT
+            _flags[0] = _SIGINT
         except BaseException:  # noqa: BLE001
-            return
+            break
+    _flags[1] = 1
+    return None
 
 
-def _on_calloc(ctx: int, nelem: int, elsize: int, out: Any) -> None:
+def _on_calloc(ctx: int, nelem: int, elsize: int) -> int | None:
     for _ in range(_TRIES):
         try:
-            _drain()
-            out[0] = _allocate(ctx, nelem * elsize, True, nelem, elsize)
-            return
+            if _deferred:
+                _drain()
+            addr = _allocate(ctx, nelem * elsize, True, nelem, elsize)
+            _flags[1] = 1
+            return addr
         except KeyboardInterrupt:
-            _interrupted[0] = _SIGINT
+            _flags[0] = _SIGINT
         except BaseException:  # noqa: BLE001
-            return
+            break
+    _flags[1] = 1
+    return None
 
 
-def _on_realloc(ctx: int, ptr: int | None, new_size: int, out: Any) -> None:
+def _on_realloc(ctx: int, ptr: int | None, new_size: int) -> int | None:
     for _ in range(_TRIES):
         try:
-            _drain()
+            if _deferred:
+                _drain()
             if not ptr:
-                out[0] = _allocate(ctx, new_size, False)
-                return
+                addr = _allocate(ctx, new_size, False)
+                _flags[1] = 1
+                return addr
             b = _live.get(ptr)
             if b is not None and not b.published and b.pid == backend.getpid() and new_size <= b.capacity:
                 b.size = new_size  # in place; a shared array's file keeps its segment's bytes
-                out[0] = ptr
-                return
+                _flags[1] = 1
+                return ptr
             old = _usable(ptr) if b is None else b.size
             addr = _allocate(ctx, max(new_size, 1), False)
-            if addr is None:
-                return  # NULL: NumPy keeps ptr, untouched
-            backend.move_bytes(addr, ptr, min(old, new_size))
-            # The one destructive step, and the result, with no call between or after them.
-            _deferred[ptr] = old
-            out[0] = addr
-            return
+            if addr is not None:
+                backend.move_bytes(addr, ptr, min(old, new_size))
+                # The one destructive step, then the result, with no call between or after them.
+                _deferred[ptr] = old
+            _flags[1] = 1
+            return addr  # None: NumPy keeps ptr, untouched
         except KeyboardInterrupt:
-            _interrupted[0] = _SIGINT
+            _flags[0] = _SIGINT
         except BaseException:  # noqa: BLE001
-            return
+            break
+    _flags[1] = 1
+    return None
 
 
-def _on_free(ctx: int, ptr: int | None, size: int, _out: Any) -> None:
+def _on_free(ctx: int, ptr: int | None, size: int) -> None:
     try:
-        _drain()
+        if _deferred:
+            _drain()
         if not ptr:
             return
         b = _live.pop(ptr, None)
@@ -322,7 +334,7 @@ def _on_free(ctx: int, ptr: int | None, size: int, _out: Any) -> None:
         else:
             _release(b)
     except KeyboardInterrupt:
-        _interrupted[0] = _SIGINT
+        _flags[0] = _SIGINT
     except BaseException:  # noqa: BLE001 - nothing to report to NumPy
         pass
 
