@@ -469,7 +469,12 @@ def test_ctrl_c_in_a_busy_block_arrives_as_keyboard_interrupt(work: str, tmp_pat
         p = subprocess.Popen([sys.executable, str(script), work], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         try:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+            assert p.stdout is not None
+            first = p.stdout.readline()
+            if first != "ready\n":
+                p.kill()
+                _, err = p.communicate()
+                pytest.fail(f"the script did not start: {first!r}, rc {p.returncode}, stderr {err[-2000:]}")
             time.sleep(0.3)
             p.send_signal(signal.SIGINT)
             out, err = p.communicate(timeout=15)

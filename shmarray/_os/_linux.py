@@ -1023,52 +1023,46 @@ def libc_allocator() -> tuple[Any, Any, Any, Any, Any]:
     return _libc_alloc()[1:]
 
 
-# One shim: shim(a, b, c) { s = PyGILState_Ensure(); PyErr_Fetch(&t, &v, &tb);
-# if (PyErr_CheckSignals() < 0) { if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) flags[0] = 2;
-# PyErr_Clear(); } flags[1] = 0; r = target(a, b, c); if (!flags[1]) r = NULL; flags[1] = 0;
-# PyErr_Restore(t, v, tb); if (flags[0]) { n = flags[0]; flags[0] = 0; PyErr_SetInterruptEx(n); }
-# PyGILState_Release(s); return r; }, x86-64 System V, assembled by GNU as from that sequence
-# (endbr64; push rbx, r12, r13; sub rsp, 32: the stack 16-byte aligned at each call; t, v, tb
-# and s at rsp+0, 8, 16, 24; r in rbx).
-# - Signal handlers due run before the callback, not inside it, where their exception could
-#   not travel: a Ctrl-C is simulated again after it (SIGINT's handler runs once more, in the
-#   caller's code).
-# - A callback sets flags[1] just before it returns: a ctypes callback that raised returns
-#   whatever its result register held, and NumPy would take that for an address; without the
-#   mark the shim returns NULL. Nested callbacks (a finalizer inside one) clear it after theirs.
-# The absolute addresses are placeholders.
+# One shim: shim(a, b, c) { void *r = NULL; s = PyGILState_Ensure(); PyErr_Fetch(&t, &v, &tb);
+# if (PyErr_CheckSignals() < 0) { if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) *flag = 2;
+# PyErr_Clear(); } target(a, b, c, &r); PyErr_Restore(t, v, tb); if (*flag) { n = *flag; *flag = 0;
+# PyErr_SetInterruptEx(n); } PyGILState_Release(s); return r; }, x86-64 System V, assembled by GNU
+# as from that sequence (endbr64; push rbx, r12, r13; sub rsp, 48: the stack 16-byte aligned at
+# each call; t, v, tb, s and r at rsp+0, 8, 16, 24, 32). Signal handlers due run before the
+# callback, not inside it, where their exception could not travel: a Ctrl-C is simulated again
+# after it (SIGINT's handler runs once more, in the caller's code). The result comes back through
+# r, not as the callback's return value: a ctypes callback that raises returns whatever its
+# register held, and NumPy would take that for an address. The addresses are placeholders.
 _SHIM_X86_64 = bytes.fromhex(
-    "f30f1efa53415441554883ec204889fb4989f44989d548b84444444444444444ffd089442418488d3c24488d7424"
-    "08488d54241048b81111111111111111ffd048b88888888888888888ffd085c0793648bf999999999999999948b8"
-    "aaaaaaaaaaaaaaaaffd085c0741048b86666666666666666c7000200000048b8bbbbbbbbbbbbbbbbffd048b8cccc"
-    "ccccccccccccc700000000004889df4c89e64c89ea48b82222222222222222ffd048b9cccccccccccccccc8b11c7"
-    "010000000031db85d2480f45d8488b3c24488b742408488b54241048b83333333333333333ffd048b86666666666"
-    "6666668b3885ff7412c7000000000048b87777777777777777ffd08b7c241848b85555555555555555ffd04889d8"
-    "4883c420415d415c5bc3")
-_SHIM_SLOTS = {"ensure": 24, "fetch": 54, "check": 66, "keyboard_interrupt": 82, "matches": 92, "clear": 124,
-               "target": 161, "restore": 213, "flag": 108, "flag2": 225, "done": 136, "done2": 173,
-               "interrupt": 247, "release": 263}
+    "f30f1efa53415441554883ec304889fb4989f44989d548c74424200000000048b84444444444444444ffd0894424"
+    "18488d3c24488d742408488d54241048b81111111111111111ffd048b88888888888888888ffd085c0793648bf99"
+    "9999999999999948b8aaaaaaaaaaaaaaaaffd085c0741048b86666666666666666c7000200000048b8bbbbbbbbbb"
+    "bbbbbbffd04889df4c89e64c89ea488d4c242048b82222222222222222ffd0488b5c2420488b3c24488b74240848"
+    "8b54241048b83333333333333333ffd048b866666666666666668b3885ff7412c7000000000048b8777777777777"
+    "7777ffd08b7c241848b85555555555555555ffd04889d84883c430415d415c5bc3")
+_SHIM_SLOTS = {"ensure": 33, "fetch": 63, "check": 75, "keyboard_interrupt": 91, "matches": 101, "clear": 133,
+               "target": 159, "restore": 190, "flag": 117, "flag2": 202, "interrupt": 224, "release": 240}
 _SHIM_STRIDE = 320
 _PROT_EXEC = 4
 
 
 @functools.lru_cache(maxsize=1)
-def _shim_words() -> Any:
+def _interrupt_word() -> Any:
     import ctypes
 
-    return (ctypes.c_int * 2)()
+    return ctypes.c_int(0)
 
 
-def shim_flags() -> memoryview:
-    """The two ints the allocator's callbacks and their shims share (an ``'i'`` view).
+def interrupt_flag() -> memoryview:
+    """A one-int view the allocator's callbacks set to a signal number: the shim simulates that signal after them.
 
-    [0]: a signal number a callback caught the exception of (Ctrl-C's
-    KeyboardInterrupt, raised where nothing can carry it out); the shim,
-    once the callback is over, calls ``PyErr_SetInterruptEx`` so the
-    handler runs again in the caller's code. [1]: set by a callback just
-    before it returns its result; the shim passes NULL on without it.
+    A Python signal handler that raised inside a callback (Ctrl-C's
+    KeyboardInterrupt) raised where nothing can carry the exception out;
+    the shim, once the callback is over, calls ``PyErr_SetInterruptEx`` so
+    the handler runs again in the caller's code, where its exception goes
+    where the user expects it.
     """
-    return memoryview(_shim_words()).cast("B").cast("i")
+    return memoryview(_interrupt_word()).cast("B").cast("i")
 
 
 def _error_safe(ctypes: Any, targets: list[int]) -> list[int]:
@@ -1088,6 +1082,12 @@ def _error_safe(ctypes: Any, targets: list[int]) -> list[int]:
     """
     import platform
 
+    import sys
+
+    gil = getattr(sys, "_is_gil_enabled", None)
+    if gil is not None and not gil():
+        # The callbacks' state (the pool, the deferred frees, the interrupt flag) relies on the GIL.
+        raise OSError(errno.ENOTSUP, "shmarray.allocating() needs the GIL (this interpreter runs without it)")
     if platform.machine().lower() not in ("x86_64", "amd64") or ctypes.sizeof(ctypes.c_void_p) != 8:
         raise OSError(errno.ENOTSUP, f"no native shim for this machine ({platform.machine()}); "
                                      "shmarray.allocating() needs x86-64 in this version")
@@ -1096,9 +1096,7 @@ def _error_safe(ctypes: Any, targets: list[int]) -> list[int]:
         ("ensure", "PyGILState_Ensure"), ("fetch", "PyErr_Fetch"), ("restore", "PyErr_Restore"),
         ("interrupt", "PyErr_SetInterruptEx"), ("release", "PyGILState_Release"), ("check", "PyErr_CheckSignals"),
         ("matches", "PyErr_ExceptionMatches"), ("clear", "PyErr_Clear"))}
-    words = ctypes.addressof(_shim_words())
-    fixed["flag"] = fixed["flag2"] = words
-    fixed["done"] = fixed["done2"] = words + ctypes.sizeof(ctypes.c_int)
+    fixed["flag"] = fixed["flag2"] = ctypes.addressof(_interrupt_word())
     fixed["keyboard_interrupt"] = ctypes.c_void_p.in_dll(api, "PyExc_KeyboardInterrupt").value
     code = bytearray(_SHIM_STRIDE * len(targets))
     for i, target in enumerate(targets):
@@ -1126,21 +1124,22 @@ def _error_safe(ctypes: Any, targets: list[int]) -> list[int]:
 def make_numpy_handler(name: bytes, ctx: int, malloc: Any, calloc: Any, realloc: Any, free: Any) -> Any:
     """A NumPy data-allocation handler (a "mem_handler" capsule) calling these Python functions.
 
-    Each gets *ctx* first, then (size), (nelem, elsize), (ptr, new_size) or
-    (ptr, size); the first three return an address or None (NULL), and set
-    ``shim_flags()[1]`` just before they return it (without that mark the
-    caller gets NULL). Each is entered through a native shim
-    (:func:`_error_safe`) that takes the GIL and sets aside an exception
-    NumPy is propagating, so NumPy may call them from any thread and at any
-    moment. OSError where that shim cannot be made here.
+    Each gets *ctx* first, then (size, -), (nelem, elsize), (ptr, new_size)
+    or (ptr, size), then *out*: the first three store their address (or 0)
+    in ``out[0]``, which starts at 0 (NULL), and return nothing. Each is
+    entered through a native shim (:func:`_error_safe`) that takes the GIL
+    and sets aside an exception NumPy is propagating, so NumPy may call
+    them from any thread and at any moment. OSError where that shim cannot
+    be made here.
     """
     import ctypes
 
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
-    f_malloc = ctypes.CFUNCTYPE(vp, vp, sz)(malloc)
-    f_calloc = ctypes.CFUNCTYPE(vp, vp, sz, sz)(calloc)
-    f_realloc = ctypes.CFUNCTYPE(vp, vp, vp, sz)(realloc)
-    f_free = ctypes.CFUNCTYPE(None, vp, vp, sz)(free)
+    out = ctypes.POINTER(vp)
+    f_malloc = ctypes.CFUNCTYPE(None, vp, sz, sz, out)(malloc)
+    f_calloc = ctypes.CFUNCTYPE(None, vp, sz, sz, out)(calloc)
+    f_realloc = ctypes.CFUNCTYPE(None, vp, vp, sz, out)(realloc)
+    f_free = ctypes.CFUNCTYPE(None, vp, vp, sz, out)(free)
     shims = _error_safe(ctypes, [int(ctypes.cast(f, vp).value or 0) for f in (f_malloc, f_calloc, f_realloc, f_free)])
 
     class Allocator(ctypes.Structure):

@@ -125,8 +125,11 @@ def _fresh(size: int, directory: str | None) -> Block | None:
             except BaseException:
                 backend.unmap_address(base, length)
                 raise
-        except OSError as e:
+        except BaseException as e:
+            # Also a KeyboardInterrupt once fallocate (the long part) returned: the file goes with its fd.
             backend.close(fd)
+            if not isinstance(e, OSError):
+                raise
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM) and attempt == 1:
                 if kept_files.give_back(length, directory) > 0:  # this pool's files first
                     continue
@@ -147,8 +150,9 @@ def _reusable(b: Block) -> bool:
         return False
 
 
-def _drop(b: Block) -> None:
-    """Let the file go: hidden name, pages (when nobody else holds them), mapping, fd."""
+def _drop(b: Block) -> int:
+    """Let the file go: hidden name, pages (when nobody else holds them), mapping, fd; the bytes freed."""
+    freed = 0
     try:
         if b.hidden is not None:
             backend.unlink_if_same(b.hidden, b.fd)
@@ -156,10 +160,12 @@ def _drop(b: Block) -> None:
         if _reusable(b):
             backend.release_pages(b.fd)
             idle_maps.forget_file(b.dev, b.ino)
+            freed = b.length
     except OSError:  # pragma: no cover - the fd is ours
         pass
     backend.unmap_address(b.base, b.length)
     backend.close(b.fd)
+    return freed
 
 
 def _give_back(directory: str | None) -> int:
@@ -169,9 +175,8 @@ def _give_back(directory: str | None) -> int:
         mine = [b for b in _pool if b.dir == directory]
         for b in mine:
             _pool.remove(b)
-    for b in mine:
-        _drop(b)
-    return sum(b.length for b in mine)
+    # Only what was released counts: a published file another process still holds keeps its pages.
+    return sum(_drop(b) for b in mine)
 
 
 def _take(size: int, directory: str | None) -> Block | None:
@@ -230,12 +235,16 @@ def _release(b: Block) -> None:
 # again after it. A signal arriving during a callback may still raise there, at the end of any call,
 # losing a result just returned. So nothing that cannot be done twice is done before the result is
 # safe: an allocation is tried again (what the lost attempt took is at worst leaked, never freed
-# twice), an old pointer realloc leaves is only marked for freeing (``_deferred``, a store with no
-# call between it and the result's) and freed at the next callback, and an interrupted free is not
+# twice; a new file interrupted after its pages were allocated is closed), an old pointer realloc
+# leaves is marked for freeing (``_deferred``, a store with no call between it and the result's)
+# and freed right after, or at the next callback if that is interrupted; an interrupted free is not
 # redone. The interrupt itself is kept: the flag makes the shim simulate SIGINT after the callback.
-# A result counts once ``_flags[1]`` is set just before the return: a callback that raised gives NULL.
+# Results go to ``out[0]``, a slot of the shim's own call that starts at NULL: a callback that
+# raises leaves NULL, never garbage, and no other call (another thread, a tracer that lets the GIL
+# go between a callback's return and its shim) can touch it. Signal handlers other than SIGINT's
+# that raise inside a callback are lost there (the shim clears them), as a Python finalizer's are.
 _deferred: dict[int, int] = {}  # pointer -> size: freed at the next callback
-_flags = backend.shim_flags()  # [0] a caught Ctrl-C, [1] the result is final
+_interrupted = backend.interrupt_flag()
 _SIGINT = 2
 _TRIES = 3
 
@@ -260,69 +269,70 @@ def _allocate(ctx: int, size: int, zero: bool, nelem: int = 0, elsize: int = 0) 
     return _big(ctx, size, zero)
 
 
-def _on_malloc(ctx: int, size: int) -> int | None:
+def _on_malloc(ctx: int, size: int, _unused: int, out: Any) -> None:
     for _ in range(_TRIES):
         try:
             if _deferred:
                 _drain()
-            addr = _allocate(ctx, size, False)  # None (NULL): NumPy raises MemoryError
-            _flags[1] = 1  # final: the shim passes it on
-            return addr
+            out[0] = _allocate(ctx, size, False)  # left at 0 (NULL): NumPy raises MemoryError
+            return
         except KeyboardInterrupt:
-            _flags[0] = _SIGINT
+            _interrupted[0] = _SIGINT
         except BaseException:  # noqa: BLE001
-            break
-    _flags[1] = 1
-    return None
+            return
 
 
-def _on_calloc(ctx: int, nelem: int, elsize: int) -> int | None:
+def _on_calloc(ctx: int, nelem: int, elsize: int, out: Any) -> None:
     for _ in range(_TRIES):
         try:
             if _deferred:
                 _drain()
-            addr = _allocate(ctx, nelem * elsize, True, nelem, elsize)
-            _flags[1] = 1
-            return addr
+            out[0] = _allocate(ctx, nelem * elsize, True, nelem, elsize)
+            return
         except KeyboardInterrupt:
-            _flags[0] = _SIGINT
+            _interrupted[0] = _SIGINT
         except BaseException:  # noqa: BLE001
-            break
-    _flags[1] = 1
-    return None
+            return
 
 
-def _on_realloc(ctx: int, ptr: int | None, new_size: int) -> int | None:
+def _on_realloc(ctx: int, ptr: int | None, new_size: int, out: Any) -> None:
     for _ in range(_TRIES):
         try:
             if _deferred:
                 _drain()
             if not ptr:
-                addr = _allocate(ctx, new_size, False)
-                _flags[1] = 1
-                return addr
+                out[0] = _allocate(ctx, new_size, False)
+                return
             b = _live.get(ptr)
             if b is not None and not b.published and b.pid == backend.getpid() and new_size <= b.capacity:
                 b.size = new_size  # in place; a shared array's file keeps its segment's bytes
-                _flags[1] = 1
-                return ptr
+                out[0] = ptr
+                return
             old = _usable(ptr) if b is None else b.size
             addr = _allocate(ctx, max(new_size, 1), False)
-            if addr is not None:
-                backend.move_bytes(addr, ptr, min(old, new_size))
-                # The one destructive step, then the result, with no call between or after them.
-                _deferred[ptr] = old
-            _flags[1] = 1
-            return addr  # None: NumPy keeps ptr, untouched
-        except KeyboardInterrupt:
-            _flags[0] = _SIGINT
-        except BaseException:  # noqa: BLE001
+            if addr is None:
+                return  # NULL: NumPy keeps ptr, untouched
+            backend.move_bytes(addr, ptr, min(old, new_size))
+            # The one destructive step, and the result, with no call between them: from here on
+            # nothing is redone, and the old pointer goes now (or, if interrupted, at the next callback).
+            _deferred[ptr] = old
+            out[0] = addr
             break
-    _flags[1] = 1
-    return None
+        except KeyboardInterrupt:
+            _interrupted[0] = _SIGINT
+        except BaseException:  # noqa: BLE001
+            return
+    else:
+        return
+    try:
+        _drain()
+    except KeyboardInterrupt:
+        _interrupted[0] = _SIGINT
+    except BaseException:  # noqa: BLE001
+        pass
 
 
-def _on_free(ctx: int, ptr: int | None, size: int) -> None:
+def _on_free(ctx: int, ptr: int | None, size: int, _out: Any) -> None:
     try:
         if _deferred:
             _drain()
@@ -334,7 +344,7 @@ def _on_free(ctx: int, ptr: int | None, size: int) -> None:
         else:
             _release(b)
     except KeyboardInterrupt:
-        _flags[0] = _SIGINT
+        _interrupted[0] = _SIGINT
     except BaseException:  # noqa: BLE001 - nothing to report to NumPy
         pass
 
