@@ -256,11 +256,16 @@ def _drain() -> None:
             ptr, size = _deferred.popitem()  # out of the dict first: an interrupted free is never redone
         except KeyError:  # another thread took the last one
             return
-        b = _live.pop(ptr, None)
-        if b is None:
-            _free(ptr)
-        else:
-            _release(b)
+        _let_go(ptr)
+
+
+def _let_go(ptr: int) -> None:
+    """Free *ptr*: a file of ours goes back for reuse (or is dropped), libc's memory to libc."""
+    b = _live.pop(ptr, None)
+    if b is None:
+        _free(ptr)
+    else:
+        _release(b)
 
 
 def _allocate(ctx: int, size: int, zero: bool, nelem: int = 0, elsize: int = 0) -> int | None:
@@ -336,13 +341,8 @@ def _on_free(ctx: int, ptr: int | None, size: int, _out: Any) -> None:
     try:
         if _deferred:
             _drain()
-        if not ptr:
-            return
-        b = _live.pop(ptr, None)
-        if b is None:
-            _free(ptr)
-        else:
-            _release(b)
+        if ptr:
+            _let_go(ptr)
     except KeyboardInterrupt:
         _interrupted[0] = _SIGINT
     except BaseException:  # noqa: BLE001 - nothing to report to NumPy
