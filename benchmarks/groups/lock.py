@@ -162,21 +162,8 @@ class _Handle:
         else:  # pragma: no cover - a programming error in this file
             raise ValueError(f"unknown lock kind {kind!r}")
         if spec.get("counter"):
-            if self.seg is not None:
-                self.counter = self.seg.data.cast("Q")
-                self._closers.insert(0, self.counter.release)
-            else:
-                cfd = os.open(spec["counter"], os.O_RDWR | os.O_CLOEXEC)
-                mm = mmap.mmap(cfd, 4096)
-                os.close(cfd)
-                view = memoryview(mm).cast("Q")
-                self.counter = view
-
-                def _close() -> None:
-                    view.release()
-                    mm.close()
-
-                self._closers.insert(0, _close)
+            self.counter, close_counter = _counter_of(spec, self.seg)
+            self._closers.insert(0, close_counter)
 
     def loop(self, n: int, counted: bool) -> tuple[int, int]:
         """Run n lock/unlock round trips (incrementing the counter when *counted*)."""
